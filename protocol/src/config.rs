@@ -1,0 +1,363 @@
+//! Job configuration: `configs/default.yaml` documents every key; a user file
+//! given with `mome-run --config` overrides some of them. Unknown keys and bad
+//! values are errors that name the key and its line.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::layout::WindowLayout;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+/// A byte size written `4096`, `64K`, `16M`, `1G`, `1T` (powers of 1024).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+/// A duration written as humantime does: `500ms`, `3s`, `10min`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span(pub Duration);
+
+/// An address written in hex (`0x200000000000`) or decimal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Address(pub u64);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub window: WindowConfig,
+    pub job: JobConfig,
+    pub output: OutputConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WindowConfig {
+    pub base: Address,
+    pub size: ByteSize,
+    pub segment_reserve: ByteSize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobConfig {
+    pub kill_grace: Span,
+    pub agent_ready_timeout: Span,
+    pub agent_timeout: Span,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefixMode {
+    /// Prefix lines with `[rank] ` when the job has more than one rank.
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputConfig {
+    pub prefix: PrefixMode,
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        WindowConfig {
+            base: Address(0x2000_0000_0000),
+            size: ByteSize(1 << 40),
+            segment_reserve: ByteSize(16 << 30),
+        }
+    }
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        JobConfig {
+            kill_grace: Span(Duration::from_secs(3)),
+            agent_ready_timeout: Span(Duration::from_secs(10)),
+            agent_timeout: Span(Duration::from_secs(30)),
+        }
+    }
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig {
+            prefix: PrefixMode::Auto,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            window: WindowConfig::default(),
+            job: JobConfig::default(),
+            output: OutputConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses YAML text; `origin` names the file in errors.
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: origin.to_string(),
+            message,
+        };
+        // An empty file (or only comments) means "all defaults".
+        let config: Config = if text.lines().all(|l| {
+            let t = l.trim();
+            t.is_empty() || t.starts_with('#') || t == "---"
+        }) {
+            Config::default()
+        } else {
+            let de = serde_yaml_ng::Deserializer::from_str(text);
+            serde_path_to_error::deserialize(de).map_err(|e| invalid(describe_yaml_error(&e)))?
+        };
+        config.validate().map_err(|(key, msg)| {
+            let line = find_key_line(text, key)
+                .map(|l| format!(" (line {l})"))
+                .unwrap_or_default();
+            invalid(format!("{key}{line}: {msg}"))
+        })?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_yaml(&text, &path.display().to_string())
+    }
+
+    pub fn layout(&self) -> WindowLayout {
+        WindowLayout::new(
+            self.window.base.0,
+            self.window.size.0,
+            self.window.segment_reserve.0,
+        )
+    }
+
+    /// Checks values that parse but make no sense; returns the key at fault.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        self.layout().validate().map_err(|m| {
+            let key = if m.starts_with("base") {
+                "window.base"
+            } else if m.starts_with("segment_reserve") {
+                "window.segment_reserve"
+            } else {
+                "window.size"
+            };
+            (key, m)
+        })?;
+        let positive = [
+            ("job.agent_ready_timeout", self.job.agent_ready_timeout),
+            ("job.agent_timeout", self.job.agent_timeout),
+        ];
+        for (key, span) in positive {
+            if span.0.is_zero() {
+                return Err((key, "must be longer than 0".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `key.path: message at line L column C`, the full dotted path coming from
+/// serde_path_to_error (serde_yaml_ng alone names only the outer key).
+fn describe_yaml_error(e: &serde_path_to_error::Error<serde_yaml_ng::Error>) -> String {
+    let inner = e.inner().to_string();
+    let inner = inner
+        .split_once(": ")
+        .filter(|(head, _)| !head.contains(' '))
+        .map_or(inner.as_str(), |(_, rest)| rest)
+        .to_string();
+    let path = e.path().to_string();
+    if inner.contains("unknown field") {
+        format!("unknown key under `{path}`: {inner}")
+    } else {
+        format!("{path}: {inner}")
+    }
+}
+
+/// Line (1-based) of the last component of a dotted key, searched after its
+/// parents so that `window.size` is not confused with another `size:`.
+fn find_key_line(text: &str, dotted: &str) -> Option<usize> {
+    let mut start = 0;
+    let mut found = None;
+    let lines: Vec<&str> = text.lines().collect();
+    for part in dotted.split('.') {
+        let idx = lines
+            .iter()
+            .enumerate()
+            .skip(start)
+            .find(|(_, l)| l.trim_start().starts_with(&format!("{part}:")))?
+            .0;
+        found = Some(idx + 1);
+        start = idx + 1;
+    }
+    found
+}
+
+// ---- value syntaxes ----
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<ByteSize, String> {
+        let s = s.trim();
+        let (digits, mult) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+            None => (s, 1u64),
+            Some((i, _)) => {
+                let unit = s[i..].trim().to_ascii_uppercase();
+                let mult = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                    "" => 1,
+                    "K" => 1 << 10,
+                    "M" => 1 << 20,
+                    "G" => 1 << 30,
+                    "T" => 1 << 40,
+                    _ => return Err(format!("unknown size unit in {s:?} (use K, M, G or T)")),
+                };
+                (&s[..i], mult)
+            }
+        };
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size such as 4096, 64K, 16M, 1G"))?;
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0;
+        for (unit, shift) in [("T", 40), ("G", 30), ("M", 20), ("K", 10)] {
+            if n != 0 && n % (1 << shift) == 0 {
+                return write!(f, "{}{unit}", n >> shift);
+            }
+        }
+        write!(f, "{n}")
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match NumOrStr::deserialize(d)? {
+            NumOrStr::Num(n) => Ok(ByteSize(n)),
+            NumOrStr::Str(s) => ByteSize::parse(&s).map_err(de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for Span {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Span {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(Span)
+            .map_err(|e| de::Error::custom(format!("{s:?} is not a duration such as 500ms, 3s, 10min: {e}")))
+    }
+}
+
+impl Serialize for Address {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{:#x}", self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Address {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match NumOrStr::deserialize(d)? {
+            NumOrStr::Num(n) => Ok(Address(n)),
+            NumOrStr::Str(s) => {
+                let t = s.trim();
+                let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+                    Some(hex) => u64::from_str_radix(&hex.replace('_', ""), 16),
+                    None => t.replace('_', "").parse(),
+                };
+                parsed
+                    .map(Address)
+                    .map_err(|_| de::Error::custom(format!("{s:?} is not an address such as 0x200000000000")))
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumOrStr {
+    Num(u64),
+    Str(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_file_matches_defaults() {
+        let text = include_str!("../../configs/default.yaml");
+        assert_eq!(Config::from_yaml(text, "default.yaml").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn overrides_and_units() {
+        let c = Config::from_yaml("window:\n  size: 64G\njob:\n  kill_grace: 500ms\n", "t").unwrap();
+        assert_eq!(c.window.size, ByteSize(64 << 30));
+        assert_eq!(c.job.kill_grace, Span(Duration::from_millis(500)));
+        assert_eq!(c.window.base, Address(0x2000_0000_0000));
+        let c = Config::from_yaml("window:\n  base: 0x300000000000\n", "t").unwrap();
+        assert_eq!(c.window.base, Address(0x3000_0000_0000));
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let e = Config::from_yaml("window:\n  size: 1T\n  sise: 2\n", "job.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sise"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_names_key_and_line() {
+        let e = Config::from_yaml("job:\n  kill_grace: soon\n", "j").unwrap_err().to_string();
+        assert!(e.contains("kill_grace") && e.contains("line 2"), "{e}");
+        let e = Config::from_yaml("\n\nwindow:\n  size: 12M\n", "j").unwrap_err().to_string();
+        assert!(e.contains("window.size") && e.contains("line 4"), "{e}");
+        let e = Config::from_yaml("output:\n  prefix: sometimes\n", "j").unwrap_err().to_string();
+        assert!(e.contains("prefix") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(ByteSize::parse("4096").unwrap(), ByteSize(4096));
+        assert_eq!(ByteSize::parse("16MiB").unwrap(), ByteSize(16 << 20));
+        assert!(ByteSize::parse("3X").is_err());
+        assert_eq!(ByteSize(1 << 40).to_string(), "1T");
+    }
+}

@@ -1,0 +1,123 @@
+//! Messages between a rank (the preload library) and its node agent, over the
+//! agent's unix socket. Each message is one frame (see [`crate::frame`]).
+//!
+//! Message types borrow their strings from the receive buffer, so the preload
+//! can encode and decode them without allocating: some are sent from inside
+//! the allocator, with its lock held.
+//!
+//! Conversation:
+//! 1. rank: `Hello` (channel `Memory` first, then a second connection with
+//!    channel `Sync` for barriers and locks, which may block for long).
+//! 2. agent: `Welcome`, with the node's memfd attached (SCM_RIGHTS) on the
+//!    memory channel.
+//! 3. rank (memory channel): `RegisterUffd` twice, each with a userfaultfd
+//!    attached, answered `Ok`.
+//! 4. requests, each answered by exactly one reply, in order.
+
+use serde::{Deserialize, Serialize};
+
+use crate::layout::{WindowLayout, Zone};
+
+/// Which of a rank's two connections this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Channel {
+    /// Heaps, segments and userfaultfd registration: short requests.
+    Memory,
+    /// Barriers and locks: requests that wait for other ranks.
+    Sync,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RankRequest<'a> {
+    Hello {
+        protocol: u32,
+        rank: u32,
+        pid: i32,
+        channel: Channel,
+        /// Job id the rank was started for; the agent refuses another.
+        #[serde(borrow)]
+        jobid: &'a str,
+    },
+    /// A userfaultfd of the rank for `zone` is attached.
+    RegisterUffd { zone: Zone },
+    /// `count` contiguous private heaps for this rank.
+    AllocHeaps { count: u32 },
+    /// Give heaps back; the agent drops their pages.
+    FreeHeaps { first: u32, count: u32 },
+    /// Open (and with `create`, create) a named shared segment. With `size`
+    /// > 0 the segment grows to at least `size` bytes.
+    SegmentOpen {
+        #[serde(borrow)]
+        name: &'a str,
+        size: u64,
+        create: bool,
+        exclusive: bool,
+    },
+    /// Set the size of a segment (ftruncate); shrinking drops the pages past it.
+    SegmentResize { id: u32, size: u64 },
+    /// Remove a segment's name; its memory stays valid while the job runs.
+    SegmentUnlink {
+        #[serde(borrow)]
+        name: &'a str,
+    },
+    /// The rank mapped `len` bytes of the window at `window_addr` also at
+    /// `addr` outside the window (MomeMMap with MAP_FIXED): faults reported
+    /// at `addr` belong to `window_addr`.
+    AliasMapped { addr: u64, len: u64, window_addr: u64 },
+    /// Distributed barrier over all ranks of the job.
+    Barrier,
+    /// Acquire / release a job-wide lock.
+    Lock { id: u64 },
+    Unlock { id: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The request is not valid in this state (e.g. unlock of a lock not held).
+    Invalid,
+    /// Out of window address space or of segment slots.
+    NoSpace,
+    /// Segment does not exist (open without create).
+    NotFound,
+    /// Segment exists (create + exclusive).
+    Exists,
+    /// Size above the segment reservation.
+    TooBig,
+    /// The agent refuses the connection (wrong job, protocol, credentials).
+    Refused,
+}
+
+impl ErrorCode {
+    /// errno the preload reports to the application for this error.
+    pub fn errno(self) -> i32 {
+        match self {
+            ErrorCode::Invalid => libc::EINVAL,
+            ErrorCode::NoSpace => libc::ENOMEM,
+            ErrorCode::NotFound => libc::ENOENT,
+            ErrorCode::Exists => libc::EEXIST,
+            ErrorCode::TooBig => libc::EFBIG,
+            ErrorCode::Refused => libc::EACCES,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentReply<'a> {
+    /// Answer to `Hello`; on the memory channel the memfd is attached.
+    Welcome {
+        layout: WindowLayout,
+        node: u32,
+        nodes: u32,
+        nranks: u32,
+    },
+    Ok,
+    Heaps { first: u32, count: u32 },
+    Segment { id: u32, addr: u64, size: u64 },
+    /// All ranks reached the barrier; `date` counts the job's barriers.
+    BarrierDone { date: u64 },
+    Error {
+        code: ErrorCode,
+        #[serde(borrow)]
+        message: &'a str,
+    },
+}
