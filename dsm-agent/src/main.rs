@@ -1,1 +1,314 @@
-fn main() {}
+//! `mome-agent`: the per-node agent of a mome job. It owns the node's DSM
+//! memory file, accepts the connections of the ranks of its node on a unix
+//! socket in the job directory, and serves their requests (heaps, shared
+//! segments, barriers, locks) and their shared-segment page faults.
+//!
+//! This file owns the command line, startup (memfd, socket, the `ready`
+//! line) and shutdown (SIGTERM/SIGINT, or end of stdin: mome-run holds the
+//! write end, so the agent goes when mome-run does). Single node for now.
+
+#[macro_use]
+mod log;
+mod agent;
+mod faults;
+mod heaps;
+mod memfd;
+mod segments;
+mod session;
+mod sync;
+mod wire;
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use mome_protocol::job::{JobDir, JobError};
+use nix::sys::signal::Signal;
+use nix::sys::stat::Mode;
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+
+use crate::agent::{lock, Agent, Identity};
+use crate::memfd::{MemoryError, NodeMemory};
+
+/// Longest path a unix socket address holds (sun_path is 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mome-agent",
+    version,
+    about = "mome's per-node agent: DSM memory, page faults, heaps, segments, barriers and locks of the ranks of one node",
+    long_about = None,
+    after_help = "\
+mome-run starts one agent per node; it is not meant to be run by hand.
+
+The agent reads DIR/job.yaml (job id, rank count, window layout), creates the
+node memory file, listens on DIR/node-K.sock for the ranks listed in --ranks,
+prints `ready` on stdout once it accepts connections, and logs to stderr.
+
+It exits, removing its socket, on SIGTERM or SIGINT, when its standard input
+reaches end of file (mome-run holds the write end), or when its parent dies.
+
+Exit status: 0 after a clean shutdown, 1 when startup fails, 2 for a bad
+command line."
+)]
+struct Cli {
+    /// Job directory ($MOME_HOME/jobs/<jobid>) holding job.yaml; the socket is created there.
+    #[arg(long, value_name = "DIR")]
+    job_dir: PathBuf,
+    /// Number of this node (agent), from 0 to M-1.
+    #[arg(long, value_name = "K")]
+    node: u32,
+    /// Number of nodes (agents) of the job; only 1 is implemented so far.
+    #[arg(long, value_name = "M")]
+    nodes: u32,
+    /// Comma-separated numbers of the ranks that run on this node, e.g. 0,1,2,3.
+    #[arg(long, value_name = "LIST", value_delimiter = ',', required = true)]
+    ranks: Vec<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StartError {
+    #[error("{0}")]
+    Job(#[from] JobError),
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Memory(#[from] MemoryError),
+    #[error("socket path {path} is {len} bytes long, more than the {MAX_SOCKET_PATH} a unix socket address holds: use a shorter MOME_HOME")]
+    SocketPathTooLong { path: String, len: usize },
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot write the ready line on stdout: {0}")]
+    Ready(std::io::Error),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    log::set_node(cli.node);
+    if cli.nodes != 1 {
+        log!(
+            "--nodes {}: multi-node agents are not implemented yet (use --nodes 1)",
+            cli.nodes
+        );
+        return ExitCode::from(2);
+    }
+    if cli.node >= cli.nodes {
+        log!("--node {} is not below --nodes {}", cli.node, cli.nodes);
+        return ExitCode::from(2);
+    }
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log!("cannot start: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), StartError> {
+    // A killed mome-run must not leave agents behind; stdin EOF covers the
+    // case where the parent died before this call.
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM) {
+        log!("cannot ask for SIGTERM at parent death: {e}");
+    }
+    let identity = identity(&cli)?;
+    let memory = NodeMemory::create(cli.node, identity.layout.size)?;
+    let socket = JobDir {
+        id: identity.job_id.clone(),
+        path: cli.job_dir.clone(),
+    }
+    .agent_socket(cli.node);
+    let len = socket.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(StartError::SocketPathTooLong {
+            path: socket.display().to_string(),
+            len,
+        });
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("mome-agent")
+        .enable_all()
+        .build()
+        .map_err(StartError::Runtime)?;
+    let agent = Arc::new(Agent::new(identity, memory));
+    let result = runtime.block_on(serve(agent, &socket));
+    // Sessions still open are dropped with the runtime; nothing they hold
+    // outlives the process.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    result
+}
+
+/// Job, node and layout this agent serves, from the command line and job.yaml.
+fn identity(cli: &Cli) -> Result<Identity, StartError> {
+    let id = cli
+        .job_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let spec = JobDir {
+        id,
+        path: cli.job_dir.clone(),
+    }
+    .read_spec()?;
+    let layout = spec.config.layout();
+    layout
+        .validate()
+        .map_err(|m| StartError::Config(format!("window layout of job {}: {m}", spec.id)))?;
+    let mut local_ranks = BTreeSet::new();
+    for &r in &cli.ranks {
+        if r >= spec.ranks {
+            return Err(StartError::Config(format!(
+                "--ranks names rank {r}, but job {} has {} ranks (0..{})",
+                spec.id, spec.ranks, spec.ranks
+            )));
+        }
+        if !local_ranks.insert(r) {
+            return Err(StartError::Config(format!("--ranks names rank {r} twice")));
+        }
+    }
+    if cli.nodes == 1 && local_ranks.len() as u64 != spec.ranks as u64 {
+        // Allowed (a test may serve part of a job), but barriers then wait
+        // for ranks that can never connect.
+        log!(
+            "--ranks lists {} of the job's {} ranks and there is no other node: barriers will not complete",
+            local_ranks.len(),
+            spec.ranks
+        );
+    }
+    if spec.nodes != cli.nodes {
+        log!(
+            "job.yaml says {} nodes, the command line {}; using {}",
+            spec.nodes,
+            cli.nodes,
+            cli.nodes
+        );
+    }
+    Ok(Identity {
+        job_id: spec.id,
+        node: cli.node,
+        nodes: cli.nodes,
+        nranks: spec.ranks,
+        local_ranks,
+        layout,
+        uid: nix::unistd::getuid().as_raw(),
+    })
+}
+
+/// Listens until told to stop, then removes the socket.
+async fn serve(agent: Arc<Agent>, socket: &Path) -> Result<(), StartError> {
+    let listener = listen(socket)?;
+    let mut term = signal(SignalKind::terminate()).map_err(StartError::Runtime)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(StartError::Runtime)?;
+    let mut stdin_eof = watch_stdin();
+
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(b"ready\n")
+        .and_then(|()| stdout.flush())
+        .map_err(StartError::Ready)?;
+    drop(stdout);
+    let id = &agent.id;
+    log!(
+        "ready: job {}, node {}/{}, ranks {:?} of {}, window {:#x}+{:#x}, listening on {}",
+        id.job_id,
+        id.node,
+        id.nodes,
+        id.local_ranks,
+        id.nranks,
+        id.layout.base,
+        id.layout.size,
+        socket.display()
+    );
+
+    let reason = loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(session::serve(agent.clone(), stream));
+                }
+                Err(e) => {
+                    // Out of descriptors or memory: let sessions end and retry.
+                    log!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = stdin_eof.recv() => break "end of standard input",
+        }
+    };
+    drop(listener);
+    if let Err(e) = std::fs::remove_file(socket) {
+        log!("cannot remove {}: {e}", socket.display());
+    }
+    log!(
+        "exiting ({reason}): {} connections, {} faults served, {} heaps in use, {} segments, {} barriers",
+        agent.connections.load(Ordering::Relaxed),
+        agent.faults.load(Ordering::Relaxed),
+        lock(&agent.heaps).in_use(),
+        lock(&agent.segments).len(),
+        lock(&agent.sync).barriers(),
+    );
+    Ok(())
+}
+
+/// Binds the socket, replacing a stale one, accessible to this user only.
+fn listen(socket: &Path) -> Result<UnixListener, StartError> {
+    let err = |source| StartError::Listen {
+        path: socket.display().to_string(),
+        source,
+    };
+    match std::fs::remove_file(socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    // The umask keeps the socket private from its creation on; the chmod
+    // makes sure of it whatever the umask was.
+    let old = nix::sys::stat::umask(Mode::from_bits_truncate(0o177));
+    let listener = UnixListener::bind(socket);
+    nix::sys::stat::umask(old);
+    let listener = listener.map_err(err)?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+/// A channel that fires when standard input reaches end of file (or fails).
+/// A plain thread reads it: stdin may be a terminal or file that cannot be
+/// made non-blocking without affecting other processes, and the thread
+/// blocking in read(2) is simply dropped at exit.
+fn watch_stdin() -> mpsc::Receiver<()> {
+    let (tx, rx) = mpsc::channel(1);
+    let spawned = std::thread::Builder::new()
+        .name("stdin-watch".into())
+        .spawn(move || {
+            let mut buf = [0u8; 256];
+            loop {
+                match std::io::Read::read(&mut std::io::stdin().lock(), &mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                }
+            }
+            let _ = tx.blocking_send(());
+        });
+    if let Err(e) = spawned {
+        log!("cannot watch standard input ({e}); only signals stop the agent");
+    }
+    rx
+}

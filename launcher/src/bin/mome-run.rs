@@ -1,1 +1,99 @@
-fn main() {}
+//! `mome-run`: runs a program as the N ranks of a mome job. The command
+//! line is parsed here; everything else is in `mome_launcher::coordinator`.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::Parser;
+use mome_launcher::coordinator::{self, RunOptions};
+use mome_protocol::Config;
+
+const AFTER_HELP: &str = "\
+Examples:
+  mome-run -n 4 ./nbody 1000            4 ranks of ./nbody, output tagged [0]..[3]
+  mome-run -n 2 --no-prefix ./app -v    options after PROGRAM go to the program
+  mome-run --config job.yaml -n 8 python3 solver.py
+  mome-run --jobid-file id.txt ./app && mome-status $(cat id.txt)
+
+The job:
+  mome-run prints `mome: job <id>` on stderr, keeps the job in
+  $MOME_HOME/jobs/<id>/ (job.yaml, status.json, logs/), forwards each rank's
+  stdout and stderr as it comes, and gives rank 0 its stdin (the others read
+  /dev/null). Ranks run with ASLR disabled, and see MOME_RANK, MOME_NRANKS,
+  MOME_NODE and MOME_JOBID. Ctrl-C (or SIGTERM, SIGHUP) is forwarded to the
+  ranks, which get job.kill_grace to exit before SIGKILL; a second Ctrl-C
+  kills at once. When a rank fails, the others are ended the same way.
+  Nothing of the job (ranks, their children, the agent) outlives mome-run.
+
+Exit status:
+  0 when every rank exited 0; else the first failing rank's exit status, or
+  128+N for a rank killed by signal N (128+N too when mome-run was
+  interrupted by signal N); 1 when the job failed for mome's own reasons
+  (the agent); 2 for a bad command line, configuration, or a preflight check
+  that failed; 126/127 when PROGRAM cannot be executed / is not found.
+
+Environment:
+  MOME_HOME         where job directories live (default ~/.mome)
+  MOME_AGENT_BIN    mome-agent to use (default: next to mome-run)
+  MOME_PRELOAD_LIB  libmome_preload.so to inject (default: next to mome-run)
+
+Status of jobs: mome-status [JOBID]";
+
+/// Run a program as the ranks of a mome job: N processes sharing a
+/// distributed shared memory window served by a per-node agent.
+#[derive(Debug, Parser)]
+#[command(name = "mome-run", version, about, after_help = AFTER_HELP)]
+struct Cli {
+    /// Number of ranks (processes) to run.
+    #[arg(short = 'n', long = "ranks", value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    ranks: u32,
+
+    /// Number of nodes (agents); only 1 for now.
+    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    nodes: u32,
+
+    /// Job configuration (YAML): the keys to change from configs/default.yaml.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Do not tag output lines with `[rank] ` (same as output.prefix: never).
+    #[arg(long)]
+    no_prefix: bool,
+
+    /// Write the job id (and a newline) to PATH once the job directory exists.
+    #[arg(long, value_name = "PATH")]
+    jobid_file: Option<PathBuf>,
+
+    /// The program, then its arguments (passed as they are, even those
+    /// starting with `-`).
+    #[arg(value_name = "PROGRAM [ARGS]", required = true, num_args = 1.., trailing_var_arg = true,
+          allow_hyphen_values = true)]
+    command: Vec<OsString>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let config = match &cli.config {
+        None => Config::default(),
+        Some(path) => match Config::load(path) {
+            Ok(config) => config,
+            Err(e) => {
+                eprintln!("mome-run: {e}");
+                std::process::exit(2);
+            }
+        },
+    };
+    let mut command = cli.command.into_iter();
+    let program = command.next().expect("clap requires PROGRAM");
+    let code = coordinator::run(RunOptions {
+        ranks: cli.ranks,
+        nodes: cli.nodes,
+        config,
+        no_prefix: cli.no_prefix,
+        jobid_file: cli.jobid_file,
+        program,
+        args: command.collect(),
+    });
+    std::process::exit(code);
+}

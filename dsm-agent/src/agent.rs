@@ -1,0 +1,80 @@
+//! The node's shared state: what every session of this agent reads or
+//! changes (the memfd, the heap, segment and sync tables, counters), plus
+//! the identity of the job and node that connections are checked against.
+//!
+//! Tables sit behind plain mutexes that are never held across an await:
+//! each request changes them in one short critical section.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use mome_protocol::WindowLayout;
+
+use crate::heaps::HeapTable;
+use crate::memfd::NodeMemory;
+use crate::segments::SegmentTable;
+use crate::sync::SyncTable;
+
+/// One connection of a rank. Heaps and locks belong to it, not to the rank
+/// number (see `session`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+/// Who this agent is, in which job.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub job_id: String,
+    pub node: u32,
+    pub nodes: u32,
+    /// Ranks of the whole job.
+    pub nranks: u32,
+    /// Ranks that run on this node and may connect here.
+    pub local_ranks: BTreeSet<u32>,
+    pub layout: WindowLayout,
+    /// Only processes of this user may connect.
+    pub uid: u32,
+}
+
+#[derive(Debug)]
+pub struct Agent {
+    pub id: Identity,
+    pub memory: NodeMemory,
+    pub heaps: Mutex<HeapTable>,
+    pub segments: Mutex<SegmentTable>,
+    pub sync: Mutex<SyncTable>,
+    /// Connections accepted so far.
+    pub connections: AtomicU64,
+    /// Faults served so far, by every session.
+    pub faults: Arc<AtomicU64>,
+    next_session: AtomicU64,
+}
+
+impl Agent {
+    pub fn new(id: Identity, memory: NodeMemory) -> Agent {
+        let layout = id.layout;
+        Agent {
+            heaps: Mutex::new(HeapTable::new(layout.private_heaps())),
+            segments: Mutex::new(SegmentTable::new(
+                layout.segment_slots(),
+                layout.segment_reserve,
+            )),
+            sync: Mutex::new(SyncTable::new(id.nranks)),
+            id,
+            memory,
+            connections: AtomicU64::new(0),
+            faults: Arc::new(AtomicU64::new(0)),
+            next_session: AtomicU64::new(1),
+        }
+    }
+
+    pub fn new_session_id(&self) -> SessionId {
+        SessionId(self.next_session.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Locks a table. Poisoning cannot happen (the agent aborts on panic), so
+/// a poisoned lock is simply taken.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -1,0 +1,210 @@
+//! The private heap table: which session owns each 8 MiB heap of the private
+//! zone of the window. Heaps belong to a connection (session), not to a rank
+//! number, because a rank that execs itself connects again while its old
+//! connection may still be open; whatever a session owns is freed when it
+//! ends.
+//!
+//! Pure bookkeeping: dropping the pages of freed heaps is the caller's job
+//! (it owns the memfd), done before the heaps are marked free so that a new
+//! owner never sees old data.
+
+use std::ops::Range;
+
+use mome_protocol::rank::ErrorCode;
+
+use crate::agent::SessionId;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HeapError {
+    #[error("a heap request for 0 heaps")]
+    ZeroCount,
+    #[error("no run of {count} free heaps left in the private zone ({total} heaps, {free} free)")]
+    NoSpace { count: u32, total: u32, free: u32 },
+    #[error("heaps {first}..{end} are outside the private zone (heaps 0..{total})", end = *first as u64 + *count as u64)]
+    OutOfRange { first: u32, count: u32, total: u32 },
+    #[error("heap {heap} is not owned by this connection")]
+    NotOwned { heap: u32 },
+}
+
+impl HeapError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            HeapError::NoSpace { .. } => ErrorCode::NoSpace,
+            _ => ErrorCode::Invalid,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct HeapTable {
+    owners: Vec<Option<SessionId>>,
+    /// Every heap below this index is owned: allocation starts here, so the
+    /// common case (a growing job) does not rescan the used part of the zone.
+    lowest_free: usize,
+    in_use: usize,
+}
+
+impl HeapTable {
+    pub fn new(heaps: u32) -> HeapTable {
+        HeapTable {
+            owners: vec![None; heaps as usize],
+            lowest_free: 0,
+            in_use: 0,
+        }
+    }
+
+    /// Heaps currently owned by some session.
+    pub fn in_use(&self) -> usize {
+        self.in_use
+    }
+
+    /// First-fit run of `count` free heaps, given to `owner`; returns the first.
+    pub fn alloc(&mut self, owner: SessionId, count: u32) -> Result<u32, HeapError> {
+        if count == 0 {
+            return Err(HeapError::ZeroCount);
+        }
+        let count = count as usize;
+        let n = self.owners.len();
+        let mut start = self.lowest_free;
+        while start + count <= n {
+            // Jump past the last owned heap of the candidate run: no run
+            // starting before it can be free.
+            match self.owners[start..start + count]
+                .iter()
+                .rposition(Option::is_some)
+            {
+                Some(last_owned) => start += last_owned + 1,
+                None => {
+                    self.owners[start..start + count].fill(Some(owner));
+                    self.in_use += count;
+                    if start == self.lowest_free {
+                        self.lowest_free = self.owners[start + count..]
+                            .iter()
+                            .position(Option::is_none)
+                            .map_or(n, |i| start + count + i);
+                    }
+                    return Ok(start as u32);
+                }
+            }
+        }
+        Err(HeapError::NoSpace {
+            count: count as u32,
+            total: n as u32,
+            free: (n - self.in_use) as u32,
+        })
+    }
+
+    /// Checks that `owner` owns every heap of `first..first+count`.
+    pub fn check_owned(&self, owner: SessionId, first: u32, count: u32) -> Result<(), HeapError> {
+        if count == 0 {
+            return Err(HeapError::ZeroCount);
+        }
+        let range = self.range(first, count)?;
+        match range.clone().find(|&h| self.owners[h] != Some(owner)) {
+            Some(h) => Err(HeapError::NotOwned { heap: h as u32 }),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks `first..first+count` free; the caller checked ownership and
+    /// dropped their pages.
+    pub fn release(&mut self, first: u32, count: u32) {
+        let Ok(range) = self.range(first, count) else {
+            return;
+        };
+        for owner in &mut self.owners[range] {
+            if owner.take().is_some() {
+                self.in_use -= 1;
+            }
+        }
+        self.lowest_free = self.lowest_free.min(first as usize);
+    }
+
+    /// The heaps `owner` holds, as maximal runs of consecutive heaps.
+    pub fn runs_of(&self, owner: SessionId) -> Vec<Range<u32>> {
+        let mut runs: Vec<Range<u32>> = Vec::new();
+        for (i, o) in self.owners.iter().enumerate() {
+            if *o != Some(owner) {
+                continue;
+            }
+            let i = i as u32;
+            match runs.last_mut() {
+                Some(run) if run.end == i => run.end = i + 1,
+                _ => runs.push(i..i + 1),
+            }
+        }
+        runs
+    }
+
+    fn range(&self, first: u32, count: u32) -> Result<Range<usize>, HeapError> {
+        let total = self.owners.len();
+        let end = first as usize + count as usize;
+        if end > total {
+            return Err(HeapError::OutOfRange {
+                first,
+                count,
+                total: total as u32,
+            });
+        }
+        Ok(first as usize..end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: SessionId = SessionId(1);
+    const B: SessionId = SessionId(2);
+
+    #[test]
+    fn first_fit_reuses_holes() {
+        let mut t = HeapTable::new(16);
+        assert_eq!(t.alloc(A, 2), Ok(0));
+        assert_eq!(t.alloc(B, 3), Ok(2));
+        assert_eq!(t.alloc(A, 1), Ok(5));
+        t.check_owned(A, 0, 2).unwrap();
+        assert_eq!(t.check_owned(A, 1, 2), Err(HeapError::NotOwned { heap: 2 }));
+        t.release(2, 3);
+        assert_eq!(t.in_use(), 3);
+        // A run of 4 does not fit in the 3-heap hole.
+        assert_eq!(t.alloc(A, 4), Ok(6));
+        assert_eq!(t.alloc(B, 3), Ok(2));
+        assert_eq!(t.alloc(B, 1), Ok(10));
+        assert_eq!(t.runs_of(A), vec![0..2, 5..10]);
+    }
+
+    #[test]
+    fn errors() {
+        let mut t = HeapTable::new(4);
+        assert_eq!(t.alloc(A, 0), Err(HeapError::ZeroCount));
+        assert_eq!(t.alloc(A, 4), Ok(0));
+        assert!(matches!(
+            t.alloc(A, 1),
+            Err(HeapError::NoSpace { free: 0, .. })
+        ));
+        assert!(matches!(
+            t.check_owned(A, 3, 2),
+            Err(HeapError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            t.check_owned(A, u32::MAX, 2),
+            Err(HeapError::OutOfRange { .. })
+        ));
+        assert_eq!(t.check_owned(B, 0, 1), Err(HeapError::NotOwned { heap: 0 }));
+        t.release(0, 4);
+        assert_eq!(t.in_use(), 0);
+        assert_eq!(t.alloc(B, 4), Ok(0));
+    }
+
+    #[test]
+    fn lowest_free_hint_follows_frees() {
+        let mut t = HeapTable::new(8);
+        for i in 0..8 {
+            assert_eq!(t.alloc(A, 1), Ok(i));
+        }
+        t.release(3, 1);
+        assert_eq!(t.alloc(B, 1), Ok(3));
+        assert!(t.alloc(B, 1).is_err());
+    }
+}

@@ -1,0 +1,78 @@
+//! The node memory file: one memfd holding the whole DSM window of this node
+//! (file offset = window address - base). Every local rank maps it
+//! `MAP_SHARED`, so a page put in its page cache is seen by all of them, and
+//! punching a hole drops a page from every local rank at once.
+//!
+//! This module owns the fd and the two operations the agent does on it
+//! directly: handing it out and dropping pages.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::fcntl::{fallocate, FallocateFlags};
+use nix::sys::memfd::{memfd_create, MFdFlags};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("cannot create the node memory file {name}: {errno}")]
+    Create { name: String, errno: Errno },
+    #[error("cannot size the node memory file to {size} bytes: {errno}")]
+    Resize { size: u64, errno: Errno },
+    #[error("cannot drop pages {offset:#x}+{len:#x} of the node memory file: {errno}")]
+    Punch { offset: u64, len: u64, errno: Errno },
+}
+
+/// The node's memfd.
+#[derive(Debug)]
+pub struct NodeMemory {
+    fd: OwnedFd,
+    size: u64,
+}
+
+impl NodeMemory {
+    /// Creates `mome-node-<node>` of `size` bytes. The file is sparse: shmem
+    /// files are VM_NORESERVE, so a 1 TiB window costs nothing until touched.
+    pub fn create(node: u32, size: u64) -> Result<NodeMemory, MemoryError> {
+        let name = format!("mome-node-{node}");
+        let fd = memfd_create(name.as_str(), MFdFlags::MFD_CLOEXEC)
+            .map_err(|errno| MemoryError::Create { name, errno })?;
+        let len = libc::off_t::try_from(size).map_err(|_| MemoryError::Resize {
+            size,
+            errno: Errno::EFBIG,
+        })?;
+        nix::unistd::ftruncate(&fd, len).map_err(|errno| MemoryError::Resize { size, errno })?;
+        Ok(NodeMemory { fd, size })
+    }
+
+    /// Drops the pages of `[offset, offset + len)`: they read back as zeros
+    /// and are unmapped from every rank. The file keeps its size. A range
+    /// that ends or starts inside a page zeroes that part of the page, as
+    /// ftruncate does.
+    pub fn punch(&self, offset: u64, len: u64) -> Result<(), MemoryError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let err = |errno| MemoryError::Punch { offset, len, errno };
+        let end = offset.checked_add(len).filter(|&e| e <= self.size);
+        let (Some(_), Ok(off), Ok(l)) = (
+            end,
+            libc::off_t::try_from(offset),
+            libc::off_t::try_from(len),
+        ) else {
+            return Err(err(Errno::EINVAL));
+        };
+        fallocate(
+            &self.fd,
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            off,
+            l,
+        )
+        .map_err(err)
+    }
+}
+
+impl AsFd for NodeMemory {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}

@@ -1,0 +1,269 @@
+//! The shared segment table: named shared segments (shm_open, MAP_SHARED
+//! anonymous mappings, MomeMMap), each in a slot of `segment_reserve` bytes of
+//! the shared zone. Segments belong to the job, not to a session: they
+//! outlive the connection that created them.
+//!
+//! A slot stays allocated once taken, even after its name is unlinked,
+//! because ranks may still map it (as a file unlinked while open); slots are
+//! reclaimed only when the job ends. Pure bookkeeping: dropping the pages of
+//! a shrunk segment is the caller's job.
+
+use std::collections::HashMap;
+
+use mome_protocol::layout::PAGE_SIZE;
+use mome_protocol::rank::ErrorCode;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SegmentError {
+    #[error("segment {0:?} exists")]
+    Exists(String),
+    #[error("no segment {0:?}")]
+    NotFound(String),
+    #[error("no segment with id {0}")]
+    NoSuchId(u32),
+    #[error(
+        "segment size {size} is above the reservation of {reserve} bytes (window.segment_reserve)"
+    )]
+    TooBig { size: u64, reserve: u64 },
+    #[error("all {0} segment slots of the window are taken")]
+    NoSpace(u32),
+    #[error("a segment name cannot be empty")]
+    EmptyName,
+}
+
+impl SegmentError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            SegmentError::Exists(_) => ErrorCode::Exists,
+            SegmentError::NotFound(_) => ErrorCode::NotFound,
+            SegmentError::TooBig { .. } => ErrorCode::TooBig,
+            SegmentError::NoSpace(_) => ErrorCode::NoSpace,
+            SegmentError::NoSuchId(_) | SegmentError::EmptyName => ErrorCode::Invalid,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Slot {
+    size: u64,
+    /// None once unlinked.
+    name: Option<String>,
+}
+
+/// A segment as the rank sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentInfo {
+    pub slot: u32,
+    pub size: u64,
+    /// This open created the segment.
+    pub created: bool,
+}
+
+/// Bytes to drop after a shrink, as offsets inside the segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shrunk {
+    pub from: u64,
+    pub to: u64,
+}
+
+#[derive(Debug)]
+pub struct SegmentTable {
+    reserve: u64,
+    names: HashMap<String, u32>,
+    slots: Vec<Option<Slot>>,
+}
+
+impl SegmentTable {
+    pub fn new(slots: u32, reserve: u64) -> SegmentTable {
+        SegmentTable {
+            reserve,
+            names: HashMap::new(),
+            slots: (0..slots).map(|_| None).collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Opens `name`, creating it with `create`; grows it to `size` when larger.
+    pub fn open(
+        &mut self,
+        name: &str,
+        size: u64,
+        create: bool,
+        exclusive: bool,
+    ) -> Result<SegmentInfo, SegmentError> {
+        if name.is_empty() {
+            return Err(SegmentError::EmptyName);
+        }
+        if let Some(&slot) = self.names.get(name) {
+            if create && exclusive {
+                return Err(SegmentError::Exists(name.to_string()));
+            }
+            let reserve = self.reserve;
+            let s = self.slot_mut(slot)?;
+            if size > s.size {
+                if size > reserve {
+                    return Err(SegmentError::TooBig { size, reserve });
+                }
+                s.size = size;
+            }
+            return Ok(SegmentInfo {
+                slot,
+                size: s.size,
+                created: false,
+            });
+        }
+        if !create {
+            return Err(SegmentError::NotFound(name.to_string()));
+        }
+        if size > self.reserve {
+            return Err(SegmentError::TooBig {
+                size,
+                reserve: self.reserve,
+            });
+        }
+        let Some(slot) = self.slots.iter().position(Option::is_none) else {
+            return Err(SegmentError::NoSpace(self.slots.len() as u32));
+        };
+        self.slots[slot] = Some(Slot {
+            size,
+            name: Some(name.to_string()),
+        });
+        let slot = slot as u32;
+        self.names.insert(name.to_string(), slot);
+        Ok(SegmentInfo {
+            slot,
+            size,
+            created: true,
+        })
+    }
+
+    /// Sets the size of segment `slot`. A shrink returns the bytes to drop:
+    /// from the new size to the end of the last page of the old size.
+    pub fn resize(
+        &mut self,
+        slot: u32,
+        size: u64,
+    ) -> Result<(SegmentInfo, Option<Shrunk>), SegmentError> {
+        let reserve = self.reserve;
+        let s = self.slot_mut(slot)?;
+        if size > reserve {
+            return Err(SegmentError::TooBig { size, reserve });
+        }
+        let old_end = s.size.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let shrunk = (size < s.size).then_some(Shrunk {
+            from: size,
+            to: old_end,
+        });
+        s.size = size;
+        let info = SegmentInfo {
+            slot,
+            size,
+            created: false,
+        };
+        Ok((info, shrunk))
+    }
+
+    /// Removes `name`; its slot and memory stay for the ranks that map it.
+    pub fn unlink(&mut self, name: &str) -> Result<u32, SegmentError> {
+        let slot = self
+            .names
+            .remove(name)
+            .ok_or_else(|| SegmentError::NotFound(name.to_string()))?;
+        if let Some(Some(s)) = self.slots.get_mut(slot as usize) {
+            s.name = None;
+        }
+        Ok(slot)
+    }
+
+    fn slot_mut(&mut self, slot: u32) -> Result<&mut Slot, SegmentError> {
+        self.slots
+            .get_mut(slot as usize)
+            .and_then(Option::as_mut)
+            .ok_or(SegmentError::NoSuchId(slot))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const M: u64 = 1 << 20;
+
+    #[test]
+    fn open_create_exclusive_grow() {
+        let mut t = SegmentTable::new(2, 8 * M);
+        assert_eq!(
+            t.open("/a", M, false, false),
+            Err(SegmentError::NotFound("/a".into()))
+        );
+        assert_eq!(
+            t.open("/a", M, true, true),
+            Ok(SegmentInfo {
+                slot: 0,
+                size: M,
+                created: true
+            })
+        );
+        assert_eq!(
+            t.open("/a", 0, true, true),
+            Err(SegmentError::Exists("/a".into()))
+        );
+        assert_eq!(
+            t.open("/a", 0, true, false),
+            Ok(SegmentInfo {
+                slot: 0,
+                size: M,
+                created: false
+            })
+        );
+        assert_eq!(
+            t.open("/a", 2 * M, false, false),
+            Ok(SegmentInfo {
+                slot: 0,
+                size: 2 * M,
+                created: false
+            })
+        );
+        assert!(matches!(
+            t.open("/a", 9 * M, false, false),
+            Err(SegmentError::TooBig { .. })
+        ));
+        assert!(matches!(
+            t.open("/b", 9 * M, true, false),
+            Err(SegmentError::TooBig { .. })
+        ));
+        assert_eq!(t.open("/b", 0, true, false).unwrap().slot, 1);
+        assert_eq!(t.open("/c", 0, true, false), Err(SegmentError::NoSpace(2)));
+        assert_eq!(t.open("", 0, true, false), Err(SegmentError::EmptyName));
+    }
+
+    #[test]
+    fn resize_and_unlink() {
+        let mut t = SegmentTable::new(4, 8 * M);
+        let s = t.open("/a", 10_000, true, false).unwrap();
+        let (info, shrunk) = t.resize(s.slot, 100).unwrap();
+        assert_eq!(info.size, 100);
+        assert_eq!(
+            shrunk,
+            Some(Shrunk {
+                from: 100,
+                to: 12_288
+            })
+        );
+        assert_eq!(t.resize(s.slot, 5000).unwrap().1, None);
+        assert!(matches!(
+            t.resize(s.slot, 9 * M),
+            Err(SegmentError::TooBig { .. })
+        ));
+        assert_eq!(t.resize(3, 1), Err(SegmentError::NoSuchId(3)));
+        assert_eq!(t.unlink("/a"), Ok(0));
+        assert_eq!(t.unlink("/a"), Err(SegmentError::NotFound("/a".into())));
+        // The unlinked slot stays taken: a new segment gets the next one.
+        assert_eq!(t.open("/a", 0, true, true).unwrap().slot, 1);
+        // ... and can still be resized through its id by ranks that map it.
+        assert!(t.resize(0, 4096).is_ok());
+    }
+}

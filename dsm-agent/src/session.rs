@@ -1,0 +1,550 @@
+//! One connection of a rank (a session): the Hello handshake, then its
+//! requests, each answered by exactly one reply, in order.
+//!
+//! A rank opens two sessions, `Memory` (heaps, segments, userfaultfds) and
+//! `Sync` (barriers and locks, which wait for other ranks). What a session
+//! acquires (heaps, locks, a place in a barrier, fault tasks) is released
+//! when it ends, whatever the rank number: a rank that execs itself connects
+//! again with the same rank and pid while its old sessions may still be open.
+//!
+//! A peer that breaks the protocol (malformed, oversized or truncated frame,
+//! request on the wrong channel, descriptors where none belong) loses its
+//! connection, and only that: nothing a peer sends may stop the agent.
+
+use std::fmt::Write as _;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use mome_protocol::frame::{self, FrameError};
+use mome_protocol::layout::{Zone, HEAP_SIZE, PAGE_SIZE};
+use mome_protocol::rank::{AgentReply, Channel, ErrorCode, RankRequest};
+use mome_protocol::PROTOCOL_VERSION;
+use tokio::net::UnixStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::agent::{lock, Agent, SessionId};
+use crate::faults::{self, Alias, AliasTable, FaultContext, FaultCounters};
+use crate::sync::LockGrant;
+use crate::wire::{Wire, WireError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    #[error("malformed request: {0}")]
+    Malformed(FrameError),
+    #[error("{0} request on the {1:?} channel")]
+    WrongChannel(&'static str, Channel),
+    #[error("RegisterUffd came with {0} file descriptors instead of 1")]
+    UffdFds(usize),
+    #[error("{request} request came with {count} unexpected file descriptor(s)")]
+    UnexpectedFds { request: &'static str, count: usize },
+    #[error("Hello again on an established connection")]
+    SecondHello,
+}
+
+/// A reply, owning its error message until it is encoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reply {
+    Ok,
+    Heaps { first: u32, count: u32 },
+    Segment { id: u32, addr: u64, size: u64 },
+    BarrierDone { date: u64 },
+    Error { code: ErrorCode, message: String },
+}
+
+impl Reply {
+    fn error(code: ErrorCode, message: impl std::fmt::Display) -> Reply {
+        Reply::Error {
+            code,
+            message: message.to_string(),
+        }
+    }
+
+    fn wire(&self) -> AgentReply<'_> {
+        match self {
+            Reply::Ok => AgentReply::Ok,
+            Reply::Heaps { first, count } => AgentReply::Heaps {
+                first: *first,
+                count: *count,
+            },
+            Reply::Segment { id, addr, size } => AgentReply::Segment {
+                id: *id,
+                addr: *addr,
+                size: *size,
+            },
+            Reply::BarrierDone { date } => AgentReply::BarrierDone { date: *date },
+            Reply::Error { code, message } => AgentReply::Error {
+                code: *code,
+                message,
+            },
+        }
+    }
+}
+
+/// Outcome of waiting for other ranks.
+enum Waited<T> {
+    Done(T),
+    /// The peer closed its connection meanwhile.
+    PeerGone,
+}
+
+/// Serves one accepted connection until it ends.
+pub async fn serve(agent: Arc<Agent>, stream: UnixStream) {
+    agent.connections.fetch_add(1, Ordering::Relaxed);
+    let (uid, peer_pid) = match stream.peer_cred() {
+        Ok(c) => (c.uid(), c.pid().unwrap_or(0)),
+        Err(e) => {
+            log!("connection without peer credentials ({e}); closing");
+            return;
+        }
+    };
+    if uid != agent.id.uid {
+        log!(
+            "connection from pid {peer_pid} of uid {uid} refused: only uid {} may connect; closing",
+            agent.id.uid
+        );
+        return;
+    }
+    let mut wire = Wire::new(stream);
+    let Some(mut session) = handshake(&agent, &mut wire, peer_pid).await else {
+        return;
+    };
+    log!(
+        "session {} connected ({:?} channel)",
+        session.label,
+        session.channel
+    );
+    let ending = match session.run(&mut wire).await {
+        Ok(()) => "",
+        Err(e) => {
+            log!("session {}: {e}; closing", session.label);
+            " after an error"
+        }
+    };
+    drop(wire);
+    session.end(ending);
+}
+
+/// Reads and checks Hello, answers Welcome (with the memfd on the memory
+/// channel) or a refusal. `None`: the connection is to be closed.
+async fn handshake(agent: &Arc<Agent>, wire: &mut Wire, peer_pid: i32) -> Option<Session> {
+    let frame = match wire.recv().await {
+        Ok(Some(frame)) => frame,
+        Ok(None) => {
+            log!("connection from pid {peer_pid} closed before Hello");
+            return None;
+        }
+        Err(e) => {
+            log!("connection from pid {peer_pid}: {e}; closing");
+            return None;
+        }
+    };
+    if !frame.fds.is_empty() {
+        log!("connection from pid {peer_pid}: file descriptors attached to Hello; closing");
+        return None;
+    }
+    let (rank, pid, channel) = match frame::decode::<RankRequest>(&frame.body) {
+        Ok(RankRequest::Hello {
+            protocol,
+            rank,
+            pid,
+            channel,
+            jobid,
+        }) => match check_hello(agent, protocol, rank, jobid) {
+            Ok(()) => (rank, pid, channel),
+            Err(why) => {
+                refuse(wire, peer_pid, &why).await;
+                return None;
+            }
+        },
+        Ok(other) => {
+            let why = format!(
+                "the first message must be Hello, not {}",
+                request_name(&other)
+            );
+            refuse(wire, peer_pid, &why).await;
+            return None;
+        }
+        Err(e) => {
+            log!("connection from pid {peer_pid}: malformed Hello: {e}; closing");
+            return None;
+        }
+    };
+    let id = &agent.id;
+    let welcome = AgentReply::Welcome {
+        layout: id.layout,
+        node: id.node,
+        nodes: id.nodes,
+        nranks: id.nranks,
+    };
+    let fd = (channel == Channel::Memory).then(|| agent.memory.as_fd());
+    let label = format!("rank {rank} pid {pid}");
+    if let Err(e) = wire.send(&welcome, fd).await {
+        log!("session {label}: cannot send Welcome: {e}; closing");
+        return None;
+    }
+    Some(Session {
+        agent: agent.clone(),
+        id: agent.new_session_id(),
+        channel,
+        label,
+        private_uffds: Vec::new(),
+        fault_tasks: Vec::new(),
+        aliases: Arc::new(Mutex::new(AliasTable::default())),
+        faults: Arc::new(FaultCounters::default()),
+        rank,
+    })
+}
+
+fn check_hello(agent: &Agent, protocol: u32, rank: u32, jobid: &str) -> Result<(), String> {
+    let id = &agent.id;
+    if protocol != PROTOCOL_VERSION {
+        return Err(format!(
+            "protocol version {protocol}, but this agent speaks version {PROTOCOL_VERSION}"
+        ));
+    }
+    if jobid != id.job_id {
+        return Err(format!(
+            "job {jobid:?}, but this agent serves job {}",
+            id.job_id
+        ));
+    }
+    if !id.local_ranks.contains(&rank) {
+        let mut list = String::new();
+        for r in &id.local_ranks {
+            let sep = if list.is_empty() { "" } else { "," };
+            let _ = write!(list, "{sep}{r}");
+        }
+        return Err(format!(
+            "rank {rank} does not run on node {} (its ranks are {list})",
+            id.node
+        ));
+    }
+    Ok(())
+}
+
+async fn refuse(wire: &mut Wire, peer_pid: i32, why: &str) {
+    log!("connection from pid {peer_pid} refused: {why}");
+    let reply = AgentReply::Error {
+        code: ErrorCode::Refused,
+        message: why,
+    };
+    // The connection closes right after; a failed send changes nothing.
+    let _ = wire.send(&reply, None).await;
+}
+
+fn request_name(req: &RankRequest<'_>) -> &'static str {
+    match req {
+        RankRequest::Hello { .. } => "Hello",
+        RankRequest::RegisterUffd { .. } => "RegisterUffd",
+        RankRequest::AllocHeaps { .. } => "AllocHeaps",
+        RankRequest::FreeHeaps { .. } => "FreeHeaps",
+        RankRequest::SegmentOpen { .. } => "SegmentOpen",
+        RankRequest::SegmentResize { .. } => "SegmentResize",
+        RankRequest::SegmentUnlink { .. } => "SegmentUnlink",
+        RankRequest::AliasMapped { .. } => "AliasMapped",
+        RankRequest::Barrier => "Barrier",
+        RankRequest::Lock { .. } => "Lock",
+        RankRequest::Unlock { .. } => "Unlock",
+    }
+}
+
+/// The channel a request belongs on (None: Hello, which belongs on neither
+/// once the connection is established).
+fn channel_of(req: &RankRequest<'_>) -> Option<Channel> {
+    match req {
+        RankRequest::Hello { .. } => None,
+        RankRequest::Barrier | RankRequest::Lock { .. } | RankRequest::Unlock { .. } => {
+            Some(Channel::Sync)
+        }
+        _ => Some(Channel::Memory),
+    }
+}
+
+struct Session {
+    agent: Arc<Agent>,
+    id: SessionId,
+    rank: u32,
+    channel: Channel,
+    /// `rank R pid P`, as the log names the session.
+    label: String,
+    /// Private-zone userfaultfds, kept for dirty tracking (async
+    /// write-protect: the kernel resolves their faults itself).
+    private_uffds: Vec<OwnedFd>,
+    fault_tasks: Vec<JoinHandle<()>>,
+    aliases: Arc<Mutex<AliasTable>>,
+    faults: Arc<FaultCounters>,
+}
+
+impl Session {
+    /// Serves requests until the peer closes (`Ok`) or breaks the protocol.
+    async fn run(&mut self, wire: &mut Wire) -> Result<(), SessionError> {
+        loop {
+            let Some(frame) = wire.recv().await? else {
+                return Ok(());
+            };
+            let req: RankRequest = frame::decode(&frame.body).map_err(SessionError::Malformed)?;
+            let name = request_name(&req);
+            match channel_of(&req) {
+                None => return Err(SessionError::SecondHello),
+                Some(c) if c != self.channel => {
+                    return Err(SessionError::WrongChannel(name, self.channel))
+                }
+                Some(_) => {}
+            }
+            let mut fds = frame.fds;
+            let reply = match req {
+                RankRequest::RegisterUffd { zone } => {
+                    if fds.len() != 1 {
+                        return Err(SessionError::UffdFds(fds.len()));
+                    }
+                    let fd = fds.remove(0);
+                    self.register_uffd(zone, fd)
+                }
+                _ if !fds.is_empty() => {
+                    return Err(SessionError::UnexpectedFds {
+                        request: name,
+                        count: fds.len(),
+                    })
+                }
+                RankRequest::Barrier => {
+                    let rx = lock(&self.agent.sync).barrier_arrive(self.id, self.rank);
+                    match wait(wire, rx).await? {
+                        Waited::Done(Some(date)) => Reply::BarrierDone { date },
+                        Waited::Done(None) => Reply::error(ErrorCode::Invalid, "barrier abandoned"),
+                        Waited::PeerGone => return Ok(()),
+                    }
+                }
+                RankRequest::Lock { id } => {
+                    let grant = lock(&self.agent.sync).lock(self.id, id);
+                    match grant {
+                        Ok(LockGrant::Granted) => Reply::Ok,
+                        Ok(LockGrant::Queued(rx)) => match wait(wire, rx).await? {
+                            Waited::Done(Some(())) => Reply::Ok,
+                            Waited::Done(None) => {
+                                Reply::error(ErrorCode::Invalid, format!("lock {id} abandoned"))
+                            }
+                            Waited::PeerGone => return Ok(()),
+                        },
+                        Err(e) => Reply::error(e.code(), e),
+                    }
+                }
+                RankRequest::Unlock { id } => match lock(&self.agent.sync).unlock(self.id, id) {
+                    Ok(()) => Reply::Ok,
+                    Err(e) => Reply::error(e.code(), e),
+                },
+                req => self.memory_request(req),
+            };
+            wire.send(&reply.wire(), None).await?;
+        }
+    }
+
+    /// Requests of the memory channel, all answered at once.
+    fn memory_request(&mut self, req: RankRequest<'_>) -> Reply {
+        let agent = &*self.agent;
+        let layout = agent.id.layout;
+        match req {
+            RankRequest::AllocHeaps { count } => match lock(&agent.heaps).alloc(self.id, count) {
+                Ok(first) => Reply::Heaps { first, count },
+                Err(e) => Reply::error(e.code(), e),
+            },
+            RankRequest::FreeHeaps { first, count } => {
+                let mut heaps = lock(&agent.heaps);
+                if let Err(e) = heaps.check_owned(self.id, first, count) {
+                    return Reply::error(e.code(), e);
+                }
+                // Pages go before the heaps are marked free, so the next
+                // owner of these heaps finds them zeroed.
+                let offset = layout.file_offset(layout.heap_addr(first));
+                match agent.memory.punch(offset, count as u64 * HEAP_SIZE) {
+                    Ok(()) => {
+                        heaps.release(first, count);
+                        Reply::Ok
+                    }
+                    Err(e) => {
+                        log!(
+                            "session {}: {e}; heaps {first}+{count} stay allocated",
+                            self.label
+                        );
+                        Reply::error(ErrorCode::Invalid, e)
+                    }
+                }
+            }
+            RankRequest::SegmentOpen {
+                name,
+                size,
+                create,
+                exclusive,
+            } => match lock(&agent.segments).open(name, size, create, exclusive) {
+                Ok(seg) => {
+                    if seg.created {
+                        log!(
+                            "session {}: segment {name:?} created in slot {} ({} bytes)",
+                            self.label,
+                            seg.slot,
+                            seg.size
+                        );
+                    }
+                    Reply::Segment {
+                        id: seg.slot,
+                        addr: layout.segment_addr(seg.slot),
+                        size: seg.size,
+                    }
+                }
+                Err(e) => Reply::error(e.code(), e),
+            },
+            RankRequest::SegmentResize { id, size } => {
+                let mut segments = lock(&agent.segments);
+                match segments.resize(id, size) {
+                    Ok((seg, shrunk)) => {
+                        if let Some(s) = shrunk {
+                            let offset = layout.file_offset(layout.segment_addr(seg.slot)) + s.from;
+                            if let Err(e) = agent.memory.punch(offset, s.to - s.from) {
+                                log!("session {}: shrinking segment {id}: {e}", self.label);
+                            }
+                        }
+                        Reply::Segment {
+                            id: seg.slot,
+                            addr: layout.segment_addr(seg.slot),
+                            size: seg.size,
+                        }
+                    }
+                    Err(e) => Reply::error(e.code(), e),
+                }
+            }
+            RankRequest::SegmentUnlink { name } => match lock(&agent.segments).unlink(name) {
+                Ok(slot) => {
+                    log!(
+                        "session {}: segment {name:?} unlinked (slot {slot} stays in use)",
+                        self.label
+                    );
+                    Reply::Ok
+                }
+                Err(e) => Reply::error(e.code(), e),
+            },
+            RankRequest::AliasMapped {
+                addr,
+                len,
+                window_addr,
+            } => {
+                let aligned = (addr | len | window_addr) % PAGE_SIZE == 0;
+                if len == 0
+                    || !aligned
+                    || addr.checked_add(len).is_none()
+                    || !layout.contains_range(window_addr, len)
+                {
+                    return Reply::error(
+                        ErrorCode::Invalid,
+                        format!(
+                            "alias {addr:#x}+{len:#x} of {window_addr:#x} is empty, unaligned or not inside the window"
+                        ),
+                    );
+                }
+                lock(&self.aliases).insert(Alias {
+                    addr,
+                    len,
+                    window_addr,
+                });
+                Reply::Ok
+            }
+            // The caller routes the other requests elsewhere.
+            other => Reply::error(
+                ErrorCode::Invalid,
+                format!("{} is not a memory request", request_name(&other)),
+            ),
+        }
+    }
+
+    fn register_uffd(&mut self, zone: Zone, fd: OwnedFd) -> Reply {
+        match zone {
+            Zone::Private => {
+                match faults::check_userfaultfd(std::os::fd::AsRawFd::as_raw_fd(&fd)) {
+                    Ok(()) => {
+                        self.private_uffds.push(fd);
+                        Reply::Ok
+                    }
+                    Err(e) => Reply::error(ErrorCode::Invalid, e),
+                }
+            }
+            Zone::Shared => {
+                let ctx = FaultContext {
+                    label: self.label.clone(),
+                    layout: self.agent.id.layout,
+                    aliases: self.aliases.clone(),
+                    session: self.faults.clone(),
+                    total: self.agent.faults.clone(),
+                };
+                match faults::spawn(fd, ctx) {
+                    Ok(task) => {
+                        self.fault_tasks.push(task);
+                        Reply::Ok
+                    }
+                    Err(e) => {
+                        log!(
+                            "session {}: shared-zone userfaultfd refused: {e}",
+                            self.label
+                        );
+                        Reply::error(ErrorCode::Invalid, e)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Releases what the session held: fault tasks, heaps (their pages
+    /// dropped), locks, its place in a barrier.
+    fn end(self, ending: &str) {
+        for task in &self.fault_tasks {
+            task.abort();
+        }
+        let agent = &*self.agent;
+        let layout = agent.id.layout;
+        let mut freed = 0u64;
+        {
+            let mut heaps = lock(&agent.heaps);
+            for run in heaps.runs_of(self.id) {
+                let offset = layout.file_offset(layout.heap_addr(run.start));
+                let count = run.end - run.start;
+                match agent.memory.punch(offset, count as u64 * HEAP_SIZE) {
+                    Ok(()) => {
+                        heaps.release(run.start, count);
+                        freed += count as u64;
+                    }
+                    // A heap whose old data could not be dropped is never
+                    // handed out again: allocators expect fresh heaps zeroed.
+                    Err(e) => log!(
+                        "session {}: {e}; heaps {}+{count} are lost",
+                        self.label,
+                        run.start
+                    ),
+                }
+            }
+        }
+        lock(&agent.sync).session_ended(self.id);
+        let served = self.faults.served.load(Ordering::Relaxed);
+        let via_alias = self.faults.via_alias.load(Ordering::Relaxed);
+        log!(
+            "session {} ({:?} channel) ended{ending}: {served} faults served ({via_alias} through aliases), {freed} heaps freed",
+            self.label,
+            self.channel
+        );
+    }
+}
+
+/// Waits for a grant from another session, watching for the peer leaving.
+async fn wait<T>(
+    wire: &mut Wire,
+    rx: oneshot::Receiver<T>,
+) -> Result<Waited<Option<T>>, SessionError> {
+    tokio::select! {
+        biased;
+        got = rx => Ok(Waited::Done(got.ok())),
+        closed = wire.closed() => {
+            closed?;
+            Ok(Waited::PeerGone)
+        }
+    }
+}

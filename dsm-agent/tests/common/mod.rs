@@ -1,0 +1,377 @@
+//! Test harness: starts a real `mome-agent` on a temporary job directory and
+//! talks to it as a rank would, over its unix socket.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use mome_protocol::config::ByteSize;
+use mome_protocol::frame::{self, HEADER};
+use mome_protocol::job::{JobDir, JobSpec};
+use mome_protocol::rank::{AgentReply, Channel, ErrorCode, RankRequest};
+use mome_protocol::{Config, WindowLayout, PROTOCOL_VERSION};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+
+pub const JOB_ID: &str = "20260101-000000-test";
+
+/// Test window: 1 GiB (64 heaps of private zone), 64 MiB segments (8 slots).
+pub fn test_config() -> Config {
+    let mut c = Config::default();
+    c.window.size = ByteSize(1 << 30);
+    c.window.segment_reserve = ByteSize(64 << 20);
+    c
+}
+
+pub struct Agent {
+    pub home: tempfile::TempDir,
+    pub job: JobDir,
+    pub child: Child,
+    pub stdin: Option<ChildStdin>,
+    pub log_path: PathBuf,
+    pub layout: WindowLayout,
+}
+
+impl Agent {
+    /// Starts an agent for a job of `nranks` ranks, serving `local` (e.g. "0,1,2").
+    pub fn start(nranks: u32, local: &str) -> Agent {
+        Self::start_in(tempfile::tempdir().unwrap(), nranks, local)
+    }
+
+    pub fn start_in(home: tempfile::TempDir, nranks: u32, local: &str) -> Agent {
+        let job = write_job(home.path(), nranks);
+        let log_path = home.path().join("agent.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mome-agent"))
+            .arg("--job-dir")
+            .arg(&job.path)
+            .args(["--node", "0", "--nodes", "1", "--ranks", local])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let stdin = child.stdin.take();
+        let agent = Agent {
+            home,
+            job,
+            child,
+            stdin,
+            log_path,
+            layout: test_config().layout(),
+        };
+        assert_eq!(
+            line,
+            "ready\n",
+            "agent did not start; log:\n{}",
+            agent.log()
+        );
+        agent
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.job.agent_socket(0)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits (bounded) for the log to contain `needle`.
+    pub fn wait_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let log = self.log();
+            if log.contains(needle) || Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits (bounded) for the agent to exit.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops the agent by closing its stdin; returns its log.
+    pub fn stop(&mut self) -> String {
+        self.stdin.take();
+        let status = self.wait_exit();
+        assert!(status.success(), "{status}; log:\n{}", self.log());
+        self.log()
+    }
+
+    pub fn connect(&self, rank: u32, channel: Channel) -> Rank {
+        Rank::connect(self, rank, channel, JOB_ID)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn write_job(home: &std::path::Path, nranks: u32) -> JobDir {
+    let job = JobDir::new(home, JOB_ID);
+    std::fs::create_dir_all(&job.path).unwrap();
+    let spec = JobSpec {
+        id: JOB_ID.into(),
+        command: "/bin/true".into(),
+        argv: vec!["true".into()],
+        env: BTreeMap::new(),
+        cwd: "/".into(),
+        ranks: nranks,
+        nodes: 1,
+        started: mome_protocol::job::now_rfc3339(),
+        config: test_config(),
+    };
+    job.write_spec(&spec).unwrap();
+    job
+}
+
+/// A reply, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Got {
+    Welcome {
+        layout: WindowLayout,
+        node: u32,
+        nodes: u32,
+        nranks: u32,
+    },
+    Ok,
+    Heaps {
+        first: u32,
+        count: u32,
+    },
+    Segment {
+        id: u32,
+        addr: u64,
+        size: u64,
+    },
+    BarrierDone {
+        date: u64,
+    },
+    Error(ErrorCode, String),
+    /// The agent closed the connection.
+    Closed,
+    /// Nothing within the read timeout.
+    Nothing,
+}
+
+impl Got {
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Got::Error(c, _) => Some(*c),
+            _ => None,
+        }
+    }
+}
+
+fn own(reply: AgentReply<'_>) -> Got {
+    match reply {
+        AgentReply::Welcome {
+            layout,
+            node,
+            nodes,
+            nranks,
+        } => Got::Welcome {
+            layout,
+            node,
+            nodes,
+            nranks,
+        },
+        AgentReply::Ok => Got::Ok,
+        AgentReply::Heaps { first, count } => Got::Heaps { first, count },
+        AgentReply::Segment { id, addr, size } => Got::Segment { id, addr, size },
+        AgentReply::BarrierDone { date } => Got::BarrierDone { date },
+        AgentReply::Error { code, message } => Got::Error(code, message.to_string()),
+    }
+}
+
+/// One connection, as the preload library opens it.
+pub struct Rank {
+    pub sock: UnixStream,
+    buf: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    /// The node memfd, on the memory channel.
+    pub memfd: Option<OwnedFd>,
+    pub welcome: Got,
+}
+
+impl Rank {
+    /// Connects and says Hello; panics unless welcomed.
+    pub fn connect(agent: &Agent, rank: u32, channel: Channel, jobid: &str) -> Rank {
+        let mut r = Rank::raw(agent);
+        let got = r.hello(rank, channel, jobid, PROTOCOL_VERSION);
+        assert!(
+            matches!(got, Got::Welcome { .. }),
+            "{got:?}; log:\n{}",
+            agent.log()
+        );
+        r.welcome = got;
+        r.memfd = r.fds.pop();
+        assert_eq!(r.memfd.is_some(), channel == Channel::Memory);
+        r
+    }
+
+    /// A connection without Hello.
+    pub fn raw(agent: &Agent) -> Rank {
+        let sock = UnixStream::connect(agent.socket()).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        Rank {
+            sock,
+            buf: Vec::new(),
+            fds: Vec::new(),
+            memfd: None,
+            welcome: Got::Nothing,
+        }
+    }
+
+    pub fn hello(&mut self, rank: u32, channel: Channel, jobid: &str, protocol: u32) -> Got {
+        self.call(&RankRequest::Hello {
+            protocol,
+            rank,
+            pid: std::process::id() as i32,
+            channel,
+            jobid,
+        })
+    }
+
+    pub fn send(&mut self, req: &RankRequest<'_>) {
+        let mut buf = [0u8; 4096];
+        let n = frame::encode(req, &mut buf).unwrap();
+        self.sock.write_all(&buf[..n]).unwrap();
+    }
+
+    pub fn send_with_fd(&mut self, req: &RankRequest<'_>, fd: RawFd) {
+        let mut buf = [0u8; 4096];
+        let n = frame::encode(req, &mut buf).unwrap();
+        let fds = [fd];
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        let sent = sendmsg::<()>(
+            self.sock.as_raw_fd(),
+            &[IoSlice::new(&buf[..n])],
+            &cmsg,
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(sent, n);
+    }
+
+    pub fn call(&mut self, req: &RankRequest<'_>) -> Got {
+        self.send(req);
+        self.recv()
+    }
+
+    /// Next reply, `Closed` at end of stream, `Nothing` on read timeout.
+    pub fn recv(&mut self) -> Got {
+        loop {
+            if self.buf.len() >= HEADER {
+                let len = frame::body_len(self.buf[..HEADER].try_into().unwrap()).unwrap();
+                if self.buf.len() >= HEADER + len {
+                    let body: Vec<u8> = self.buf.drain(..HEADER + len).skip(HEADER).collect();
+                    return own(frame::decode::<AgentReply>(&body).unwrap());
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+            let mut iov = [IoSliceMut::new(&mut chunk)];
+            let got = recvmsg::<()>(
+                self.sock.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            );
+            let msg = match got {
+                Ok(m) => m,
+                Err(nix::errno::Errno::EAGAIN) => return Got::Nothing,
+                Err(nix::errno::Errno::ECONNRESET) => return Got::Closed,
+                Err(e) => panic!("recvmsg: {e}"),
+            };
+            let n = msg.bytes;
+            for c in msg.cmsgs().unwrap() {
+                if let ControlMessageOwned::ScmRights(fds) = c {
+                    // SAFETY: received descriptors, owned by nobody else.
+                    self.fds.extend(
+                        fds.into_iter()
+                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                    );
+                }
+            }
+            if n == 0 {
+                return Got::Closed;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Waits up to `ms` for a reply.
+    pub fn recv_within(&mut self, ms: u64) -> Got {
+        self.sock
+            .set_read_timeout(Some(Duration::from_millis(ms)))
+            .unwrap();
+        let got = self.recv();
+        self.sock
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        got
+    }
+
+    /// Reads until the agent closes the connection; panics on a reply.
+    pub fn expect_closed(&mut self) {
+        let mut rest = Vec::new();
+        match self.sock.read_to_end(&mut rest) {
+            Ok(_) => assert!(rest.is_empty(), "unexpected bytes {rest:?}"),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        }
+    }
+}
+
+/// pread of `len` bytes of the memfd at `offset`.
+pub fn pread(fd: &OwnedFd, offset: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    let n = nix::sys::uio::pread(fd, &mut v, offset as i64).unwrap();
+    assert_eq!(n, len);
+    v
+}
+
+pub fn pwrite(fd: &OwnedFd, offset: u64, data: &[u8]) {
+    let n = nix::sys::uio::pwrite(fd, data, offset as i64).unwrap();
+    assert_eq!(n, data.len());
+}
+
+/// Polls `f` until it returns true, for at most 1 s.
+pub fn eventually(mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}

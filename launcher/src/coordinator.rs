@@ -1,0 +1,1354 @@
+//! The life of a job as mome-run leads it: preflight, job directory, agent,
+//! ranks, then one event loop until every process of the job is gone.
+//!
+//! ```text
+//!  AgentStarting --ready--> Running --all ranks exited--------------> Draining --> Done
+//!       |                      |                                       ^
+//!       |                      +--rank failed / agent died / signal--> Ending (TERM, grace, KILL)
+//!       +--timeout / agent exit / signal------------------------------------------> Done
+//! ```
+//!
+//! Everything runs on the main thread, in one poll() loop: children are
+//! forked from it (PR_SET_PDEATHSIG is per thread), and signals, children's
+//! exits, the ranks' output, the forwarded terminal input and the control
+//! socket are all events of that loop. Every wait has a deadline and says
+//! what it waited for. mome-run is the child subreaper of the job, so that
+//! whatever the ranks fork is reparented to it and killed at the end:
+//! nothing of a job outlives it.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::ChildStdin;
+use std::time::{Duration, Instant};
+
+use mome_protocol::config::PrefixMode;
+use mome_protocol::job::{
+    mome_home, now_rfc3339, signal_name, AgentStatus, ControlReply, ControlRequest, JobDir, JobError, JobSpec, JobState,
+    JobStatus, ProcessState, RankStatus,
+};
+use mome_protocol::Config;
+use nix::poll::{PollFd, PollFlags};
+
+use crate::control::{ControlError, ControlFd, ControlServer};
+use crate::jobdir::{self, CoordinatorLog, JobDirError};
+use crate::os;
+use crate::output::{Dest, LineTagger, Sink};
+use crate::preflight::{self, Checked, PreflightError};
+use crate::signals::{SignalError, SignalPipes, ENDING};
+use crate::spawn::{self, Install, RankLaunch, RankStdin, SpawnError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("multi-node jobs (--nodes > 1) are not available yet")]
+    MultiNode,
+    #[error("cannot determine the current directory: {0}")]
+    Cwd(std::io::Error),
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    #[error(transparent)]
+    JobDir(#[from] JobDirError),
+    #[error(transparent)]
+    Job(#[from] JobError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Signals(#[from] SignalError),
+    #[error("cannot become the reaper of the job's orphaned processes: {0}")]
+    Subreaper(nix::Error),
+    #[error("cannot raise the open-files limit to {needed}: {source}")]
+    OpenFiles { needed: u64, source: std::io::Error },
+}
+
+impl RunError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::MultiNode => 2,
+            RunError::Preflight(e) => e.exit_code(),
+            RunError::Spawn(e) => e.exit_code(),
+            _ => 1,
+        }
+    }
+}
+
+/// What the command line asked for.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub ranks: u32,
+    pub nodes: u32,
+    pub config: Config,
+    pub no_prefix: bool,
+    pub jobid_file: Option<PathBuf>,
+    /// PROGRAM as typed.
+    pub program: OsString,
+    pub args: Vec<OsString>,
+}
+
+/// How long a rank may take to die after SIGKILL before mome-run stops
+/// waiting for it (a process stuck in the kernel, state D).
+const SIGKILL_WAIT: Duration = Duration::from_secs(5);
+/// How long the ranks' output pipes may stay open after every rank exited
+/// (held by a process that left the job's process group).
+const DRAIN_WAIT: Duration = Duration::from_secs(1);
+/// How long the agent gets to exit on its own once its stdin is closed.
+const AGENT_EOF_WAIT: Duration = Duration::from_millis(200);
+/// How long the agent gets to exit after SIGTERM (and again after SIGKILL).
+const AGENT_STOP_WAIT: Duration = Duration::from_secs(2);
+/// How long the job's leftover processes get to die after SIGKILL.
+const LEFTOVER_WAIT: Duration = Duration::from_secs(2);
+/// How long mome-run waits for its stdout/stderr to take the last output,
+/// without any progress, before it gives up on them.
+const FLUSH_STALL: Duration = Duration::from_secs(10);
+/// How often to look again whether mome-run came to the terminal's
+/// foreground (then it can read the terminal for rank 0).
+const FOREGROUND_RECHECK: Duration = Duration::from_millis(250);
+/// How often, while draining, to look for processes the ranks left behind.
+const LEFTOVER_SWEEP: Duration = Duration::from_millis(50);
+/// Upper bound of one poll(): a safety net, every event has its own fd.
+const MAX_POLL: Duration = Duration::from_secs(1);
+/// Bytes read from one pipe per wakeup, so one chatty rank cannot starve
+/// the others.
+const READ_CHUNK: usize = 64 << 10;
+const READS_PER_WAKEUP: usize = 16;
+
+/// Runs the job and returns mome-run's exit status.
+pub fn run(opts: RunOptions) -> i32 {
+    let prepared = match prepare(&opts) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("mome-run: {e}");
+            return e.exit_code();
+        }
+    };
+    let mut coordinator = match Coordinator::create(opts, prepared) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mome-run: {e}");
+            return e.exit_code();
+        }
+    };
+    coordinator.boot();
+    coordinator.event_loop();
+    coordinator.finish()
+}
+
+/// What is checked and set up before the job directory exists: a failure
+/// here leaves nothing behind.
+struct Prepared {
+    cwd: PathBuf,
+    checked: Checked,
+    install: Install,
+    nofile_soft: u64,
+    signals: SignalPipes,
+    home: PathBuf,
+}
+
+fn prepare(opts: &RunOptions) -> Result<Prepared, RunError> {
+    if opts.nodes > 1 {
+        return Err(RunError::MultiNode);
+    }
+    let cwd = std::env::current_dir().map_err(RunError::Cwd)?;
+    let checked = preflight::check_all(&opts.program, &opts.config, opts.ranks, &cwd)?;
+    let install = Install::locate()?;
+    let home = mome_home()?;
+    let needed = preflight::fds_needed(opts.ranks);
+    let (nofile_soft, _) =
+        os::raise_nofile_limit(needed).map_err(|source| RunError::OpenFiles { needed, source })?;
+    nix::sys::prctl::set_child_subreaper(true).map_err(RunError::Subreaper)?;
+    let signals = SignalPipes::install(
+        &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGTSTP, libc::SIGCHLD],
+        &[libc::SIGCHLD],
+    )?;
+    Ok(Prepared {
+        cwd,
+        checked,
+        install,
+        nofile_soft,
+        signals,
+        home,
+    })
+}
+
+/// Why the job ended, when it did not end with every rank exiting 0. The
+/// first cause wins: it gives the exit status.
+#[derive(Debug, Clone)]
+enum EndCause {
+    RankFailed { rank: u32, pid: i32, state: ProcessState },
+    Interrupted { signal: i32 },
+    AgentDied { node: u32, pid: i32, state: ProcessState },
+    AgentNotReady { node: u32, detail: String },
+    Setup { code: i32, message: String },
+}
+
+impl EndCause {
+    fn exit_code(&self) -> i32 {
+        match self {
+            EndCause::RankFailed { state, .. } => match state {
+                ProcessState::Exited(code) => *code,
+                ProcessState::Killed(signal) => 128 + signal,
+                _ => 1,
+            },
+            EndCause::Interrupted { signal } => 128 + signal,
+            EndCause::AgentDied { .. } | EndCause::AgentNotReady { .. } => 1,
+            EndCause::Setup { code, .. } => *code,
+        }
+    }
+
+    fn reason(&self) -> String {
+        match self {
+            EndCause::RankFailed { rank, pid, state } => format!("rank {rank} (pid {pid}) {}", describe_end(*state)),
+            EndCause::Interrupted { signal } => format!("interrupted by {}", signal_name(*signal)),
+            EndCause::AgentDied { node, pid, state } => format!(
+                "the agent of node {node} (pid {pid}) exited unexpectedly ({})",
+                describe_end(*state).trim_start_matches("was ")
+            ),
+            EndCause::AgentNotReady { node, detail } => format!("the agent of node {node} did not become ready {detail}"),
+            EndCause::Setup { message, .. } => message.clone(),
+        }
+    }
+}
+
+/// "exited with status 3", "was killed by SIGSEGV".
+fn describe_end(state: ProcessState) -> String {
+    match state {
+        ProcessState::Exited(code) => format!("exited with status {code}"),
+        ProcessState::Killed(signal) => format!("was killed by {}", signal_name(signal)),
+        other => other.to_string(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The agent was started; waiting for its `ready` line.
+    AgentStarting { deadline: Instant },
+    Running,
+    /// The ranks were told to end (SIGTERM or the user's signal); SIGKILL
+    /// at `sigkill_at`, then wait up to SIGKILL_WAIT.
+    Ending { sigkill_at: Instant, sigkill_sent: Option<Instant> },
+    /// Every rank is gone; reading what is left in their pipes.
+    Draining { until: Instant, last_sweep: Instant },
+    Done,
+}
+
+#[derive(Debug)]
+struct AgentProc {
+    node: u32,
+    pid: Option<i32>,
+    /// mome-run's end of the agent's stdin: the agent exits at EOF.
+    stdin: Option<ChildStdin>,
+    stdout: Option<OwnedFd>,
+    line: Vec<u8>,
+    ready: bool,
+    exited: Option<ProcessState>,
+}
+
+#[derive(Debug)]
+struct RankStream {
+    fd: OwnedFd,
+    dest: Dest,
+    tagger: LineTagger,
+}
+
+#[derive(Debug)]
+struct RankProc {
+    rank: u32,
+    pid: Option<i32>,
+    exited: Option<ProcessState>,
+    /// stdout, stderr; None once at end of file.
+    streams: [Option<RankStream>; 2],
+}
+
+impl RankProc {
+    fn alive(&self) -> bool {
+        self.pid.is_some() && self.exited.is_none()
+    }
+}
+
+/// Terminal input forwarded to rank 0 through a pipe.
+#[derive(Debug)]
+struct StdinForward {
+    to_rank0: OwnedFd,
+    buffer: Vec<u8>,
+    stdin_done: bool,
+}
+
+const STDIN_BUFFER: usize = 64 << 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    Signal(i32),
+    Control(ControlFd),
+    AgentStdout,
+    RankOut { index: usize, stream: usize },
+    Stdin,
+    Rank0Stdin,
+    Sink(Dest),
+}
+
+struct Coordinator {
+    job: JobDir,
+    config: Config,
+    log: CoordinatorLog,
+    status: JobStatus,
+    status_dirty: bool,
+    signals: SignalPipes,
+    control: Option<ControlServer>,
+    install: Install,
+    launch: RankLaunch,
+    nranks: u32,
+    tagged: bool,
+    rank0_stdin: RankStdin,
+    agent: AgentProc,
+    ranks: Vec<RankProc>,
+    pgid: Option<i32>,
+    forward: Option<StdinForward>,
+    stdout: Sink,
+    stderr: Sink,
+    phase: Phase,
+    cause: Option<EndCause>,
+    /// Ending signals received (SIGINT, SIGTERM, SIGHUP).
+    interrupts: usize,
+}
+
+impl Coordinator {
+    /// Creates the job directory and its files; from here on, whatever
+    /// happens is recorded in status.json.
+    fn create(opts: RunOptions, prepared: Prepared) -> Result<Coordinator, RunError> {
+        let Prepared {
+            cwd,
+            checked,
+            install,
+            nofile_soft,
+            signals,
+            home,
+        } = prepared;
+        let job = jobdir::create_job_dir(&home)?;
+        let mut argv: Vec<OsString> = vec![opts.program.clone()];
+        argv.extend(opts.args.iter().cloned());
+        let env: BTreeMap<String, String> = std::env::vars_os()
+            .map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()))
+            .collect();
+        let spec = JobSpec {
+            id: job.id.clone(),
+            command: checked.program.clone(),
+            argv: argv.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
+            env,
+            cwd: cwd.clone(),
+            ranks: opts.ranks,
+            nodes: opts.nodes,
+            started: now_rfc3339(),
+            config: opts.config.clone(),
+        };
+        job.write_spec(&spec)?;
+        eprintln!("mome: job {}", job.id);
+        if let Some(path) = &opts.jobid_file {
+            jobdir::write_jobid_file(path, &job.id)?;
+        }
+        let mut log = CoordinatorLog::open(&job)?;
+        log.line(format_args!(
+            "job {} by mome-run pid {}: {} rank(s) of {} ({} interpreter(s): {:?}) in {}",
+            job.id,
+            std::process::id(),
+            opts.ranks,
+            checked.program.display(),
+            checked.interpreters.len(),
+            checked.interpreters,
+            cwd.display()
+        ));
+        log.line(format_args!(
+            "kernel {}: userfaultfd features {:#x}{}; agent {}, preload {}",
+            checked.kernel.release,
+            checked.kernel.features,
+            if checked.kernel.via_device { " (via /dev/userfaultfd)" } else { "" },
+            install.agent.display(),
+            install.preload.display()
+        ));
+
+        let status = JobStatus {
+            id: job.id.clone(),
+            state: JobState::Starting,
+            coordinator_pid: std::process::id() as i32,
+            ranks: (0..opts.ranks)
+                .map(|rank| RankStatus {
+                    rank,
+                    node: 0,
+                    pid: None,
+                    state: ProcessState::Starting,
+                })
+                .collect(),
+            agents: vec![AgentStatus {
+                node: 0,
+                pid: None,
+                state: ProcessState::Starting,
+            }],
+            exit_code: None,
+            reason: None,
+            ended: None,
+        };
+        job.write_status(&status)?;
+
+        let tagged = !opts.no_prefix
+            && match opts.config.output.prefix {
+                PrefixMode::Auto => opts.ranks > 1,
+                PrefixMode::Always => true,
+                PrefixMode::Never => false,
+            };
+        let launch = RankLaunch {
+            program: checked.program.clone(),
+            argv,
+            cwd,
+            preload: install.preload.clone(),
+            jobid: job.id.clone(),
+            nranks: opts.ranks,
+            node: 0,
+            agent_socket: job.agent_socket(0),
+            agent_timeout_ms: opts.config.job.agent_timeout.0.as_millis(),
+            nofile_soft,
+        };
+        let rank0_stdin = if os::is_terminal(std::io::stdin()) {
+            RankStdin::Pipe
+        } else {
+            RankStdin::Inherit
+        };
+        Ok(Coordinator {
+            ranks: (0..opts.ranks)
+                .map(|rank| RankProc {
+                    rank,
+                    pid: None,
+                    exited: None,
+                    streams: [None, None],
+                })
+                .collect(),
+            job,
+            config: opts.config,
+            log,
+            status,
+            status_dirty: false,
+            signals,
+            control: None,
+            install,
+            launch,
+            nranks: opts.ranks,
+            tagged,
+            rank0_stdin,
+            agent: AgentProc {
+                node: 0,
+                pid: None,
+                stdin: None,
+                stdout: None,
+                line: Vec::new(),
+                ready: false,
+                exited: None,
+            },
+            pgid: None,
+            forward: None,
+            stdout: Sink::stdout(),
+            stderr: Sink::stderr(),
+            phase: Phase::Done,
+            cause: None,
+            interrupts: 0,
+        })
+    }
+
+    /// Opens the control socket and starts the agent.
+    fn boot(&mut self) {
+        match ControlServer::bind(&self.job.control_socket()) {
+            Ok(server) => self.control = Some(server),
+            Err(e) => return self.fail_setup(1, e.to_string()),
+        }
+        let ranks: Vec<u32> = (0..self.nranks).collect();
+        match spawn::spawn_agent(&self.install, &self.job, self.agent.node, 1, &ranks) {
+            Ok(child) => {
+                if let Err(e) = os::set_nonblocking(child.stdout.as_fd()) {
+                    self.log.line(format_args!("cannot make the agent's stdout non-blocking: {e}"));
+                }
+                self.agent.pid = Some(child.pid);
+                self.agent.stdin = child.stdin;
+                self.agent.stdout = Some(child.stdout);
+                self.status.agents[0].pid = Some(child.pid);
+                self.status_dirty = true;
+                let timeout = self.config.job.agent_ready_timeout.0;
+                self.log.line(format_args!(
+                    "agent of node {} started, pid {}; waiting up to {} for `ready`",
+                    self.agent.node,
+                    child.pid,
+                    humantime::format_duration(timeout)
+                ));
+                self.phase = Phase::AgentStarting {
+                    deadline: Instant::now() + timeout,
+                };
+            }
+            Err(e) => {
+                let code = e.exit_code();
+                self.fail_setup(code, e.to_string());
+            }
+        }
+        self.flush_status();
+    }
+
+    fn fail_setup(&mut self, code: i32, message: String) {
+        self.say(format!("mome-run: {message}"));
+        self.cause.get_or_insert(EndCause::Setup { code, message });
+        self.phase = Phase::Done;
+    }
+
+    /// Prints a line of mome-run's own on stderr (after what the ranks
+    /// wrote before it) and logs it.
+    fn say(&mut self, message: String) {
+        self.log.line(&message);
+        self.stderr.push(format!("{message}\n").as_bytes());
+    }
+
+    // ---- the event loop ----
+
+    fn event_loop(&mut self) {
+        while self.phase != Phase::Done {
+            let timeout = self.next_timeout();
+            let events = match self.poll_once(timeout) {
+                Ok(events) => events,
+                Err(e) => {
+                    // poll fails only on a bad fd or no memory: nothing
+                    // sensible can follow; end the job cleanly.
+                    self.say(format!("mome-run: internal error waiting for events: {e}; ending the job"));
+                    self.cause.get_or_insert(EndCause::Setup {
+                        code: 1,
+                        message: format!("internal error: poll failed: {e}"),
+                    });
+                    self.kill_now();
+                    self.wait_ranks_blocking();
+                    self.phase = Phase::Done;
+                    break;
+                }
+            };
+            for (token, _revents) in events {
+                self.dispatch(token);
+            }
+            if let Some(control) = self.control.as_mut() {
+                control.sweep();
+            }
+            self.reap_children();
+            self.check_deadlines();
+            self.advance();
+            self.flush_status();
+        }
+    }
+
+    fn next_timeout(&self) -> Option<Duration> {
+        let now = Instant::now();
+        let until = |t: Instant| t.saturating_duration_since(now);
+        let mut wait = MAX_POLL;
+        match self.phase {
+            Phase::AgentStarting { deadline } => wait = wait.min(until(deadline)),
+            Phase::Ending { sigkill_at, sigkill_sent } => {
+                wait = wait.min(match sigkill_sent {
+                    None => until(sigkill_at),
+                    Some(sent) => until(sent + SIGKILL_WAIT),
+                })
+            }
+            Phase::Draining { until: end, .. } => wait = wait.min(until(end)).min(LEFTOVER_SWEEP),
+            Phase::Running | Phase::Done => {}
+        }
+        if self.forward.as_ref().is_some_and(|f| !f.stdin_done) && !os::in_foreground_of(stdin_fd()) {
+            wait = wait.min(FOREGROUND_RECHECK);
+        }
+        Some(wait)
+    }
+
+    fn poll_once(&self, timeout: Option<Duration>) -> std::io::Result<Vec<(Token, PollFlags)>> {
+        // The fds are borrowed from `self` only until poll returns: events
+        // are handled after, with `self` mutable again.
+        let mut list: Vec<(BorrowedFd<'_>, PollFlags, Token)> = Vec::new();
+        for (signal, fd) in self.signals.fds() {
+            list.push((fd, PollFlags::POLLIN, Token::Signal(signal)));
+        }
+        if let Some(control) = &self.control {
+            for (which, fd, wants_write) in control.poll_list() {
+                let mut events = PollFlags::POLLIN;
+                if wants_write {
+                    events |= PollFlags::POLLOUT;
+                }
+                list.push((fd, events, Token::Control(which)));
+            }
+        }
+        if let Some(fd) = &self.agent.stdout {
+            list.push((fd.as_fd(), PollFlags::POLLIN, Token::AgentStdout));
+        }
+        for (index, rank) in self.ranks.iter().enumerate() {
+            for (stream, s) in rank.streams.iter().enumerate() {
+                if let Some(s) = s {
+                    // A destination that cannot keep up is not fed more:
+                    // the rank blocks on its pipe, as it would natively.
+                    if !self.sink(s.dest).backlogged() {
+                        list.push((s.fd.as_fd(), PollFlags::POLLIN, Token::RankOut { index, stream }));
+                    }
+                }
+            }
+        }
+        if let Some(f) = &self.forward {
+            if !f.stdin_done && f.buffer.len() < STDIN_BUFFER && os::in_foreground_of(stdin_fd()) {
+                list.push((stdin_fd(), PollFlags::POLLIN, Token::Stdin));
+            }
+            if !f.buffer.is_empty() {
+                list.push((f.to_rank0.as_fd(), PollFlags::POLLOUT, Token::Rank0Stdin));
+            }
+        }
+        for dest in [Dest::Stdout, Dest::Stderr] {
+            let sink = self.sink(dest);
+            if sink.pending() > 0 {
+                list.push((sink.fd(), PollFlags::POLLOUT, Token::Sink(dest)));
+            }
+        }
+        let (mut fds, tokens): (Vec<PollFd<'_>>, Vec<Token>) = list
+            .into_iter()
+            .map(|(fd, events, token)| (PollFd::new(fd, events), token))
+            .unzip();
+        match nix::poll::poll(&mut fds, os::poll_timeout(timeout)) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        }
+        Ok(fds
+            .iter()
+            .zip(tokens)
+            .filter_map(|(fd, token)| fd.revents().filter(|r| !r.is_empty()).map(|r| (token, r)))
+            .collect())
+    }
+
+    fn sink(&self, dest: Dest) -> &Sink {
+        match dest {
+            Dest::Stdout => &self.stdout,
+            Dest::Stderr => &self.stderr,
+        }
+    }
+
+    fn dispatch(&mut self, token: Token) {
+        match token {
+            Token::Signal(signal) => {
+                let count = self.signals.take(signal);
+                for _ in 0..count {
+                    self.on_signal(signal);
+                }
+            }
+            Token::Control(which) => {
+                let status = &self.status;
+                if let Some(control) = self.control.as_mut() {
+                    control.ready(which, &mut |request| answer_control(status, request));
+                }
+            }
+            Token::AgentStdout => self.read_agent_stdout(),
+            Token::RankOut { index, stream } => self.read_rank(index, stream),
+            Token::Stdin => self.read_stdin(),
+            Token::Rank0Stdin => self.write_rank0_stdin(),
+            Token::Sink(dest) => {
+                let (sink, name) = match dest {
+                    Dest::Stdout => (&mut self.stdout, "stdout"),
+                    Dest::Stderr => (&mut self.stderr, "stderr"),
+                };
+                if let Some(e) = sink.write_ready() {
+                    self.log.line(format_args!(
+                        "mome-run's {name} stopped taking output ({e}); discarding the ranks' {name} from now on"
+                    ));
+                }
+            }
+        }
+    }
+
+    // ---- signals ----
+
+    fn on_signal(&mut self, signal: i32) {
+        match signal {
+            libc::SIGCHLD => {} // children are reaped after every poll round
+            libc::SIGTSTP => self.suspend(),
+            s if ENDING.contains(&s) => self.interrupt(s),
+            _ => {}
+        }
+    }
+
+    fn interrupt(&mut self, signal: i32) {
+        self.interrupts += 1;
+        let name = signal_name(signal);
+        match self.phase {
+            Phase::AgentStarting { .. } => {
+                self.cause.get_or_insert(EndCause::Interrupted { signal });
+                self.say(format!("mome: interrupted by {name}; ending job {}", self.job.id));
+                self.phase = Phase::Done;
+            }
+            Phase::Running => {
+                self.cause.get_or_insert(EndCause::Interrupted { signal });
+                self.say(format!("mome: interrupted by {name}; ending job {}", self.job.id));
+                self.begin_ending(signal);
+            }
+            Phase::Ending { sigkill_sent: None, .. } => {
+                self.cause.get_or_insert(EndCause::Interrupted { signal });
+                self.say(format!("mome: {name} again; killing the ranks of job {} now", self.job.id));
+                self.kill_now();
+            }
+            Phase::Ending { .. } | Phase::Draining { .. } => {
+                self.log.line(format_args!("{name} while the job is already ending"));
+            }
+            Phase::Done => {}
+        }
+    }
+
+    /// Ctrl-Z: stop the ranks, then mome-run itself, as the shell expects
+    /// of a foreground job; continue them all when mome-run is continued.
+    fn suspend(&mut self) {
+        self.log.line("SIGTSTP: stopping the ranks and mome-run");
+        if let Some(pgid) = self.pgid {
+            let _ = os::signal_group(pgid, libc::SIGSTOP);
+        }
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+        // Continued (SIGCONT from `fg` or `bg`).
+        if let Some(pgid) = self.pgid {
+            let _ = os::signal_group(pgid, libc::SIGCONT);
+        }
+        self.log.line("continued: continuing the ranks");
+    }
+
+    // ---- ending the ranks ----
+
+    /// Sends `signal` to the ranks (their group, and each rank by pid in
+    /// case it left the group), then SIGKILL after the grace period.
+    fn begin_ending(&mut self, signal: i32) {
+        self.signal_ranks(signal);
+        if signal != libc::SIGKILL {
+            // A stopped rank handles nothing until it is continued.
+            self.signal_ranks(libc::SIGCONT);
+        }
+        let grace = self.config.job.kill_grace.0;
+        self.log.line(format_args!(
+            "sent {} to the ranks; SIGKILL in {}",
+            signal_name(signal),
+            humantime::format_duration(grace)
+        ));
+        self.phase = Phase::Ending {
+            sigkill_at: Instant::now() + grace,
+            sigkill_sent: None,
+        };
+    }
+
+    fn kill_now(&mut self) {
+        self.signal_ranks(libc::SIGKILL);
+        self.log.line("sent SIGKILL to the ranks");
+        let now = Instant::now();
+        self.phase = Phase::Ending {
+            sigkill_at: now,
+            sigkill_sent: Some(now),
+        };
+    }
+
+    fn signal_ranks(&mut self, signal: i32) {
+        if let Some(pgid) = self.pgid {
+            if let Err(e) = os::signal_group(pgid, signal) {
+                self.log.line(format_args!("kill(-{pgid}, {}): {e}", signal_name(signal)));
+            }
+        }
+        // Ranks not yet reaped keep their pid: signalling it is safe.
+        for rank in self.ranks.iter().filter(|r| r.alive()) {
+            if let Some(pid) = rank.pid {
+                let _ = os::signal_process(pid, signal);
+            }
+        }
+    }
+
+    fn check_deadlines(&mut self) {
+        let now = Instant::now();
+        match self.phase {
+            Phase::AgentStarting { deadline } if now >= deadline => {
+                let timeout = humantime::format_duration(self.config.job.agent_ready_timeout.0);
+                self.agent_not_ready(format!("within {timeout}"));
+            }
+            Phase::Ending {
+                sigkill_at,
+                sigkill_sent: None,
+            } if now >= sigkill_at => {
+                let alive: Vec<String> = self
+                    .ranks
+                    .iter()
+                    .filter(|r| r.alive())
+                    .map(|r| r.rank.to_string())
+                    .collect();
+                if !alive.is_empty() {
+                    let grace = humantime::format_duration(self.config.job.kill_grace.0);
+                    self.say(format!(
+                        "mome: rank(s) {} still running {grace} later; killing them (SIGKILL)",
+                        alive.join(",")
+                    ));
+                }
+                self.kill_now();
+            }
+            Phase::Ending {
+                sigkill_sent: Some(sent),
+                ..
+            } if now >= sent + SIGKILL_WAIT => {
+                // Unkillable (stuck in the kernel): stop waiting, say so.
+                let stuck: Vec<(usize, u32, i32)> = self
+                    .ranks
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.alive())
+                    .filter_map(|(i, r)| Some((i, r.rank, r.pid?)))
+                    .collect();
+                for (index, rank, pid) in stuck {
+                    self.say(format!(
+                        "mome: rank {rank} (pid {pid}) did not die within {} of SIGKILL; no longer waiting for it",
+                        humantime::format_duration(SIGKILL_WAIT)
+                    ));
+                    self.ranks[index].exited = Some(ProcessState::Killed(libc::SIGKILL));
+                    self.status.ranks[index].state = ProcessState::Killed(libc::SIGKILL);
+                    self.status_dirty = true;
+                }
+            }
+            Phase::Draining { until, last_sweep } => {
+                if now >= until {
+                    let open: Vec<String> = self
+                        .ranks
+                        .iter()
+                        .filter(|r| r.streams.iter().any(Option::is_some))
+                        .map(|r| r.rank.to_string())
+                        .collect();
+                    if !open.is_empty() {
+                        self.log.line(format_args!(
+                            "output of rank(s) {} still open {} after the ranks ended; closing it",
+                            open.join(","),
+                            humantime::format_duration(DRAIN_WAIT)
+                        ));
+                    }
+                    self.close_rank_streams();
+                    self.phase = Phase::Done;
+                } else if now >= last_sweep + LEFTOVER_SWEEP {
+                    self.kill_leftovers_once();
+                    self.phase = Phase::Draining { until, last_sweep: now };
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Moves on when the ranks are all gone, or their output all read.
+    fn advance(&mut self) {
+        match self.phase {
+            Phase::Running | Phase::Ending { .. } if self.ranks.iter().all(|r| !r.alive()) => self.after_ranks(),
+            Phase::Draining { .. } if self.ranks.iter().all(|r| r.streams.iter().all(Option::is_none)) => {
+                self.phase = Phase::Done;
+            }
+            _ => {}
+        }
+    }
+
+    /// Every rank is gone: kill what they left behind (their process
+    /// group, and whatever was reparented to mome-run), then read the rest
+    /// of their output.
+    fn after_ranks(&mut self) {
+        if let Some(pgid) = self.pgid {
+            match os::signal_group(pgid, libc::SIGKILL) {
+                Ok(true) => self.log.line(format_args!(
+                    "killed the processes left in the ranks' process group {pgid}"
+                )),
+                Ok(false) => {}
+                Err(e) => self.log.line(format_args!("kill(-{pgid}, SIGKILL): {e}")),
+            }
+        }
+        self.forward = None;
+        self.kill_leftovers_once();
+        let now = Instant::now();
+        self.phase = Phase::Draining {
+            until: now + DRAIN_WAIT,
+            last_sweep: now,
+        };
+    }
+
+    /// SIGKILLs every child of mome-run but the agent: what is left are
+    /// the orphans of the ranks (mome-run is their subreaper).
+    fn kill_leftovers_once(&mut self) {
+        let me = std::process::id() as i32;
+        let agent = self.agent.pid.filter(|_| self.agent.exited.is_none());
+        for pid in os::children_of(me) {
+            if Some(pid) == agent || self.ranks.iter().any(|r| r.pid == Some(pid) && r.exited.is_none()) {
+                continue;
+            }
+            let what = os::process_argv0(pid).unwrap_or_default();
+            self.log.line(format_args!("killing pid {pid} ({what}), left behind by the ranks"));
+            let _ = os::signal_process(pid, libc::SIGKILL);
+        }
+    }
+
+    fn close_rank_streams(&mut self) {
+        for index in 0..self.ranks.len() {
+            for stream in 0..2 {
+                self.end_stream(index, stream);
+            }
+        }
+    }
+
+    /// Waits (bounded) for the ranks after a SIGKILL, outside the loop.
+    fn wait_ranks_blocking(&mut self) {
+        let deadline = Instant::now() + SIGKILL_WAIT;
+        while self.ranks.iter().any(RankProc::alive) && Instant::now() < deadline {
+            self.reap_children();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    // ---- children ----
+
+    fn reap_children(&mut self) {
+        loop {
+            match os::reap(-1) {
+                Ok(Some(reaped)) => self.on_reaped(reaped),
+                Ok(None) => break,
+                Err(e) => {
+                    self.log.line(format_args!("waitpid: {e}"));
+                    break;
+                }
+            }
+        }
+    }
+
+    fn on_reaped(&mut self, reaped: os::Reaped) {
+        if self.agent.pid == Some(reaped.pid) && self.agent.exited.is_none() {
+            return self.on_agent_exit(reaped.state);
+        }
+        if let Some(index) = self.ranks.iter().position(|r| r.pid == Some(reaped.pid) && r.exited.is_none()) {
+            return self.on_rank_exit(index, reaped.state);
+        }
+        self.log.line(format_args!(
+            "reaped pid {} ({}), a process the ranks left behind",
+            reaped.pid,
+            reaped.state
+        ));
+    }
+
+    fn on_rank_exit(&mut self, index: usize, state: ProcessState) {
+        let rank = &mut self.ranks[index];
+        rank.exited = Some(state);
+        let (rank_no, pid) = (rank.rank, rank.pid.unwrap_or(0));
+        self.status.ranks[index].state = state;
+        self.status_dirty = true;
+        self.log.line(format_args!("rank {rank_no} (pid {pid}) {}", describe_end(state)));
+        if index == 0 {
+            // Nobody reads rank 0's stdin any more.
+            self.forward = None;
+        }
+        let failed = state != ProcessState::Exited(0);
+        if failed && self.cause.is_none() && self.phase == Phase::Running {
+            let others = self.ranks.iter().any(RankProc::alive);
+            self.say(format!(
+                "mome: rank {rank_no} (pid {pid}) {}{}",
+                describe_end(state),
+                if others { "; ending the job" } else { "" }
+            ));
+            self.cause = Some(EndCause::RankFailed {
+                rank: rank_no,
+                pid,
+                state,
+            });
+            if others {
+                self.begin_ending(libc::SIGTERM);
+            }
+        }
+    }
+
+    fn on_agent_exit(&mut self, state: ProcessState) {
+        self.agent.exited = Some(state);
+        self.status.agents[0].state = state;
+        self.status_dirty = true;
+        let node = self.agent.node;
+        let pid = self.agent.pid.unwrap_or(0);
+        self.log.line(format_args!("agent of node {node} (pid {pid}) {}", describe_end(state)));
+        match self.phase {
+            Phase::AgentStarting { .. } => {
+                self.agent_not_ready(format!("(it {})", describe_end(state).trim_start_matches("was ")));
+            }
+            Phase::Running => {
+                let cause = EndCause::AgentDied { node, pid, state };
+                let log = self.job.agent_log(node);
+                self.say(format!("mome: {}; see {}", cause.reason(), log.display()));
+                self.cause.get_or_insert(cause);
+                self.begin_ending(libc::SIGTERM);
+            }
+            _ => {}
+        }
+    }
+
+    // ---- the agent ----
+
+    fn read_agent_stdout(&mut self) {
+        let mut buf = [0u8; 4096];
+        let Some(fd) = self.agent.stdout.as_ref() else { return };
+        let eof = match os::read_some(fd.as_fd(), &mut buf) {
+            Ok(0) => true,
+            Ok(n) => {
+                self.agent.line.extend_from_slice(&buf[..n]);
+                false
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            Err(e) => {
+                self.log.line(format_args!("reading the agent's stdout: {e}"));
+                true
+            }
+        };
+        while let Some(pos) = self.agent.line.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.agent.line.drain(..=pos).collect();
+            let text = String::from_utf8_lossy(&line).trim().to_string();
+            if !self.agent.ready && text == "ready" {
+                self.agent_ready();
+            } else if !text.is_empty() {
+                self.log.line(format_args!("agent {}: {text}", self.agent.node));
+            }
+        }
+        if eof {
+            self.agent.stdout = None;
+            if matches!(self.phase, Phase::AgentStarting { .. }) {
+                // Usually the agent died: wait a moment for its status,
+                // which says more than "closed its output".
+                let deadline = Instant::now() + Duration::from_millis(500);
+                while self.agent.exited.is_none() && Instant::now() < deadline && self.phase != Phase::Done {
+                    self.reap_children();
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                if matches!(self.phase, Phase::AgentStarting { .. }) {
+                    self.agent_not_ready("(it closed its stdout without printing `ready`)".to_string());
+                }
+            }
+        }
+    }
+
+    fn agent_not_ready(&mut self, detail: String) {
+        let node = self.agent.node;
+        let log = self.job.agent_log(node);
+        self.say(format!(
+            "mome-run: the agent of node {node} did not become ready {detail}; see {}",
+            log.display()
+        ));
+        let tail = jobdir::tail_lines(&log, 10);
+        if !tail.is_empty() {
+            self.say(format!("mome-run: last lines of {}:", log.display()));
+            for line in tail {
+                self.stderr.push(format!("  {line}\n").as_bytes());
+            }
+        }
+        self.cause.get_or_insert(EndCause::AgentNotReady { node, detail });
+        self.phase = Phase::Done;
+    }
+
+    fn agent_ready(&mut self) {
+        self.agent.ready = true;
+        self.status.agents[0].state = ProcessState::Running;
+        self.status_dirty = true;
+        self.log.line(format_args!("agent of node {} is ready", self.agent.node));
+        if matches!(self.phase, Phase::AgentStarting { .. }) {
+            self.spawn_ranks();
+        }
+    }
+
+    // ---- the ranks ----
+
+    fn spawn_ranks(&mut self) {
+        self.status.state = JobState::Running;
+        self.status_dirty = true;
+        self.phase = Phase::Running;
+        for index in 0..self.ranks.len() {
+            let rank = index as u32;
+            let stdin = if rank == 0 { self.rank0_stdin } else { RankStdin::Null };
+            match spawn::spawn_rank(&self.launch, rank, self.pgid, stdin) {
+                Ok(child) => {
+                    self.pgid.get_or_insert(child.pid);
+                    let mut streams = [None, None];
+                    for (slot, (fd, dest)) in
+                        [(child.stdout, Dest::Stdout), (child.stderr, Dest::Stderr)].into_iter().enumerate()
+                    {
+                        if let Err(e) = os::set_nonblocking(fd.as_fd()) {
+                            self.log.line(format_args!("rank {rank}: cannot make its pipe non-blocking: {e}"));
+                        }
+                        streams[slot] = Some(RankStream {
+                            fd,
+                            dest,
+                            tagger: LineTagger::new(rank, self.tagged),
+                        });
+                    }
+                    if let Some(stdin) = child.stdin {
+                        let to_rank0 = OwnedFd::from(stdin);
+                        if let Err(e) = os::set_nonblocking(to_rank0.as_fd()) {
+                            self.log.line(format_args!("cannot make rank 0's stdin pipe non-blocking: {e}"));
+                        }
+                        self.forward = Some(StdinForward {
+                            to_rank0,
+                            buffer: Vec::new(),
+                            stdin_done: false,
+                        });
+                    }
+                    let proc = &mut self.ranks[index];
+                    proc.pid = Some(child.pid);
+                    proc.streams = streams;
+                    self.status.ranks[index].pid = Some(child.pid);
+                    self.status.ranks[index].state = ProcessState::Running;
+                }
+                Err(e) => {
+                    let code = e.exit_code();
+                    self.say(format!("mome-run: {e}"));
+                    self.cause.get_or_insert(EndCause::Setup {
+                        code,
+                        message: e.to_string(),
+                    });
+                    if self.pgid.is_some() {
+                        self.begin_ending(libc::SIGTERM);
+                    }
+                    // With no rank started, advance() moves straight on.
+                    return;
+                }
+            }
+        }
+        let pids: Vec<String> = self.ranks.iter().filter_map(|r| r.pid).map(|p| p.to_string()).collect();
+        self.log.line(format_args!(
+            "started {} rank(s) in process group {}: pids {}",
+            self.ranks.len(),
+            self.pgid.unwrap_or(0),
+            pids.join(",")
+        ));
+    }
+
+    fn read_rank(&mut self, index: usize, stream: usize) {
+        let mut buf = vec![0u8; READ_CHUNK];
+        for _ in 0..READS_PER_WAKEUP {
+            let Some(s) = self.ranks[index].streams[stream].as_mut() else { return };
+            let sink = match s.dest {
+                Dest::Stdout => &mut self.stdout,
+                Dest::Stderr => &mut self.stderr,
+            };
+            if sink.backlogged() {
+                return;
+            }
+            match os::read_some(s.fd.as_fd(), &mut buf) {
+                Ok(0) => return self.end_stream(index, stream),
+                Ok(n) => s.tagger.feed(&buf[..n], sink),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    self.log.line(format_args!("reading the output of rank {index}: {e}"));
+                    return self.end_stream(index, stream);
+                }
+            }
+        }
+    }
+
+    fn end_stream(&mut self, index: usize, stream: usize) {
+        if let Some(mut s) = self.ranks[index].streams[stream].take() {
+            let sink = match s.dest {
+                Dest::Stdout => &mut self.stdout,
+                Dest::Stderr => &mut self.stderr,
+            };
+            s.tagger.finish(sink);
+        }
+    }
+
+    // ---- terminal input for rank 0 ----
+
+    fn read_stdin(&mut self) {
+        let Some(f) = self.forward.as_mut() else { return };
+        let mut buf = [0u8; 4096];
+        // The terminal fd is blocking (its flags are shared with the shell),
+        // but poll said it is readable: this read returns at once.
+        match os::read_some(stdin_fd(), &mut buf) {
+            Ok(0) => f.stdin_done = true,
+            Ok(n) => f.buffer.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                self.log.line(format_args!("reading stdin: {e}; closing rank 0's stdin"));
+                f.stdin_done = true;
+            }
+        }
+        self.write_rank0_stdin();
+    }
+
+    fn write_rank0_stdin(&mut self) {
+        let Some(f) = self.forward.as_mut() else { return };
+        while !f.buffer.is_empty() {
+            match os::write_some(f.to_rank0.as_fd(), &f.buffer) {
+                Ok(n) => {
+                    f.buffer.drain(..n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    // EPIPE: rank 0 closed its stdin; nothing more to send.
+                    self.forward = None;
+                    return;
+                }
+            }
+        }
+        if f.stdin_done {
+            // End of input: closing the pipe gives rank 0 its EOF.
+            self.forward = None;
+        }
+    }
+
+    // ---- status ----
+
+    fn flush_status(&mut self) {
+        if self.status_dirty {
+            self.status_dirty = false;
+            if let Err(e) = self.job.write_status(&self.status) {
+                self.log.line(format_args!("{e}"));
+            }
+        }
+    }
+
+    // ---- the end ----
+
+    /// Stops the agent, kills what is left, writes the final status,
+    /// flushes the output; returns the job's exit status.
+    fn finish(mut self) -> i32 {
+        self.forward = None;
+        self.close_rank_streams();
+        self.stop_agent();
+        self.kill_leftovers();
+        drop(self.control.take());
+        let _ = std::fs::remove_file(self.job.agent_socket(self.agent.node));
+
+        let exit_code = self.cause.as_ref().map_or(0, EndCause::exit_code);
+        self.status.state = if exit_code == 0 && self.cause.is_none() {
+            JobState::Finished
+        } else {
+            JobState::Failed
+        };
+        self.status.exit_code = Some(exit_code);
+        self.status.reason = self.cause.as_ref().map(EndCause::reason);
+        self.status.ended = Some(now_rfc3339());
+        self.status_dirty = true;
+        self.flush_status();
+        self.log.line(format_args!(
+            "job ended: {:?}, exit status {exit_code}{}",
+            self.status.state,
+            self.status.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+        ));
+        self.flush_output();
+        exit_code
+    }
+
+    fn stop_agent(&mut self) {
+        let Some(pid) = self.agent.pid else { return };
+        // EOF on its stdin is the agent's cue to exit; SIGTERM follows
+        // shortly for an agent busy elsewhere.
+        self.agent.stdin = None;
+        self.agent.stdout = None;
+        if self.agent.exited.is_some() {
+            return;
+        }
+        // An agent that exits on EOF by itself reports a clean exit status.
+        if self.wait_for_agent(AGENT_EOF_WAIT) {
+            return;
+        }
+        let _ = os::signal_process(pid, libc::SIGTERM);
+        if self.wait_for_agent(AGENT_STOP_WAIT) {
+            return;
+        }
+        self.say(format!(
+            "mome: the agent of node {} (pid {pid}) did not exit within {} of SIGTERM; killing it",
+            self.agent.node,
+            humantime::format_duration(AGENT_STOP_WAIT)
+        ));
+        let _ = os::signal_process(pid, libc::SIGKILL);
+        if !self.wait_for_agent(AGENT_STOP_WAIT) {
+            self.say(format!("mome: the agent (pid {pid}) did not die after SIGKILL; leaving it"));
+        }
+    }
+
+    fn wait_for_agent(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.reap_children();
+            if self.agent.exited.is_some() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Kills and reaps every remaining child of mome-run (bounded).
+    fn kill_leftovers(&mut self) {
+        let deadline = Instant::now() + LEFTOVER_WAIT;
+        loop {
+            self.reap_children();
+            let left = os::children_of(std::process::id() as i32);
+            if left.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let pids: Vec<String> = left.iter().map(i32::to_string).collect();
+                self.say(format!(
+                    "mome: process(es) {} of the job did not die within {} of SIGKILL",
+                    pids.join(","),
+                    humantime::format_duration(LEFTOVER_WAIT)
+                ));
+                return;
+            }
+            self.kill_leftovers_once();
+            for rank in self.ranks.iter().filter(|r| r.alive()) {
+                if let Some(pid) = rank.pid {
+                    let _ = os::signal_process(pid, libc::SIGKILL);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Writes what the sinks still hold; gives up when they take nothing
+    /// for FLUSH_STALL or when the user interrupts again.
+    fn flush_output(&mut self) {
+        let mut last_progress = Instant::now();
+        loop {
+            let pending = self.stdout.pending() + self.stderr.pending();
+            if pending == 0 {
+                return;
+            }
+            let mut fds = Vec::new();
+            for sink in [&self.stdout, &self.stderr] {
+                if sink.pending() > 0 {
+                    fds.push(PollFd::new(sink.fd(), PollFlags::POLLOUT));
+                }
+            }
+            let signal_fds: Vec<(i32, BorrowedFd<'_>)> =
+                self.signals.fds().filter(|(s, _)| ENDING.contains(s)).collect();
+            for (_, fd) in &signal_fds {
+                fds.push(PollFd::new(*fd, PollFlags::POLLIN));
+            }
+            let _ = nix::poll::poll(&mut fds, os::poll_timeout(Some(MAX_POLL)));
+            drop(fds);
+            if ENDING.iter().any(|&s| self.signals.take(s) > 0) {
+                self.log.line("interrupted while writing the last output; dropping it");
+                return;
+            }
+            self.stdout.write_ready();
+            self.stderr.write_ready();
+            let now_pending = self.stdout.pending() + self.stderr.pending();
+            if now_pending < pending {
+                last_progress = Instant::now();
+            } else if last_progress.elapsed() >= FLUSH_STALL {
+                self.log.line(format_args!(
+                    "stdout/stderr took nothing for {}; dropping the last {now_pending} bytes",
+                    humantime::format_duration(FLUSH_STALL)
+                ));
+                return;
+            }
+        }
+    }
+}
+
+/// The control socket's answers.
+fn answer_control(status: &JobStatus, request: ControlRequest) -> ControlReply {
+    match request {
+        ControlRequest::Status => ControlReply::Status(status.clone()),
+    }
+}
+
+fn stdin_fd() -> BorrowedFd<'static> {
+    // SAFETY: fd 0 stays open for the life of the process (the Rust runtime
+    // reopens it on /dev/null if it was closed at startup; mome-run never
+    // closes it).
+    unsafe { BorrowedFd::borrow_raw(libc::STDIN_FILENO) }
+}

@@ -1,0 +1,262 @@
+//! The C API of preload/include/mome.h and its Fortran 77 bindings.
+//!
+//! Barriers and locks go to the agent over the rank's sync channel, opened on
+//! first use, because they may wait for other ranks for as long as it takes
+//! and must not hold up the memory channel (a heap request of another thread).
+
+use core::ffi::c_void;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use mome_protocol::rank::{AgentReply, Channel as ChannelKind, RankRequest};
+use mome_protocol::PROTOCOL_VERSION;
+
+use crate::agent::{Channel, REPLY_BUF};
+use crate::state::{self, Mode};
+use crate::{report, segments, sys};
+
+static LAST_BARRIER: AtomicU64 = AtomicU64::new(0);
+
+const MOME_WEAK: i32 = 2;
+
+/// Calls the agent on the sync channel, connecting it first if needed.
+fn sync_call(req: &RankRequest<'_>, what: &'static str, f: impl FnOnce(AgentReply<'_>) -> i32) -> i32 {
+    let Some(info) = state::info() else {
+        return libc::ENOTCONN;
+    };
+    if state::mode() != Mode::Rank {
+        // A forked child is not a rank of the job.
+        return libc::EPERM;
+    }
+    let mut guard = state::SYNC.lock();
+    if guard.is_none() {
+        let ch = match Channel::connect(info.socket, info.timeout_ms) {
+            Ok(c) => c,
+            Err(e) => {
+                report!("rank {}: cannot open the sync channel: {}", info.rank, e);
+                return libc::EIO;
+            }
+        };
+        let hello = RankRequest::Hello {
+            protocol: PROTOCOL_VERSION,
+            rank: info.rank,
+            pid: info.pid,
+            channel: ChannelKind::Sync,
+            jobid: info.jobid,
+        };
+        let mut buf = [0u8; REPLY_BUF];
+        match ch.call(&hello, None, &mut buf, "Hello (sync)", false) {
+            Ok((AgentReply::Welcome { .. }, fd)) => {
+                if let Some(fd) = fd {
+                    sys::close(fd);
+                }
+            }
+            Ok(_) => {
+                report!("rank {}: the agent refused the sync channel", info.rank);
+                return libc::EIO;
+            }
+            Err(e) => {
+                report!("rank {}: opening the sync channel: {}", info.rank, e);
+                return libc::EIO;
+            }
+        }
+        *guard = Some(ch);
+    }
+    let ch = guard.as_ref().expect("connected above");
+    let mut buf = [0u8; REPLY_BUF];
+    match ch.call(req, None, &mut buf, what, true) {
+        Ok((AgentReply::Error { code, message }, _)) => {
+            report!("rank {}: {} refused: {}", info.rank, what, message);
+            code.errno()
+        }
+        Ok((reply, _)) => f(reply),
+        Err(e) => {
+            report!("rank {}: {} failed: {}", info.rank, what, e);
+            libc::EIO
+        }
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn mome_barrier() -> i32 {
+    if state::mode() == Mode::Native {
+        LAST_BARRIER.fetch_add(1, Ordering::Relaxed);
+        return 0;
+    }
+    sync_call(&RankRequest::Barrier, "Barrier", |r| match r {
+        AgentReply::BarrierDone { date } => {
+            LAST_BARRIER.store(date, Ordering::Relaxed);
+            0
+        }
+        _ => libc::EIO,
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn mome_last_barrier_date() -> u64 {
+    LAST_BARRIER.load(Ordering::Relaxed)
+}
+
+#[no_mangle]
+pub extern "C" fn mome_lock(id: u64) -> i32 {
+    if state::mode() == Mode::Native {
+        return 0;
+    }
+    sync_call(&RankRequest::Lock { id }, "Lock", |r| match r {
+        AgentReply::Ok => 0,
+        _ => libc::EIO,
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn mome_unlock(id: u64) -> i32 {
+    if state::mode() == Mode::Native {
+        return 0;
+    }
+    sync_call(&RankRequest::Unlock { id }, "Unlock", |r| match r {
+        AgentReply::Ok => 0,
+        _ => libc::EIO,
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn mome_rank() -> i32 {
+    state::info().map_or(0, |i| i.rank as i32)
+}
+
+#[no_mangle]
+pub extern "C" fn mome_nranks() -> i32 {
+    state::info().map_or(1, |i| i.nranks as i32)
+}
+
+#[no_mangle]
+pub extern "C" fn mome_node() -> i32 {
+    state::info().map_or(0, |i| i.node as i32)
+}
+
+#[no_mangle]
+pub extern "C" fn mome_active() -> i32 {
+    (state::mode() == Mode::Rank) as i32
+}
+
+/// # Safety
+/// Same contract as mmap(2) for `addr` with MAP_FIXED.
+#[no_mangle]
+pub unsafe extern "C" fn MomeMMap(addr: *mut c_void, len: usize, prot: i32, flags: i32, seg: i32, offset: i64) -> *mut c_void {
+    if state::mode() != Mode::Rank {
+        // Not a rank: the memory is this process's own, as without mome.
+        let fixed = if addr.is_null() { 0 } else { flags & libc::MAP_FIXED };
+        let anon = libc::MAP_SHARED | libc::MAP_ANONYMOUS | fixed;
+        return match sys::mmap(addr as u64, len as u64, prot, anon, -1, 0) {
+            Ok(a) => a as *mut c_void,
+            Err(e) => {
+                sys::set_errno(e);
+                libc::MAP_FAILED
+            }
+        };
+    }
+    match segments::mome_mmap(addr, len, prot, flags, seg, offset) {
+        Ok(p) => p,
+        Err(e) => {
+            sys::set_errno(e);
+            libc::MAP_FAILED
+        }
+    }
+}
+
+fn check_range(addr: *mut c_void, len: usize) -> i32 {
+    if state::mode() != Mode::Rank {
+        return 0;
+    }
+    let a = addr as u64;
+    if state::window_contains(a) || segments::is_shared_range(a, len as u64) {
+        0
+    } else {
+        libc::EINVAL
+    }
+}
+
+/// On one node every rank maps the same physical pages, so all three models
+/// hold as soon as a write is done: selecting one only validates it here.
+#[no_mangle]
+pub extern "C" fn MomeConsistency(addr: *mut c_void, len: usize, model: i32) -> i32 {
+    if !(0..=MOME_WEAK).contains(&model) {
+        return libc::EINVAL;
+    }
+    check_range(addr, len)
+}
+
+/// On one node the range already reflects every write made before any date.
+#[no_mangle]
+pub extern "C" fn MomeSyncMem(addr: *mut c_void, len: usize, date: u64) -> i32 {
+    if date > LAST_BARRIER.load(Ordering::Relaxed) && state::mode() == Mode::Rank {
+        return libc::EINVAL;
+    }
+    check_range(addr, len)
+}
+
+// ---- Fortran 77 bindings: arguments by reference, INTEGER is 4 bytes ----
+
+/// # Safety
+/// Fortran passes valid pointers to its arguments.
+#[no_mangle]
+pub unsafe extern "C" fn momemmap_(addr: *mut c_void, len: *const i32, prot: *const i32, flags: *const i32, seg: *const i32, offset: *const i32) -> i32 {
+    // SAFETY: Fortran passes every argument by reference.
+    let (len, prot, flags, seg, offset) = unsafe { (*len, *prot, *flags, *seg, *offset) };
+    if len <= 0 {
+        return libc::EINVAL;
+    }
+    // SAFETY: MAP_FIXED at the address of the caller's COMMON block.
+    let r = unsafe { MomeMMap(addr, len as usize, prot, flags | libc::MAP_FIXED, seg, offset as i64) };
+    if r == libc::MAP_FAILED {
+        sys::errno()
+    } else {
+        0
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn mome_barrier_() {
+    mome_barrier();
+}
+
+/// # Safety
+/// Fortran passes a valid pointer.
+#[no_mangle]
+pub unsafe extern "C" fn mome_lock_(id: *const i32) {
+    // SAFETY: by-reference argument.
+    mome_lock(unsafe { *id } as u64);
+}
+
+/// # Safety
+/// Fortran passes a valid pointer.
+#[no_mangle]
+pub unsafe extern "C" fn mome_unlock_(id: *const i32) {
+    // SAFETY: by-reference argument.
+    mome_unlock(unsafe { *id } as u64);
+}
+
+#[no_mangle]
+pub extern "C" fn mome_rank_() -> i32 {
+    mome_rank()
+}
+
+#[no_mangle]
+pub extern "C" fn mome_nranks_() -> i32 {
+    mome_nranks()
+}
+
+/// # Safety
+/// Fortran passes valid pointers.
+#[no_mangle]
+pub unsafe extern "C" fn momeconsistency_(addr: *mut c_void, len: *const i32, model: *const i32) -> i32 {
+    // SAFETY: by-reference arguments.
+    MomeConsistency(addr, unsafe { *len } as usize, unsafe { *model })
+}
+
+/// # Safety
+/// Fortran passes valid pointers.
+#[no_mangle]
+pub unsafe extern "C" fn momesyncmem_(addr: *mut c_void, len: *const i32, date: *const i64) -> i32 {
+    // SAFETY: by-reference arguments.
+    MomeSyncMem(addr, unsafe { *len } as usize, unsafe { *date } as u64)
+}
