@@ -21,13 +21,22 @@ use mome_protocol::job::{ControlReply, ControlRequest};
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("cannot create the control socket {path}: {source}")]
-    Bind { path: PathBuf, source: std::io::Error },
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot connect to {path}: {source}")]
-    Connect { path: PathBuf, source: std::io::Error },
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} did not answer within {timeout:?}")]
     Timeout { path: PathBuf, timeout: Duration },
     #[error("talking to {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} closed the connection without answering")]
     NoReply { path: PathBuf },
     #[error("{path} sent a reply that is not understood: {message}")]
@@ -97,7 +106,11 @@ impl ControlServer {
     }
 
     /// Handles readiness of `which`; `handle` answers each request.
-    pub fn ready(&mut self, which: ControlFd, handle: &mut dyn FnMut(ControlRequest) -> ControlReply) {
+    pub fn ready(
+        &mut self,
+        which: ControlFd,
+        handle: &mut dyn FnMut(ControlRequest) -> ControlReply,
+    ) {
         match which {
             ControlFd::Listener => self.accept(),
             ControlFd::Client(i) => {
@@ -112,7 +125,7 @@ impl ControlServer {
     /// one poll round (indices stay valid until then).
     pub fn sweep(&mut self) {
         self.clients
-            .retain(|c| !c.broken && !(c.done_reading && c.output.is_empty()));
+            .retain(|c| !(c.broken || (c.done_reading && c.output.is_empty())));
     }
 
     fn accept(&mut self) {
@@ -224,9 +237,16 @@ pub fn answer(line: &[u8], handle: &mut dyn FnMut(ControlRequest) -> ControlRepl
 
 /// Sends one request to the control socket at `path` and reads the reply,
 /// each step bounded by `timeout`.
-pub fn request(path: &Path, req: &ControlRequest, timeout: Duration) -> Result<ControlReply, ControlError> {
+pub fn request(
+    path: &Path,
+    req: &ControlRequest,
+    timeout: Duration,
+) -> Result<ControlReply, ControlError> {
     let io = |source: std::io::Error| {
-        if matches!(source.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) {
+        if matches!(
+            source.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
             ControlError::Timeout {
                 path: path.to_path_buf(),
                 timeout,
@@ -288,7 +308,10 @@ mod tests {
         let mut handle = |r: ControlRequest| match r {
             ControlRequest::Status => ControlReply::Status(status()),
         };
-        assert_eq!(answer(br#"{"cmd":"status"}"#, &mut handle), ControlReply::Status(status()));
+        assert_eq!(
+            answer(br#"{"cmd":"status"}"#, &mut handle),
+            ControlReply::Status(status())
+        );
         let ControlReply::Error { message } = answer(br#"{"cmd":"fly"}"#, &mut handle) else {
             panic!()
         };
@@ -317,7 +340,10 @@ mod tests {
             server.sweep();
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert_eq!(client.join().unwrap().unwrap(), ControlReply::Status(status()));
+        assert_eq!(
+            client.join().unwrap().unwrap(),
+            ControlReply::Status(status())
+        );
         drop(server);
         assert!(!path.exists());
     }

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use mome_protocol::config::PrefixMode;
 use mome_protocol::job::{
-    mome_home, now_rfc3339, signal_name, AgentStatus, ControlReply, ControlRequest, JobDir, JobError, JobSpec, JobState,
-    JobStatus, ProcessState, RankStatus,
+    mome_home, now_rfc3339, signal_name, AgentStatus, ControlReply, ControlRequest, JobDir,
+    JobError, JobSpec, JobState, JobStatus, ProcessState, RankStatus,
 };
 use mome_protocol::Config;
 use nix::poll::{PollFd, PollFlags};
@@ -113,20 +113,23 @@ const MAX_POLL: Duration = Duration::from_secs(1);
 /// the others.
 const READ_CHUNK: usize = 64 << 10;
 const READS_PER_WAKEUP: usize = 16;
+/// At most this much is read from a rank's pipe once the draining time is
+/// over: the pipe's content, unless an escaped writer keeps refilling it.
+const FINAL_READ: usize = 4 << 20;
 
 /// Runs the job and returns mome-run's exit status.
 pub fn run(opts: RunOptions) -> i32 {
     let prepared = match prepare(&opts) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("mome-run: {e}");
+            os::print_stderr(&format!("mome-run: {e}\n"));
             return e.exit_code();
         }
     };
     let mut coordinator = match Coordinator::create(opts, prepared) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("mome-run: {e}");
+            os::print_stderr(&format!("mome-run: {e}\n"));
             return e.exit_code();
         }
     };
@@ -159,7 +162,13 @@ fn prepare(opts: &RunOptions) -> Result<Prepared, RunError> {
         os::raise_nofile_limit(needed).map_err(|source| RunError::OpenFiles { needed, source })?;
     nix::sys::prctl::set_child_subreaper(true).map_err(RunError::Subreaper)?;
     let signals = SignalPipes::install(
-        &[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGTSTP, libc::SIGCHLD],
+        &[
+            libc::SIGINT,
+            libc::SIGTERM,
+            libc::SIGHUP,
+            libc::SIGTSTP,
+            libc::SIGCHLD,
+        ],
         &[libc::SIGCHLD],
     )?;
     Ok(Prepared {
@@ -176,11 +185,27 @@ fn prepare(opts: &RunOptions) -> Result<Prepared, RunError> {
 /// first cause wins: it gives the exit status.
 #[derive(Debug, Clone)]
 enum EndCause {
-    RankFailed { rank: u32, pid: i32, state: ProcessState },
-    Interrupted { signal: i32 },
-    AgentDied { node: u32, pid: i32, state: ProcessState },
-    AgentNotReady { node: u32, detail: String },
-    Setup { code: i32, message: String },
+    RankFailed {
+        rank: u32,
+        pid: i32,
+        state: ProcessState,
+    },
+    Interrupted {
+        signal: i32,
+    },
+    AgentDied {
+        node: u32,
+        pid: i32,
+        state: ProcessState,
+    },
+    AgentNotReady {
+        node: u32,
+        detail: String,
+    },
+    Setup {
+        code: i32,
+        message: String,
+    },
 }
 
 impl EndCause {
@@ -199,13 +224,17 @@ impl EndCause {
 
     fn reason(&self) -> String {
         match self {
-            EndCause::RankFailed { rank, pid, state } => format!("rank {rank} (pid {pid}) {}", describe_end(*state)),
+            EndCause::RankFailed { rank, pid, state } => {
+                format!("rank {rank} (pid {pid}) {}", describe_end(*state))
+            }
             EndCause::Interrupted { signal } => format!("interrupted by {}", signal_name(*signal)),
             EndCause::AgentDied { node, pid, state } => format!(
                 "the agent of node {node} (pid {pid}) exited unexpectedly ({})",
                 describe_end(*state).trim_start_matches("was ")
             ),
-            EndCause::AgentNotReady { node, detail } => format!("the agent of node {node} did not become ready {detail}"),
+            EndCause::AgentNotReady { node, detail } => {
+                format!("the agent of node {node} did not become ready {detail}")
+            }
             EndCause::Setup { message, .. } => message.clone(),
         }
     }
@@ -223,13 +252,21 @@ fn describe_end(state: ProcessState) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// The agent was started; waiting for its `ready` line.
-    AgentStarting { deadline: Instant },
+    AgentStarting {
+        deadline: Instant,
+    },
     Running,
     /// The ranks were told to end (SIGTERM or the user's signal); SIGKILL
     /// at `sigkill_at`, then wait up to SIGKILL_WAIT.
-    Ending { sigkill_at: Instant, sigkill_sent: Option<Instant> },
+    Ending {
+        sigkill_at: Instant,
+        sigkill_sent: Option<Instant>,
+    },
     /// Every rank is gone; reading what is left in their pipes.
-    Draining { until: Instant, last_sweep: Instant },
+    Draining {
+        until: Instant,
+        last_sweep: Instant,
+    },
     Done,
 }
 
@@ -329,12 +366,20 @@ impl Coordinator {
         let mut argv: Vec<OsString> = vec![opts.program.clone()];
         argv.extend(opts.args.iter().cloned());
         let env: BTreeMap<String, String> = std::env::vars_os()
-            .map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()))
+            .map(|(k, v)| {
+                (
+                    k.to_string_lossy().into_owned(),
+                    v.to_string_lossy().into_owned(),
+                )
+            })
             .collect();
         let spec = JobSpec {
             id: job.id.clone(),
             command: checked.program.clone(),
-            argv: argv.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
+            argv: argv
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
             env,
             cwd: cwd.clone(),
             ranks: opts.ranks,
@@ -343,7 +388,7 @@ impl Coordinator {
             config: opts.config.clone(),
         };
         job.write_spec(&spec)?;
-        eprintln!("mome: job {}", job.id);
+        os::print_stderr(&format!("mome: job {}\n", job.id));
         if let Some(path) = &opts.jobid_file {
             jobdir::write_jobid_file(path, &job.id)?;
         }
@@ -362,7 +407,11 @@ impl Coordinator {
             "kernel {}: userfaultfd features {:#x}{}; agent {}, preload {}",
             checked.kernel.release,
             checked.kernel.features,
-            if checked.kernel.via_device { " (via /dev/userfaultfd)" } else { "" },
+            if checked.kernel.via_device {
+                " (via /dev/userfaultfd)"
+            } else {
+                ""
+            },
             install.agent.display(),
             install.preload.display()
         ));
@@ -463,7 +512,9 @@ impl Coordinator {
         match spawn::spawn_agent(&self.install, &self.job, self.agent.node, 1, &ranks) {
             Ok(child) => {
                 if let Err(e) = os::set_nonblocking(child.stdout.as_fd()) {
-                    self.log.line(format_args!("cannot make the agent's stdout non-blocking: {e}"));
+                    self.log.line(format_args!(
+                        "cannot make the agent's stdout non-blocking: {e}"
+                    ));
                 }
                 self.agent.pid = Some(child.pid);
                 self.agent.stdin = child.stdin;
@@ -512,7 +563,9 @@ impl Coordinator {
                 Err(e) => {
                     // poll fails only on a bad fd or no memory: nothing
                     // sensible can follow; end the job cleanly.
-                    self.say(format!("mome-run: internal error waiting for events: {e}; ending the job"));
+                    self.say(format!(
+                        "mome-run: internal error waiting for events: {e}; ending the job"
+                    ));
                     self.cause.get_or_insert(EndCause::Setup {
                         code: 1,
                         message: format!("internal error: poll failed: {e}"),
@@ -542,7 +595,10 @@ impl Coordinator {
         let mut wait = MAX_POLL;
         match self.phase {
             Phase::AgentStarting { deadline } => wait = wait.min(until(deadline)),
-            Phase::Ending { sigkill_at, sigkill_sent } => {
+            Phase::Ending {
+                sigkill_at,
+                sigkill_sent,
+            } => {
                 wait = wait.min(match sigkill_sent {
                     None => until(sigkill_at),
                     Some(sent) => until(sent + SIGKILL_WAIT),
@@ -551,7 +607,8 @@ impl Coordinator {
             Phase::Draining { until: end, .. } => wait = wait.min(until(end)).min(LEFTOVER_SWEEP),
             Phase::Running | Phase::Done => {}
         }
-        if self.forward.as_ref().is_some_and(|f| !f.stdin_done) && !os::in_foreground_of(stdin_fd()) {
+        if self.forward.as_ref().is_some_and(|f| !f.stdin_done) && !os::in_foreground_of(stdin_fd())
+        {
             wait = wait.min(FOREGROUND_RECHECK);
         }
         Some(wait)
@@ -582,7 +639,11 @@ impl Coordinator {
                     // A destination that cannot keep up is not fed more:
                     // the rank blocks on its pipe, as it would natively.
                     if !self.sink(s.dest).backlogged() {
-                        list.push((s.fd.as_fd(), PollFlags::POLLIN, Token::RankOut { index, stream }));
+                        list.push((
+                            s.fd.as_fd(),
+                            PollFlags::POLLIN,
+                            Token::RankOut { index, stream },
+                        ));
                     }
                 }
             }
@@ -673,21 +734,33 @@ impl Coordinator {
         match self.phase {
             Phase::AgentStarting { .. } => {
                 self.cause.get_or_insert(EndCause::Interrupted { signal });
-                self.say(format!("mome: interrupted by {name}; ending job {}", self.job.id));
+                self.say(format!(
+                    "mome: interrupted by {name}; ending job {}",
+                    self.job.id
+                ));
                 self.phase = Phase::Done;
             }
             Phase::Running => {
                 self.cause.get_or_insert(EndCause::Interrupted { signal });
-                self.say(format!("mome: interrupted by {name}; ending job {}", self.job.id));
+                self.say(format!(
+                    "mome: interrupted by {name}; ending job {}",
+                    self.job.id
+                ));
                 self.begin_ending(signal);
             }
-            Phase::Ending { sigkill_sent: None, .. } => {
+            Phase::Ending {
+                sigkill_sent: None, ..
+            } => {
                 self.cause.get_or_insert(EndCause::Interrupted { signal });
-                self.say(format!("mome: {name} again; killing the ranks of job {} now", self.job.id));
+                self.say(format!(
+                    "mome: {name} again; killing the ranks of job {} now",
+                    self.job.id
+                ));
                 self.kill_now();
             }
             Phase::Ending { .. } | Phase::Draining { .. } => {
-                self.log.line(format_args!("{name} while the job is already ending"));
+                self.log
+                    .line(format_args!("{name} while the job is already ending"));
             }
             Phase::Done => {}
         }
@@ -743,7 +816,8 @@ impl Coordinator {
     fn signal_ranks(&mut self, signal: i32) {
         if let Some(pgid) = self.pgid {
             if let Err(e) = os::signal_group(pgid, signal) {
-                self.log.line(format_args!("kill(-{pgid}, {}): {e}", signal_name(signal)));
+                self.log
+                    .line(format_args!("kill(-{pgid}, {}): {e}", signal_name(signal)));
             }
         }
         // Ranks not yet reaped keep their pid: signalling it is safe.
@@ -817,11 +891,23 @@ impl Coordinator {
                             humantime::format_duration(DRAIN_WAIT)
                         ));
                     }
+                    // What is already in the pipes was written before the
+                    // ranks ended: read it even past the backlog limit (a
+                    // slow reader of mome-run's stdout must not lose it),
+                    // then close.
+                    for index in 0..self.ranks.len() {
+                        for stream in 0..2 {
+                            self.read_rank_bounded(index, stream, FINAL_READ);
+                        }
+                    }
                     self.close_rank_streams();
                     self.phase = Phase::Done;
                 } else if now >= last_sweep + LEFTOVER_SWEEP {
                     self.kill_leftovers_once();
-                    self.phase = Phase::Draining { until, last_sweep: now };
+                    self.phase = Phase::Draining {
+                        until,
+                        last_sweep: now,
+                    };
                 }
             }
             _ => {}
@@ -830,9 +916,17 @@ impl Coordinator {
 
     /// Moves on when the ranks are all gone, or their output all read.
     fn advance(&mut self) {
+        self.close_streams_to_closed_sinks();
         match self.phase {
-            Phase::Running | Phase::Ending { .. } if self.ranks.iter().all(|r| !r.alive()) => self.after_ranks(),
-            Phase::Draining { .. } if self.ranks.iter().all(|r| r.streams.iter().all(Option::is_none)) => {
+            Phase::Running | Phase::Ending { .. } if self.ranks.iter().all(|r| !r.alive()) => {
+                self.after_ranks()
+            }
+            Phase::Draining { .. }
+                if self
+                    .ranks
+                    .iter()
+                    .all(|r| r.streams.iter().all(Option::is_none)) =>
+            {
                 self.phase = Phase::Done;
             }
             _ => {}
@@ -867,12 +961,46 @@ impl Coordinator {
         let me = std::process::id() as i32;
         let agent = self.agent.pid.filter(|_| self.agent.exited.is_none());
         for pid in os::children_of(me) {
-            if Some(pid) == agent || self.ranks.iter().any(|r| r.pid == Some(pid) && r.exited.is_none()) {
+            if Some(pid) == agent
+                || self
+                    .ranks
+                    .iter()
+                    .any(|r| r.pid == Some(pid) && r.exited.is_none())
+            {
                 continue;
             }
             let what = os::process_argv0(pid).unwrap_or_default();
-            self.log.line(format_args!("killing pid {pid} ({what}), left behind by the ranks"));
+            self.log.line(format_args!(
+                "killing pid {pid} ({what}), left behind by the ranks"
+            ));
             let _ = os::signal_process(pid, libc::SIGKILL);
+        }
+    }
+
+    /// When mome-run's stdout (or stderr) goes away (`mome-run ... | head`),
+    /// closes the ranks' pipes to it: their next write fails with EPIPE /
+    /// SIGPIPE, as it would in a native pipeline, instead of the job running
+    /// on unheard (think of `yes`).
+    fn close_streams_to_closed_sinks(&mut self) {
+        for dest in [Dest::Stdout, Dest::Stderr] {
+            if self.sink(dest).closed().is_none() {
+                continue;
+            }
+            let mut closed = Vec::new();
+            for rank in &mut self.ranks {
+                for slot in &mut rank.streams {
+                    if slot.as_ref().is_some_and(|s| s.dest == dest) {
+                        *slot = None;
+                        closed.push(rank.rank.to_string());
+                    }
+                }
+            }
+            if !closed.is_empty() {
+                self.log.line(format_args!(
+                    "mome-run's {dest:?} is closed: closed the pipes of rank(s) {} to it",
+                    closed.join(",")
+                ));
+            }
         }
     }
 
@@ -912,13 +1040,16 @@ impl Coordinator {
         if self.agent.pid == Some(reaped.pid) && self.agent.exited.is_none() {
             return self.on_agent_exit(reaped.state);
         }
-        if let Some(index) = self.ranks.iter().position(|r| r.pid == Some(reaped.pid) && r.exited.is_none()) {
+        if let Some(index) = self
+            .ranks
+            .iter()
+            .position(|r| r.pid == Some(reaped.pid) && r.exited.is_none())
+        {
             return self.on_rank_exit(index, reaped.state);
         }
         self.log.line(format_args!(
             "reaped pid {} ({}), a process the ranks left behind",
-            reaped.pid,
-            reaped.state
+            reaped.pid, reaped.state
         ));
     }
 
@@ -928,7 +1059,10 @@ impl Coordinator {
         let (rank_no, pid) = (rank.rank, rank.pid.unwrap_or(0));
         self.status.ranks[index].state = state;
         self.status_dirty = true;
-        self.log.line(format_args!("rank {rank_no} (pid {pid}) {}", describe_end(state)));
+        self.log.line(format_args!(
+            "rank {rank_no} (pid {pid}) {}",
+            describe_end(state)
+        ));
         if index == 0 {
             // Nobody reads rank 0's stdin any more.
             self.forward = None;
@@ -958,10 +1092,16 @@ impl Coordinator {
         self.status_dirty = true;
         let node = self.agent.node;
         let pid = self.agent.pid.unwrap_or(0);
-        self.log.line(format_args!("agent of node {node} (pid {pid}) {}", describe_end(state)));
+        self.log.line(format_args!(
+            "agent of node {node} (pid {pid}) {}",
+            describe_end(state)
+        ));
         match self.phase {
             Phase::AgentStarting { .. } => {
-                self.agent_not_ready(format!("(it {})", describe_end(state).trim_start_matches("was ")));
+                self.agent_not_ready(format!(
+                    "(it {})",
+                    describe_end(state).trim_start_matches("was ")
+                ));
             }
             Phase::Running => {
                 let cause = EndCause::AgentDied { node, pid, state };
@@ -978,7 +1118,9 @@ impl Coordinator {
 
     fn read_agent_stdout(&mut self) {
         let mut buf = [0u8; 4096];
-        let Some(fd) = self.agent.stdout.as_ref() else { return };
+        let Some(fd) = self.agent.stdout.as_ref() else {
+            return;
+        };
         let eof = match os::read_some(fd.as_fd(), &mut buf) {
             Ok(0) => true,
             Ok(n) => {
@@ -987,7 +1129,8 @@ impl Coordinator {
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
             Err(e) => {
-                self.log.line(format_args!("reading the agent's stdout: {e}"));
+                self.log
+                    .line(format_args!("reading the agent's stdout: {e}"));
                 true
             }
         };
@@ -997,7 +1140,8 @@ impl Coordinator {
             if !self.agent.ready && text == "ready" {
                 self.agent_ready();
             } else if !text.is_empty() {
-                self.log.line(format_args!("agent {}: {text}", self.agent.node));
+                self.log
+                    .line(format_args!("agent {}: {text}", self.agent.node));
             }
         }
         if eof {
@@ -1006,12 +1150,17 @@ impl Coordinator {
                 // Usually the agent died: wait a moment for its status,
                 // which says more than "closed its output".
                 let deadline = Instant::now() + Duration::from_millis(500);
-                while self.agent.exited.is_none() && Instant::now() < deadline && self.phase != Phase::Done {
+                while self.agent.exited.is_none()
+                    && Instant::now() < deadline
+                    && self.phase != Phase::Done
+                {
                     self.reap_children();
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 if matches!(self.phase, Phase::AgentStarting { .. }) {
-                    self.agent_not_ready("(it closed its stdout without printing `ready`)".to_string());
+                    self.agent_not_ready(
+                        "(it closed its stdout without printing `ready`)".to_string(),
+                    );
                 }
             }
         }
@@ -1031,7 +1180,8 @@ impl Coordinator {
                 self.stderr.push(format!("  {line}\n").as_bytes());
             }
         }
-        self.cause.get_or_insert(EndCause::AgentNotReady { node, detail });
+        self.cause
+            .get_or_insert(EndCause::AgentNotReady { node, detail });
         self.phase = Phase::Done;
     }
 
@@ -1039,7 +1189,8 @@ impl Coordinator {
         self.agent.ready = true;
         self.status.agents[0].state = ProcessState::Running;
         self.status_dirty = true;
-        self.log.line(format_args!("agent of node {} is ready", self.agent.node));
+        self.log
+            .line(format_args!("agent of node {} is ready", self.agent.node));
         if matches!(self.phase, Phase::AgentStarting { .. }) {
             self.spawn_ranks();
         }
@@ -1053,16 +1204,24 @@ impl Coordinator {
         self.phase = Phase::Running;
         for index in 0..self.ranks.len() {
             let rank = index as u32;
-            let stdin = if rank == 0 { self.rank0_stdin } else { RankStdin::Null };
+            let stdin = if rank == 0 {
+                self.rank0_stdin
+            } else {
+                RankStdin::Null
+            };
             match spawn::spawn_rank(&self.launch, rank, self.pgid, stdin) {
                 Ok(child) => {
                     self.pgid.get_or_insert(child.pid);
                     let mut streams = [None, None];
                     for (slot, (fd, dest)) in
-                        [(child.stdout, Dest::Stdout), (child.stderr, Dest::Stderr)].into_iter().enumerate()
+                        [(child.stdout, Dest::Stdout), (child.stderr, Dest::Stderr)]
+                            .into_iter()
+                            .enumerate()
                     {
                         if let Err(e) = os::set_nonblocking(fd.as_fd()) {
-                            self.log.line(format_args!("rank {rank}: cannot make its pipe non-blocking: {e}"));
+                            self.log.line(format_args!(
+                                "rank {rank}: cannot make its pipe non-blocking: {e}"
+                            ));
                         }
                         streams[slot] = Some(RankStream {
                             fd,
@@ -1073,7 +1232,9 @@ impl Coordinator {
                     if let Some(stdin) = child.stdin {
                         let to_rank0 = OwnedFd::from(stdin);
                         if let Err(e) = os::set_nonblocking(to_rank0.as_fd()) {
-                            self.log.line(format_args!("cannot make rank 0's stdin pipe non-blocking: {e}"));
+                            self.log.line(format_args!(
+                                "cannot make rank 0's stdin pipe non-blocking: {e}"
+                            ));
                         }
                         self.forward = Some(StdinForward {
                             to_rank0,
@@ -1102,7 +1263,12 @@ impl Coordinator {
                 }
             }
         }
-        let pids: Vec<String> = self.ranks.iter().filter_map(|r| r.pid).map(|p| p.to_string()).collect();
+        let pids: Vec<String> = self
+            .ranks
+            .iter()
+            .filter_map(|r| r.pid)
+            .map(|p| p.to_string())
+            .collect();
         self.log.line(format_args!(
             "started {} rank(s) in process group {}: pids {}",
             self.ranks.len(),
@@ -1114,7 +1280,9 @@ impl Coordinator {
     fn read_rank(&mut self, index: usize, stream: usize) {
         let mut buf = vec![0u8; READ_CHUNK];
         for _ in 0..READS_PER_WAKEUP {
-            let Some(s) = self.ranks[index].streams[stream].as_mut() else { return };
+            let Some(s) = self.ranks[index].streams[stream].as_mut() else {
+                return;
+            };
             let sink = match s.dest {
                 Dest::Stdout => &mut self.stdout,
                 Dest::Stderr => &mut self.stderr,
@@ -1127,9 +1295,34 @@ impl Coordinator {
                 Ok(n) => s.tagger.feed(&buf[..n], sink),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    self.log.line(format_args!("reading the output of rank {index}: {e}"));
+                    self.log
+                        .line(format_args!("reading the output of rank {index}: {e}"));
                     return self.end_stream(index, stream);
                 }
+            }
+        }
+    }
+
+    /// Reads up to `limit` bytes of a rank's pipe whatever the backlog of
+    /// its destination, stopping at end of file or an empty pipe.
+    fn read_rank_bounded(&mut self, index: usize, stream: usize, limit: usize) {
+        let mut buf = vec![0u8; READ_CHUNK];
+        let mut total = 0;
+        while total < limit {
+            let Some(s) = self.ranks[index].streams[stream].as_mut() else {
+                return;
+            };
+            let sink = match s.dest {
+                Dest::Stdout => &mut self.stdout,
+                Dest::Stderr => &mut self.stderr,
+            };
+            match os::read_some(s.fd.as_fd(), &mut buf) {
+                Ok(0) => return self.end_stream(index, stream),
+                Ok(n) => {
+                    s.tagger.feed(&buf[..n], sink);
+                    total += n;
+                }
+                Err(_) => return,
             }
         }
     }
@@ -1147,7 +1340,9 @@ impl Coordinator {
     // ---- terminal input for rank 0 ----
 
     fn read_stdin(&mut self) {
-        let Some(f) = self.forward.as_mut() else { return };
+        let Some(f) = self.forward.as_mut() else {
+            return;
+        };
         let mut buf = [0u8; 4096];
         // The terminal fd is blocking (its flags are shared with the shell),
         // but poll said it is readable: this read returns at once.
@@ -1156,7 +1351,8 @@ impl Coordinator {
             Ok(n) => f.buffer.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
-                self.log.line(format_args!("reading stdin: {e}; closing rank 0's stdin"));
+                self.log
+                    .line(format_args!("reading stdin: {e}; closing rank 0's stdin"));
                 f.stdin_done = true;
             }
         }
@@ -1164,7 +1360,9 @@ impl Coordinator {
     }
 
     fn write_rank0_stdin(&mut self) {
-        let Some(f) = self.forward.as_mut() else { return };
+        let Some(f) = self.forward.as_mut() else {
+            return;
+        };
         while !f.buffer.is_empty() {
             match os::write_some(f.to_rank0.as_fd(), &f.buffer) {
                 Ok(n) => {
@@ -1221,7 +1419,11 @@ impl Coordinator {
         self.log.line(format_args!(
             "job ended: {:?}, exit status {exit_code}{}",
             self.status.state,
-            self.status.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+            self.status
+                .reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
         ));
         self.flush_output();
         exit_code
@@ -1251,7 +1453,9 @@ impl Coordinator {
         ));
         let _ = os::signal_process(pid, libc::SIGKILL);
         if !self.wait_for_agent(AGENT_STOP_WAIT) {
-            self.say(format!("mome: the agent (pid {pid}) did not die after SIGKILL; leaving it"));
+            self.say(format!(
+                "mome: the agent (pid {pid}) did not die after SIGKILL; leaving it"
+            ));
         }
     }
 
@@ -1312,15 +1516,19 @@ impl Coordinator {
                     fds.push(PollFd::new(sink.fd(), PollFlags::POLLOUT));
                 }
             }
-            let signal_fds: Vec<(i32, BorrowedFd<'_>)> =
-                self.signals.fds().filter(|(s, _)| ENDING.contains(s)).collect();
+            let signal_fds: Vec<(i32, BorrowedFd<'_>)> = self
+                .signals
+                .fds()
+                .filter(|(s, _)| ENDING.contains(s))
+                .collect();
             for (_, fd) in &signal_fds {
                 fds.push(PollFd::new(*fd, PollFlags::POLLIN));
             }
             let _ = nix::poll::poll(&mut fds, os::poll_timeout(Some(MAX_POLL)));
             drop(fds);
             if ENDING.iter().any(|&s| self.signals.take(s) > 0) {
-                self.log.line("interrupted while writing the last output; dropping it");
+                self.log
+                    .line("interrupted while writing the last output; dropping it");
                 return;
             }
             self.stdout.write_ready();

@@ -156,7 +156,12 @@ mod tests {
         let home = home.path().join("nested-home");
         let dir = create_job_dir(&home).unwrap();
         for p in [&home.join("jobs"), &dir.path, &dir.logs()] {
-            assert_eq!(std::fs::metadata(p).unwrap().mode() & 0o777, 0o700, "{}", p.display());
+            assert_eq!(
+                std::fs::metadata(p).unwrap().mode() & 0o777,
+                0o700,
+                "{}",
+                p.display()
+            );
         }
         let mut log = CoordinatorLog::open(&dir).unwrap();
         log.line("hello");

@@ -165,7 +165,8 @@ pub fn signal_ignored(signal: i32) -> bool {
     // action, sigaction only reads the current disposition into `old`.
     unsafe {
         let mut old: libc::sigaction = std::mem::zeroed();
-        libc::sigaction(signal, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN
+        libc::sigaction(signal, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
     }
 }
 
@@ -197,7 +198,10 @@ pub fn output_kind(fd: BorrowedFd<'_>) -> OutputKind {
     match nix::sys::stat::fstat(fd) {
         Ok(st) => {
             let fmt = st.st_mode & libc::S_IFMT;
-            if fmt == libc::S_IFREG || fmt == libc::S_IFBLK || (fmt == libc::S_IFCHR && !is_terminal(fd)) {
+            if fmt == libc::S_IFREG
+                || fmt == libc::S_IFBLK
+                || (fmt == libc::S_IFCHR && !is_terminal(fd))
+            {
                 OutputKind::NeverBlocks
             } else {
                 OutputKind::MayBlock
@@ -246,4 +250,21 @@ pub fn write_some(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// Writes `text` to stderr, ignoring failure: an error message must not
+/// turn into a panic because stderr is a closed pipe.
+pub fn print_stderr(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(text.as_bytes());
+}
+
+/// Writes `text` to stdout; false when stdout is gone (`| head`), which is
+/// not worth a panic either.
+pub fn print_stdout(text: &str) -> bool {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .is_ok()
 }

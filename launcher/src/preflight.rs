@@ -105,10 +105,20 @@ pub struct Checked {
 }
 
 /// Runs every check, in the order a user would fix them.
-pub fn check_all(program: &OsStr, config: &Config, ranks: u32, cwd: &Path) -> Result<Checked, PreflightError> {
+pub fn check_all(
+    program: &OsStr,
+    config: &Config,
+    ranks: u32,
+    cwd: &Path,
+) -> Result<Checked, PreflightError> {
     let path_var = std::env::var_os("PATH");
     let resolved = resolve_program(program, path_var.as_deref(), cwd)?;
-    let interpreters = check_program(&program.to_string_lossy(), &resolved, path_var.as_deref(), cwd)?;
+    let interpreters = check_program(
+        &program.to_string_lossy(),
+        &resolved,
+        path_var.as_deref(),
+        cwd,
+    )?;
     let kernel = check_kernel()?;
     check_aslr_control()?;
     check_limits(config, ranks)?;
@@ -124,7 +134,11 @@ pub fn check_all(program: &OsStr, config: &Config, ranks: u32, cwd: &Path) -> Re
 /// Finds `name` as execvp(3) does: a name with a `/` is a path (relative to
 /// `cwd`), any other is looked up in each directory of `path_var` (an empty
 /// entry meaning the current directory). Returns an absolute path.
-pub fn resolve_program(name: &OsStr, path_var: Option<&OsStr>, cwd: &Path) -> Result<PathBuf, PreflightError> {
+pub fn resolve_program(
+    name: &OsStr,
+    path_var: Option<&OsStr>,
+    cwd: &Path,
+) -> Result<PathBuf, PreflightError> {
     let display = name.to_string_lossy().into_owned();
     if name.is_empty() {
         return Err(PreflightError::NoSuchFile { name: display });
@@ -133,8 +147,14 @@ pub fn resolve_program(name: &OsStr, path_var: Option<&OsStr>, cwd: &Path) -> Re
         let path = absolute(cwd, Path::new(name));
         return match std::fs::metadata(&path) {
             Err(_) => Err(PreflightError::NoSuchFile { name: display }),
-            Ok(meta) if meta.is_dir() => Err(PreflightError::IsDirectory { subject: display, path }),
-            Ok(_) if !is_executable(&path) => Err(PreflightError::NotExecutable { subject: display, path }),
+            Ok(meta) if meta.is_dir() => Err(PreflightError::IsDirectory {
+                subject: display,
+                path,
+            }),
+            Ok(_) if !is_executable(&path) => Err(PreflightError::NotExecutable {
+                subject: display,
+                path,
+            }),
             Ok(_) => Ok(path),
         };
     }
@@ -142,7 +162,11 @@ pub fn resolve_program(name: &OsStr, path_var: Option<&OsStr>, cwd: &Path) -> Re
     let search = path_var.unwrap_or(OsStr::new("/bin:/usr/bin"));
     let mut not_executable = None;
     for dir in search.as_bytes().split(|&b| b == b':') {
-        let dir = if dir.is_empty() { Path::new(".") } else { Path::new(OsStr::from_bytes(dir)) };
+        let dir = if dir.is_empty() {
+            Path::new(".")
+        } else {
+            Path::new(OsStr::from_bytes(dir))
+        };
         let candidate = absolute(cwd, &dir.join(name));
         match std::fs::metadata(&candidate) {
             Ok(meta) if meta.is_file() => {
@@ -157,7 +181,10 @@ pub fn resolve_program(name: &OsStr, path_var: Option<&OsStr>, cwd: &Path) -> Re
         }
     }
     match not_executable {
-        Some(path) => Err(PreflightError::NotExecutable { subject: display, path }),
+        Some(path) => Err(PreflightError::NotExecutable {
+            subject: display,
+            path,
+        }),
         None => Err(PreflightError::NotFoundInPath { name: display }),
     }
 }
@@ -165,8 +192,15 @@ pub fn resolve_program(name: &OsStr, path_var: Option<&OsStr>, cwd: &Path) -> Re
 /// `cwd/path`, with `.` components removed (not `..`: through a symlink
 /// that would change the meaning).
 fn absolute(cwd: &Path, path: &Path) -> PathBuf {
-    let joined = if path.is_absolute() { path.to_path_buf() } else { cwd.join(path) };
-    joined.components().filter(|c| *c != Component::CurDir).collect()
+    let joined = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        cwd.join(path)
+    };
+    joined
+        .components()
+        .filter(|c| *c != Component::CurDir)
+        .collect()
 }
 
 fn is_executable(path: &Path) -> bool {
@@ -175,7 +209,12 @@ fn is_executable(path: &Path) -> bool {
 
 /// Checks `path` (the resolved program, `name` as the user typed it) and the
 /// `#!` interpreters it goes through; returns those interpreters.
-pub fn check_program(name: &str, path: &Path, path_var: Option<&OsStr>, cwd: &Path) -> Result<Vec<PathBuf>, PreflightError> {
+pub fn check_program(
+    name: &str,
+    path: &Path,
+    path_var: Option<&OsStr>,
+    cwd: &Path,
+) -> Result<Vec<PathBuf>, PreflightError> {
     let mut interpreters: Vec<PathBuf> = Vec::new();
     let mut current = path.to_path_buf();
     loop {
@@ -190,11 +229,12 @@ pub fn check_program(name: &str, path: &Path, path_var: Option<&OsStr>, cwd: &Pa
         })?;
         // The kernel reads at most 256 bytes of a #! line (BINPRM_BUF_SIZE).
         let mut head = [0u8; 256];
-        let len = read_up_to(&mut file, &mut head).map_err(|source| PreflightError::Unreadable {
-            subject: subject.clone(),
-            path: current.clone(),
-            source,
-        })?;
+        let len =
+            read_up_to(&mut file, &mut head).map_err(|source| PreflightError::Unreadable {
+                subject: subject.clone(),
+                path: current.clone(),
+                source,
+            })?;
         let head = &head[..len];
         let Some(line) = head.strip_prefix(b"#!") else {
             check_elf(&subject, &current, &mut file)?;
@@ -228,7 +268,12 @@ fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 /// The program a `#!` line makes the kernel run. `#!/usr/bin/env NAME`
 /// runs NAME from PATH: that is the program that matters, so it is
 /// returned instead of env.
-fn interpreter_of(name: &str, line: &[u8], path_var: Option<&OsStr>, cwd: &Path) -> Result<PathBuf, PreflightError> {
+fn interpreter_of(
+    name: &str,
+    line: &[u8],
+    path_var: Option<&OsStr>,
+    cwd: &Path,
+) -> Result<PathBuf, PreflightError> {
     let line = line.split(|&b| b == b'\n').next().unwrap_or_default();
     let text = String::from_utf8_lossy(line).trim().to_string();
     let mut words = text.split_whitespace();
@@ -271,10 +316,12 @@ fn interpreter_of(name: &str, line: &[u8], path_var: Option<&OsStr>, cwd: &Path)
         // `#!/usr/bin/env` alone: env would print the environment.
         None => Ok(interpreter_path),
         Some(command) => resolve_program(OsStr::new(command), path_var, cwd).map_err(|e| match e {
-            PreflightError::NotFoundInPath { .. } | PreflightError::NoSuchFile { .. } => PreflightError::InterpreterNotFound {
-                name: name.to_string(),
-                interpreter: format!("{command} (from `#!{text}`, searched PATH)"),
-            },
+            PreflightError::NotFoundInPath { .. } | PreflightError::NoSuchFile { .. } => {
+                PreflightError::InterpreterNotFound {
+                    name: name.to_string(),
+                    interpreter: format!("{command} (from `#!{text}`, searched PATH)"),
+                }
+            }
             other => other,
         }),
     }
@@ -299,7 +346,11 @@ fn check_elf(subject: &str, path: &Path, file: &mut File) -> Result<(), Prefligh
     }
     let header = Elf::parse_header(&head).map_err(|_| not_elf())?;
     if header.e_machine != EM_X86_64 || header.e_ident[4] != ELFCLASS64 {
-        let bits = if header.e_ident[4] == ELFCLASS64 { "64-bit" } else { "32-bit" };
+        let bits = if header.e_ident[4] == ELFCLASS64 {
+            "64-bit"
+        } else {
+            "32-bit"
+        };
         return Err(PreflightError::WrongArch {
             subject: subject.to_string(),
             arch: format!("{} ({bits})", machine_to_str(header.e_machine)),
@@ -324,7 +375,8 @@ fn check_elf(subject: &str, path: &Path, file: &mut File) -> Result<(), Prefligh
         ProgramHeader::parse(&head, phoff, phnum, ctx)
     } else {
         let mut table = vec![0u8; ph_end - phoff];
-        file.read_exact_at(&mut table, phoff as u64).map_err(unreadable)?;
+        file.read_exact_at(&mut table, phoff as u64)
+            .map_err(unreadable)?;
         ProgramHeader::parse(&table, 0, phnum, ctx)
     }
     .map_err(|_| not_elf())?;
@@ -355,8 +407,10 @@ fn check_elf(subject: &str, path: &Path, file: &mut File) -> Result<(), Prefligh
 // ---- the kernel ----
 
 /// userfaultfd features the agent and the preload library rely on.
-pub const REQUIRED_FEATURES: u64 =
-    feature::WP_HUGETLBFS_SHMEM | feature::WP_ASYNC | feature::WP_UNPOPULATED | feature::MISSING_SHMEM;
+pub const REQUIRED_FEATURES: u64 = feature::WP_HUGETLBFS_SHMEM
+    | feature::WP_ASYNC
+    | feature::WP_UNPOPULATED
+    | feature::MISSING_SHMEM;
 
 /// Names and first Linux release of the features mome asks for.
 const FEATURE_NAMES: [(u64, &str, (u32, u32)); 4] = [
@@ -381,10 +435,12 @@ pub struct KernelReport {
 pub fn check_kernel() -> Result<KernelReport, PreflightError> {
     let release = crate::os::kernel_release();
     let uffd = Uffd::open(libc::O_CLOEXEC | libc::O_NONBLOCK).map_err(|e| match e {
-        UffdError::Unavailable { syscall, device } if syscall.0 == libc::ENOSYS => PreflightError::UffdMissing {
-            release: release.clone(),
-            detail: format!("userfaultfd(2): {syscall}; /dev/userfaultfd: {device}"),
-        },
+        UffdError::Unavailable { syscall, device } if syscall.0 == libc::ENOSYS => {
+            PreflightError::UffdMissing {
+                release: release.clone(),
+                detail: format!("userfaultfd(2): {syscall}; /dev/userfaultfd: {device}"),
+            }
+        }
         UffdError::Unavailable { syscall, device } => PreflightError::UffdPermission {
             detail: format!("userfaultfd(2): {syscall}; /dev/userfaultfd: {device}"),
         },
@@ -407,7 +463,10 @@ pub fn check_kernel() -> Result<KernelReport, PreflightError> {
                 .max()
                 .unwrap_or((6, 7));
             PreflightError::KernelFeature {
-                what: format!("the kernel lacks the userfaultfd features {}", names.join(", ")),
+                what: format!(
+                    "the kernel lacks the userfaultfd features {}",
+                    names.join(", ")
+                ),
                 advice: needs_linux(needed, &release),
             }
         }
@@ -428,7 +487,10 @@ pub fn check_kernel() -> Result<KernelReport, PreflightError> {
             what: format!("registering shared memory with userfaultfd for missing-page and write-protect faults failed ({e})"),
             advice: needs_linux((6, 7), &release),
         })?;
-    let wanted = [(ioctl_bit::COPY, "UFFDIO_COPY"), (ioctl_bit::WRITEPROTECT, "UFFDIO_WRITEPROTECT")];
+    let wanted = [
+        (ioctl_bit::COPY, "UFFDIO_COPY"),
+        (ioctl_bit::WRITEPROTECT, "UFFDIO_WRITEPROTECT"),
+    ];
     let missing: Vec<&str> = wanted
         .iter()
         .filter(|(bit, _)| ioctls & bit == 0)
@@ -436,7 +498,10 @@ pub fn check_kernel() -> Result<KernelReport, PreflightError> {
         .collect();
     if !missing.is_empty() {
         return Err(PreflightError::KernelFeature {
-            what: format!("userfaultfd offers no {} on shared memory", missing.join(" or ")),
+            what: format!(
+                "userfaultfd offers no {} on shared memory",
+                missing.join(" or ")
+            ),
             advice: needs_linux((6, 7), &release),
         });
     }
@@ -451,12 +516,17 @@ pub fn check_kernel() -> Result<KernelReport, PreflightError> {
         return_mask: pagemap::PAGE_IS_WRITTEN,
         ..Default::default()
     };
-    pagemap::scan(pagemap.as_raw_fd(), mapping.addr, mapping.addr + mapping.len, query, &mut regions).map_err(
-        |e| PreflightError::KernelFeature {
-            what: format!("the PAGEMAP_SCAN ioctl failed ({e})"),
-            advice: needs_linux((6, 7), &release),
-        },
-    )?;
+    pagemap::scan(
+        pagemap.as_raw_fd(),
+        mapping.addr,
+        mapping.addr + mapping.len,
+        query,
+        &mut regions,
+    )
+    .map_err(|e| PreflightError::KernelFeature {
+        what: format!("the PAGEMAP_SCAN ioctl failed ({e})"),
+        advice: needs_linux((6, 7), &release),
+    })?;
     // Unregister before the mapping goes away (dropping the fd would too).
     let _ = uffd.unregister(mapping.addr, mapping.len);
     Ok(KernelReport {
@@ -546,7 +616,8 @@ impl Drop for SharedTestMapping {
 pub fn check_aslr_control() -> Result<(), PreflightError> {
     use nix::sys::personality::{self, Persona};
     let current = personality::get().map_err(|errno| PreflightError::Aslr { errno })?;
-    personality::set(current | Persona::ADDR_NO_RANDOMIZE).map_err(|errno| PreflightError::Aslr { errno })?;
+    personality::set(current | Persona::ADDR_NO_RANDOMIZE)
+        .map_err(|errno| PreflightError::Aslr { errno })?;
     personality::set(current).map_err(|errno| PreflightError::Aslr { errno })?;
     Ok(())
 }
@@ -591,11 +662,24 @@ mod tests {
     #[test]
     fn resolves_like_execvp() {
         let cwd = Path::new("/");
-        let sh = resolve_program(OsStr::new("sh"), Some(OsStr::new("/nonexistent:/bin:/usr/bin")), cwd).unwrap();
+        let sh = resolve_program(
+            OsStr::new("sh"),
+            Some(OsStr::new("/nonexistent:/bin:/usr/bin")),
+            cwd,
+        )
+        .unwrap();
         assert!(sh.is_absolute() && sh.ends_with("sh"), "{}", sh.display());
-        let e = resolve_program(OsStr::new("no-such-program-xyz"), Some(OsStr::new("/bin")), cwd).unwrap_err();
+        let e = resolve_program(
+            OsStr::new("no-such-program-xyz"),
+            Some(OsStr::new("/bin")),
+            cwd,
+        )
+        .unwrap_err();
         assert_eq!(e.exit_code(), 127);
-        assert_eq!(e.to_string(), "no-such-program-xyz: not found (searched PATH)");
+        assert_eq!(
+            e.to_string(),
+            "no-such-program-xyz: not found (searched PATH)"
+        );
         let p = resolve_program(OsStr::new("./bin/./sh"), None, Path::new("/usr")).unwrap();
         assert_eq!(p, Path::new("/usr/bin/sh"));
         let e = resolve_program(OsStr::new("/etc/hostname-nope"), None, cwd).unwrap_err();
@@ -611,7 +695,9 @@ mod tests {
         let cwd = Path::new("/");
         let path = std::env::var_os("PATH");
         let sh = resolve_program(OsStr::new("sh"), path.as_deref(), cwd).unwrap();
-        assert!(check_program("sh", &sh, path.as_deref(), cwd).unwrap().is_empty());
+        assert!(check_program("sh", &sh, path.as_deref(), cwd)
+            .unwrap()
+            .is_empty());
 
         let dir = tempfile::tempdir().unwrap();
         let script = dir.path().join("s");
@@ -632,7 +718,10 @@ mod tests {
 
         std::fs::write(&script, "plain text\n").unwrap();
         let e = check_program("s", &script, path.as_deref(), cwd).unwrap_err();
-        assert_eq!(e.to_string(), "s is neither an ELF executable nor a script starting with #!");
+        assert_eq!(
+            e.to_string(),
+            "s is neither an ELF executable nor a script starting with #!"
+        );
         assert_eq!(e.exit_code(), 2);
     }
 

@@ -14,13 +14,21 @@ use signal_hook::SigId;
 #[derive(Debug, thiserror::Error)]
 pub enum SignalError {
     #[error("cannot create the self-pipe for {name}: {source}")]
-    Pipe { name: String, source: std::io::Error },
+    Pipe {
+        name: String,
+        source: std::io::Error,
+    },
     #[error("cannot install a handler for {name}: {source}")]
-    Register { name: String, source: std::io::Error },
+    Register {
+        name: String,
+        source: std::io::Error,
+    },
 }
 
 /// Signals that end the job: forwarded to the ranks, then the job ends.
-pub const ENDING: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+/// SIGQUIT (Ctrl-\\) too: left to its default it would kill mome-run alone
+/// and leave the ranks' children behind.
+pub const ENDING: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
 #[derive(Debug)]
 struct Watched {
@@ -51,7 +59,10 @@ impl SignalPipes {
                 source,
             })?;
             read.set_nonblocking(true)
-                .map_err(|source| SignalError::Pipe { name: name.clone(), source })?;
+                .map_err(|source| SignalError::Pipe {
+                    name: name.clone(),
+                    source,
+                })?;
             let id = signal_hook::low_level::pipe::register(signal, write)
                 .map_err(|source| SignalError::Register { name, source })?;
             watched.push(Watched { signal, read, id });

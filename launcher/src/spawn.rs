@@ -41,7 +41,10 @@ pub enum SpawnError {
     #[error("cannot locate mome-run's own executable (to find mome-agent next to it): {0}")]
     OwnPath(std::io::Error),
     #[error("cannot open the agent's log {path}: {source}")]
-    Log { path: PathBuf, source: std::io::Error },
+    Log {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot start the agent of node {node} ({path}): {source}")]
     Agent {
         node: u32,
@@ -122,11 +125,18 @@ impl Install {
         let preload = std::path::absolute(&preload).unwrap_or(preload);
         // ld.so splits LD_PRELOAD at spaces and colons: such a path cannot
         // be preloaded at all.
-        if preload.as_os_str().as_bytes().iter().any(|&b| b == b' ' || b == b':') {
+        if preload
+            .as_os_str()
+            .as_bytes()
+            .iter()
+            .any(|&b| b == b' ' || b == b':')
+        {
             return Err(SpawnError::Unusable {
                 what: PRELOAD_LIB_NAME,
                 path: preload,
-                reason: "LD_PRELOAD cannot name a path with a space or a colon; install mome elsewhere".into(),
+                reason:
+                    "LD_PRELOAD cannot name a path with a space or a colon; install mome elsewhere"
+                        .into(),
             });
         }
         let agent = std::path::absolute(&agent).unwrap_or(agent);
@@ -145,7 +155,13 @@ pub struct AgentChild {
 
 /// Starts `mome-agent --job-dir DIR --node K --nodes N --ranks a,b,...`
 /// with stderr into logs/agent-K.log.
-pub fn spawn_agent(install: &Install, job: &JobDir, node: u32, nodes: u32, ranks: &[u32]) -> Result<AgentChild, SpawnError> {
+pub fn spawn_agent(
+    install: &Install,
+    job: &JobDir,
+    node: u32,
+    nodes: u32,
+    ranks: &[u32],
+) -> Result<AgentChild, SpawnError> {
     let log_path = job.agent_log(node);
     let log = crate::jobdir::open_private_log(&log_path).map_err(|e| SpawnError::Log {
         path: log_path.clone(),
@@ -154,7 +170,11 @@ pub fn spawn_agent(install: &Install, job: &JobDir, node: u32, nodes: u32, ranks
             other => std::io::Error::other(other.to_string()),
         },
     })?;
-    let rank_list = ranks.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let rank_list = ranks
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
     let mut cmd = Command::new(&install.agent);
     cmd.arg("--job-dir")
         .arg(&job.path)
@@ -224,14 +244,22 @@ pub struct RankChild {
 
 /// Starts rank `rank` in process group `pgid` (None: a new group led by
 /// this rank, for rank 0).
-pub fn spawn_rank(launch: &RankLaunch, rank: u32, pgid: Option<i32>, stdin: RankStdin) -> Result<RankChild, SpawnError> {
+pub fn spawn_rank(
+    launch: &RankLaunch,
+    rank: u32,
+    pgid: Option<i32>,
+    stdin: RankStdin,
+) -> Result<RankChild, SpawnError> {
     let mut cmd = Command::new(&launch.program);
     if let Some(argv0) = launch.argv.first() {
         cmd.arg0(argv0);
     }
     cmd.args(launch.argv.iter().skip(1))
         .current_dir(&launch.cwd)
-        .env("LD_PRELOAD", preload_value(&launch.preload, std::env::var_os("LD_PRELOAD").as_deref()))
+        .env(
+            "LD_PRELOAD",
+            preload_value(&launch.preload, std::env::var_os("LD_PRELOAD").as_deref()),
+        )
         .env(env::RANK, rank.to_string())
         .env(env::NRANKS, launch.nranks.to_string())
         .env(env::NODE, launch.node.to_string())
@@ -261,7 +289,10 @@ pub fn spawn_rank(launch: &RankLaunch, rank: u32, pgid: Option<i32>, stdin: Rank
     // the child joined it. EACCES (it already exec'd) and ESRCH (it already
     // died) mean there is nothing left to do.
     let group = pgid.unwrap_or(pid);
-    let _ = nix::unistd::setpgid(nix::unistd::Pid::from_raw(pid), nix::unistd::Pid::from_raw(group));
+    let _ = nix::unistd::setpgid(
+        nix::unistd::Pid::from_raw(pid),
+        nix::unistd::Pid::from_raw(group),
+    );
     Ok(RankChild {
         pid,
         stdin: child.stdin.take(),

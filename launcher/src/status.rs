@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mome_protocol::job::{
-    AgentStatus, ControlReply, ControlRequest, JobDir, JobError, JobSpec, JobState, JobStatus, RankStatus,
+    AgentStatus, ControlReply, ControlRequest, JobDir, JobError, JobSpec, JobState, JobStatus,
+    RankStatus,
 };
 use serde::Serialize;
 
@@ -21,7 +22,10 @@ pub enum StatusError {
     #[error(transparent)]
     Job(#[from] JobError),
     #[error("cannot list {path}: {source}")]
-    List { path: PathBuf, source: std::io::Error },
+    List {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// How long mome-status waits for a live job's control socket.
@@ -63,7 +67,9 @@ pub fn shown_state(status: Option<&JobStatus>) -> ShownState {
     match status.state {
         JobState::Finished => ShownState::Finished,
         JobState::Failed => ShownState::Failed,
-        JobState::Starting | JobState::Running if !coordinator_alive(status.coordinator_pid) => ShownState::Lost,
+        JobState::Starting | JobState::Running if !coordinator_alive(status.coordinator_pid) => {
+            ShownState::Lost
+        }
         JobState::Starting => ShownState::Starting,
         JobState::Running => ShownState::Running,
     }
@@ -75,7 +81,11 @@ pub fn coordinator_alive(pid: i32) -> bool {
     if pid <= 0 || !crate::os::process_exists(pid) || crate::os::is_zombie(pid) {
         return false;
     }
-    let named = |s: &str| Path::new(s.trim()).file_name().is_some_and(|n| n == "mome-run");
+    let named = |s: &str| {
+        Path::new(s.trim())
+            .file_name()
+            .is_some_and(|n| n == "mome-run")
+    };
     let argv0 = crate::os::process_argv0(pid);
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok();
@@ -118,7 +128,9 @@ pub fn list_jobs(home: &Path) -> Result<Vec<JobSummary>, StatusError> {
     let mut summaries = Vec::new();
     for id in ids {
         // A directory without a readable job.yaml is not (yet) a job.
-        let Ok(dir) = JobDir::open(home, &id) else { continue };
+        let Ok(dir) = JobDir::open(home, &id) else {
+            continue;
+        };
         let Ok(spec) = dir.read_spec() else { continue };
         let status = dir.read_status().ok();
         summaries.push(JobSummary {
@@ -185,7 +197,10 @@ fn render_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> Str
 
 /// argv as a shell would need it typed.
 pub fn command_line(argv: &[String]) -> String {
-    argv.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")
+    argv.iter()
+        .map(|a| shell_quote(a))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn shell_quote(arg: &str) -> String {
@@ -224,7 +239,11 @@ pub struct JobDetail {
 
 /// Reads job `id` of `home`, asking its control socket when it is live.
 /// Returns the detail and, when the socket did not answer, a warning.
-pub fn job_detail(home: &Path, id: &str, timeout: Duration) -> Result<(JobDetail, Option<String>), StatusError> {
+pub fn job_detail(
+    home: &Path,
+    id: &str,
+    timeout: Duration,
+) -> Result<(JobDetail, Option<String>), StatusError> {
     let dir = JobDir::open(home, id)?;
     let spec = dir.read_spec()?;
     let recorded = dir.read_status().ok();
@@ -248,9 +267,22 @@ pub fn job_detail(home: &Path, id: &str, timeout: Duration) -> Result<(JobDetail
     Ok((detail_of(&dir, &spec, status, state, source), warning))
 }
 
-fn detail_of(dir: &JobDir, spec: &JobSpec, status: Option<JobStatus>, state: ShownState, source: &str) -> JobDetail {
+fn detail_of(
+    dir: &JobDir,
+    spec: &JobSpec,
+    status: Option<JobStatus>,
+    state: ShownState,
+    source: &str,
+) -> JobDetail {
     let (ended, exit_code, reason, pid, ranks, agents) = match status {
-        Some(s) => (s.ended, s.exit_code, s.reason, Some(s.coordinator_pid), s.ranks, s.agents),
+        Some(s) => (
+            s.ended,
+            s.exit_code,
+            s.reason,
+            Some(s.coordinator_pid),
+            s.ranks,
+            s.agents,
+        ),
         None => (None, None, None, None, Vec::new(), Vec::new()),
     };
     JobDetail {
@@ -286,7 +318,10 @@ pub fn render_detail(d: &JobDetail) -> String {
         ("ended", dash(d.ended.clone())),
         ("exit code", dash(d.exit_code.map(|c| c.to_string()))),
         ("reason", dash(d.reason.clone())),
-        ("mome-run pid", dash(d.coordinator_pid.map(|p| p.to_string()))),
+        (
+            "mome-run pid",
+            dash(d.coordinator_pid.map(|p| p.to_string())),
+        ),
         ("job dir", d.job_dir.display().to_string()),
     ];
     let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
@@ -299,7 +334,14 @@ pub fn render_detail(d: &JobDetail) -> String {
     let ranks: Vec<[String; 4]> = d
         .ranks
         .iter()
-        .map(|r| [r.rank.to_string(), r.node.to_string(), pid(r.pid), r.state.to_string()])
+        .map(|r| {
+            [
+                r.rank.to_string(),
+                r.node.to_string(),
+                pid(r.pid),
+                r.state.to_string(),
+            ]
+        })
         .collect();
     out.push_str(&render_table(&["RANK", "NODE", "PID", "STATE"], &ranks));
     out.push('\n');
@@ -318,7 +360,10 @@ mod tests {
 
     #[test]
     fn quoting() {
-        assert_eq!(command_line(&["./app".into(), "-n".into(), "a b".into(), "it's".into()]), "./app -n 'a b' 'it'\\''s'");
+        assert_eq!(
+            command_line(&["./app".into(), "-n".into(), "a b".into(), "it's".into()]),
+            "./app -n 'a b' 'it'\\''s'"
+        );
         assert_eq!(command_line(&["".into()]), "''");
     }
 
@@ -330,7 +375,10 @@ mod tests {
 
     #[test]
     fn dead_coordinator_means_lost() {
-        assert!(coordinator_alive(std::process::id() as i32) == false, "a test binary is not mome-run");
+        assert!(
+            !coordinator_alive(std::process::id() as i32),
+            "a test binary is not mome-run"
+        );
         assert!(!coordinator_alive(0));
         let status = JobStatus {
             id: "x".into(),

@@ -35,7 +35,10 @@ pub struct Channel {
 /// Lowest fd number for the library's own descriptors: high, so that they do
 /// not take the small numbers programs expect to get from open(2).
 pub fn high_fd_floor() -> i32 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes one rlimit.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
     let soft = lim.rlim_cur.min(1 << 20) as i32;
@@ -85,7 +88,10 @@ impl Channel {
         if rc < 0 {
             let errno = crate::sys::errno();
             crate::sys::close(fd);
-            return Err(AgentError::Io { op: "connect", errno });
+            return Err(AgentError::Io {
+                op: "connect",
+                errno,
+            });
         }
         Ok(Channel { fd, timeout_ms })
     }
@@ -134,7 +140,10 @@ impl Channel {
                 if errno == libc::EINTR {
                     continue;
                 }
-                return Err(AgentError::Io { op: "sendmsg", errno });
+                return Err(AgentError::Io {
+                    op: "sendmsg",
+                    errno,
+                });
             }
             sent += n as usize;
         }
@@ -207,7 +216,10 @@ impl Channel {
                 if errno == libc::EINTR || errno == libc::EAGAIN {
                     continue;
                 }
-                return Err(AgentError::Io { op: "recvmsg", errno });
+                return Err(AgentError::Io {
+                    op: "recvmsg",
+                    errno,
+                });
             }
             if n == 0 {
                 return Err(AgentError::Closed);
@@ -243,14 +255,16 @@ impl Channel {
         let timeout = if forever { None } else { Some(self.timeout_ms) };
         let mut fd = None;
         let mut head = [0u8; frame::HEADER];
-        let r = self.read_exact(&mut head, what, timeout, &mut fd).and_then(|_| {
-            let len = frame::body_len(head).map_err(|_| AgentError::Malformed)?;
-            if len > buf.len() {
-                return Err(AgentError::Malformed);
-            }
-            self.read_exact(&mut buf[..len], what, timeout, &mut fd)?;
-            Ok(len)
-        });
+        let r = self
+            .read_exact(&mut head, what, timeout, &mut fd)
+            .and_then(|_| {
+                let len = frame::body_len(head).map_err(|_| AgentError::Malformed)?;
+                if len > buf.len() {
+                    return Err(AgentError::Malformed);
+                }
+                self.read_exact(&mut buf[..len], what, timeout, &mut fd)?;
+                Ok(len)
+            });
         let len = match r {
             Ok(len) => len,
             Err(e) => {

@@ -19,7 +19,11 @@ static LAST_BARRIER: AtomicU64 = AtomicU64::new(0);
 const MOME_WEAK: i32 = 2;
 
 /// Calls the agent on the sync channel, connecting it first if needed.
-fn sync_call(req: &RankRequest<'_>, what: &'static str, f: impl FnOnce(AgentReply<'_>) -> i32) -> i32 {
+fn sync_call(
+    req: &RankRequest<'_>,
+    what: &'static str,
+    f: impl FnOnce(AgentReply<'_>) -> i32,
+) -> i32 {
     let Some(info) = state::info() else {
         return libc::ENOTCONN;
     };
@@ -141,10 +145,21 @@ pub extern "C" fn mome_active() -> i32 {
 /// # Safety
 /// Same contract as mmap(2) for `addr` with MAP_FIXED.
 #[no_mangle]
-pub unsafe extern "C" fn MomeMMap(addr: *mut c_void, len: usize, prot: i32, flags: i32, seg: i32, offset: i64) -> *mut c_void {
+pub unsafe extern "C" fn MomeMMap(
+    addr: *mut c_void,
+    len: usize,
+    prot: i32,
+    flags: i32,
+    seg: i32,
+    offset: i64,
+) -> *mut c_void {
     if state::mode() != Mode::Rank {
         // Not a rank: the memory is this process's own, as without mome.
-        let fixed = if addr.is_null() { 0 } else { flags & libc::MAP_FIXED };
+        let fixed = if addr.is_null() {
+            0
+        } else {
+            flags & libc::MAP_FIXED
+        };
         let anon = libc::MAP_SHARED | libc::MAP_ANONYMOUS | fixed;
         return match sys::mmap(addr as u64, len as u64, prot, anon, -1, 0) {
             Ok(a) => a as *mut c_void,
@@ -199,14 +214,30 @@ pub extern "C" fn MomeSyncMem(addr: *mut c_void, len: usize, date: u64) -> i32 {
 /// # Safety
 /// Fortran passes valid pointers to its arguments.
 #[no_mangle]
-pub unsafe extern "C" fn momemmap_(addr: *mut c_void, len: *const i32, prot: *const i32, flags: *const i32, seg: *const i32, offset: *const i32) -> i32 {
+pub unsafe extern "C" fn momemmap_(
+    addr: *mut c_void,
+    len: *const i32,
+    prot: *const i32,
+    flags: *const i32,
+    seg: *const i32,
+    offset: *const i32,
+) -> i32 {
     // SAFETY: Fortran passes every argument by reference.
     let (len, prot, flags, seg, offset) = unsafe { (*len, *prot, *flags, *seg, *offset) };
     if len <= 0 {
         return libc::EINVAL;
     }
     // SAFETY: MAP_FIXED at the address of the caller's COMMON block.
-    let r = unsafe { MomeMMap(addr, len as usize, prot, flags | libc::MAP_FIXED, seg, offset as i64) };
+    let r = unsafe {
+        MomeMMap(
+            addr,
+            len as usize,
+            prot,
+            flags | libc::MAP_FIXED,
+            seg,
+            offset as i64,
+        )
+    };
     if r == libc::MAP_FAILED {
         sys::errno()
     } else {
@@ -248,7 +279,11 @@ pub extern "C" fn mome_nranks_() -> i32 {
 /// # Safety
 /// Fortran passes valid pointers.
 #[no_mangle]
-pub unsafe extern "C" fn momeconsistency_(addr: *mut c_void, len: *const i32, model: *const i32) -> i32 {
+pub unsafe extern "C" fn momeconsistency_(
+    addr: *mut c_void,
+    len: *const i32,
+    model: *const i32,
+) -> i32 {
     // SAFETY: by-reference arguments.
     MomeConsistency(addr, unsafe { *len } as usize, unsafe { *model })
 }

@@ -45,7 +45,10 @@ extern "C" fn parent() {
         return;
     }
     if m == Mode::Rank {
-        let (t, l) = (TEMP.swap(0, Ordering::Relaxed), TEMP_LEN.swap(0, Ordering::Relaxed));
+        let (t, l) = (
+            TEMP.swap(0, Ordering::Relaxed),
+            TEMP_LEN.swap(0, Ordering::Relaxed),
+        );
         if t != 0 {
             let _ = sys::munmap(t, l);
         }
@@ -95,7 +98,10 @@ fn snapshot_heaps() {
     let total = header + bytes;
     let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
     let Ok(temp) = sys::mmap(0, total, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) else {
-        report!("fork: cannot reserve {} bytes to copy the rank's heaps", total);
+        report!(
+            "fork: cannot reserve {} bytes to copy the rank's heaps",
+            total
+        );
         return;
     };
     // SAFETY: temp is a fresh private mapping of `total` bytes.
@@ -129,7 +135,11 @@ fn copy_data(memfd: i32, off: u64, addr: u64, len: u64, dst: u64) {
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(memfd, data, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+        let hole = if hole < 0 {
+            end
+        } else {
+            (hole as u64).min(end)
+        };
         let from = data as u64;
         // SAFETY: [from, hole) lies in a heap this rank owns (mapped), and the
         // destination in the temporary of the same layout.
@@ -150,11 +160,22 @@ fn privatize() {
     TEMP_LEN.store(0, Ordering::Relaxed);
     let l = &info.layout;
     let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED;
-    if let Err(e) = sys::mmap(l.base, l.private_size, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) {
-        sys::fatal(format_args!("fork: cannot give the child private memory: errno {e}"));
+    if let Err(e) = sys::mmap(
+        l.base,
+        l.private_size,
+        libc::PROT_READ | libc::PROT_WRITE,
+        flags,
+        -1,
+        0,
+    ) {
+        sys::fatal(format_args!(
+            "fork: cannot give the child private memory: errno {e}"
+        ));
     }
     if temp == 0 {
-        sys::fatal(format_args!("fork: the rank's heaps could not be copied for the child"));
+        sys::fatal(format_args!(
+            "fork: the rank's heaps could not be copied for the child"
+        ));
     }
     // SAFETY: temp is our private copy (inherited from the parent).
     let runs = unsafe { *(temp as *const u64) };
@@ -168,7 +189,9 @@ fn privatize() {
         };
         let mv = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
         if let Err(e) = sys::mremap(src, len, len, mv, addr) {
-            sys::fatal(format_args!("fork: cannot move the heap copy into place: errno {e}"));
+            sys::fatal(format_args!(
+                "fork: cannot move the heap copy into place: errno {e}"
+            ));
         }
         src += len;
     }

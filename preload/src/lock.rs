@@ -69,7 +69,14 @@ impl<T> FutexLock<T> {
     fn unlock(&self) {
         if self.state.swap(0, Ordering::Release) == 2 {
             // SAFETY: futex wake on our own atomic word.
-            unsafe { libc::syscall(libc::SYS_futex, self.state.as_ptr(), libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, 1) };
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    self.state.as_ptr(),
+                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                    1,
+                )
+            };
         }
     }
 

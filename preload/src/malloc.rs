@@ -34,10 +34,10 @@ pub fn new_dl() -> Dl {
 unsafe impl dlmalloc::Allocator for WindowSystem {
     fn alloc(&self, size: usize) -> (*mut u8, usize, u32) {
         let len = (size as u64).next_multiple_of(4096);
-        match pages::PAGES.lock().alloc(len) {
-            Some(a) => (a as *mut u8, len as usize, 0),
-            None => (null_mut(), 0, 0),
-        }
+        let Some(a) = pages::PAGES.lock().alloc(len) else {
+            return (null_mut(), 0, 0);
+        };
+        (a as *mut u8, len as usize, 0)
     }
     fn remap(&self, _ptr: *mut u8, _old: usize, _new: usize, _can_move: bool) -> *mut u8 {
         null_mut()
@@ -67,8 +67,11 @@ unsafe impl Send for DlPtr {}
 static MALLOC: FutexLock<DlPtr> = FutexLock::new(DlPtr(null_mut()));
 
 /// Points the allocator at dlmalloc's state in the control area.
-pub fn attach(control: *mut pages::Control) {
-    // SAFETY: control is the initialised control area.
+///
+/// # Safety
+/// `control` must be the control area initialised by `pages::init`.
+pub unsafe fn attach(control: *mut pages::Control) {
+    // SAFETY: guaranteed by the caller.
     MALLOC.lock().0 = unsafe { core::ptr::addr_of_mut!((*control).dl) };
 }
 
@@ -85,7 +88,7 @@ pub fn reset_after_fork() {
 fn with_dl<R>(f: impl FnOnce(&mut Dl) -> R) -> R {
     let mut g = MALLOC.lock();
     // SAFETY: the pointer is set by `attach` before the mode becomes Rank.
-    f(unsafe { &mut *(*g).0 })
+    f(unsafe { &mut *g.0 })
 }
 
 fn in_window(p: *mut c_void) -> bool {
@@ -146,7 +149,8 @@ fn usable(p: *mut c_void) -> usize {
         return size - overhead;
     }
     if state::mode() == Mode::Native {
-        return native::usable_size(p);
+        // SAFETY: in Native mode every other block came from glibc.
+        return unsafe { native::usable_size(p) };
     }
     0
 }
@@ -156,8 +160,10 @@ pub extern "C" fn malloc(size: usize) -> *mut c_void {
     alloc_aligned(size, MALLOC_ALIGN)
 }
 
+/// # Safety
+/// `p` is null or a live block of this allocator (the C contract).
 #[no_mangle]
-pub extern "C" fn free(p: *mut c_void) {
+pub unsafe extern "C" fn free(p: *mut c_void) {
     if p.is_null() || bootstrap::contains(p.cast()) {
         return;
     }
@@ -165,15 +171,19 @@ pub extern "C" fn free(p: *mut c_void) {
         // SAFETY: p is a live block of our dlmalloc (the caller's contract).
         with_dl(|dl| unsafe { dl.c_free(p.cast()) });
     } else if state::mode() == Mode::Native {
-        native::free(p);
+        // SAFETY: in Native mode every other block came from glibc.
+        unsafe { native::free(p) };
     }
     // Any other pointer was not allocated by this process's malloc: ignore
     // it rather than corrupt a heap.
 }
 
+/// # Safety
+/// `p` is null or a live block of this allocator (the C contract).
 #[no_mangle]
-pub extern "C" fn cfree(p: *mut c_void) {
-    free(p)
+pub unsafe extern "C" fn cfree(p: *mut c_void) {
+    // SAFETY: same contract.
+    unsafe { free(p) }
 }
 
 #[no_mangle]
@@ -198,13 +208,16 @@ pub extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
     }
 }
 
+/// # Safety
+/// `p` is null or a live block of this allocator (the C contract).
 #[no_mangle]
-pub extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
+pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
     if p.is_null() {
         return malloc(size);
     }
     if size == 0 {
-        free(p);
+        // SAFETY: same contract.
+        unsafe { free(p) };
         return null_mut();
     }
     if bootstrap::contains(p.cast()) || (!in_window(p) && state::mode() != Mode::Native) {
@@ -221,13 +234,17 @@ pub extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         let q = with_dl(|dl| unsafe { dl.c_realloc(p.cast(), size) });
         return if q.is_null() { enomem() } else { q.cast() };
     }
-    native::realloc(p, size)
+    // SAFETY: in Native mode every other block came from glibc.
+    unsafe { native::realloc(p, size) }
 }
 
+/// # Safety
+/// `p` is null or a live block of this allocator (the C contract).
 #[no_mangle]
-pub extern "C" fn reallocarray(p: *mut c_void, n: usize, size: usize) -> *mut c_void {
+pub unsafe extern "C" fn reallocarray(p: *mut c_void, n: usize, size: usize) -> *mut c_void {
     match n.checked_mul(size) {
-        Some(total) => realloc(p, total),
+        // SAFETY: same contract.
+        Some(total) => unsafe { realloc(p, total) },
         None => enomem(),
     }
 }
@@ -250,7 +267,7 @@ pub extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
 /// `out` must be a valid pointer to store the result in.
 #[no_mangle]
 pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> i32 {
-    if !align.is_power_of_two() || align % core::mem::size_of::<usize>() != 0 {
+    if !align.is_power_of_two() || !align.is_multiple_of(core::mem::size_of::<usize>()) {
         return libc::EINVAL;
     }
     let p = alloc_aligned(size, align);
@@ -272,8 +289,10 @@ pub extern "C" fn pvalloc(size: usize) -> *mut c_void {
     alloc_aligned(size.next_multiple_of(4096), 4096)
 }
 
+/// # Safety
+/// `p` is null or a live block of this allocator (the C contract).
 #[no_mangle]
-pub extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
+pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> usize {
     usable(p)
 }
 
@@ -286,6 +305,7 @@ unsafe impl core::alloc::GlobalAlloc for PreloadGlobalAlloc {
         alloc_aligned(layout.size(), layout.align()).cast()
     }
     unsafe fn dealloc(&self, ptr: *mut u8, _layout: core::alloc::Layout) {
-        free(ptr.cast())
+        // SAFETY: ptr came from `alloc` above.
+        unsafe { free(ptr.cast()) }
     }
 }

@@ -29,7 +29,14 @@ fn failed(errno: i32) -> *mut c_void {
     libc::MAP_FAILED
 }
 
-fn passthrough(addr: *mut c_void, len: usize, prot: i32, flags: i32, fd: i32, off: i64) -> *mut c_void {
+fn passthrough(
+    addr: *mut c_void,
+    len: usize,
+    prot: i32,
+    flags: i32,
+    fd: i32,
+    off: i64,
+) -> *mut c_void {
     match sys::mmap(addr as u64, len as u64, prot, flags, fd, off as u64) {
         Ok(a) => a as *mut c_void,
         Err(e) => failed(e),
@@ -68,7 +75,14 @@ fn private_anon(len: u64, prot: i32, flags: i32) -> *mut c_void {
 /// # Safety
 /// Same contract as mmap(2).
 #[no_mangle]
-pub unsafe extern "C" fn mmap(addr: *mut c_void, len: usize, prot: i32, flags: i32, fd: i32, off: i64) -> *mut c_void {
+pub unsafe extern "C" fn mmap(
+    addr: *mut c_void,
+    len: usize,
+    prot: i32,
+    flags: i32,
+    fd: i32,
+    off: i64,
+) -> *mut c_void {
     let m = state::mode();
     if !matches!(m, Mode::Rank | Mode::Detached) || len == 0 {
         return passthrough(addr, len, prot, flags, fd, off);
@@ -117,7 +131,7 @@ pub unsafe extern "C" fn mmap(addr: *mut c_void, len: usize, prot: i32, flags: i
     }
     if shared && fd >= 0 {
         if let Some(seg_addr) = segments::shm_fd_address(fd) {
-            if off < 0 || off as u64 % PAGE_SIZE != 0 {
+            if off < 0 || !(off as u64).is_multiple_of(PAGE_SIZE) {
                 return failed(libc::EINVAL);
             }
             if !segments::fits_reserve(off as u64 + l) {
@@ -132,7 +146,14 @@ pub unsafe extern "C" fn mmap(addr: *mut c_void, len: usize, prot: i32, flags: i
 /// # Safety
 /// Same contract as mmap(2).
 #[no_mangle]
-pub unsafe extern "C" fn mmap64(addr: *mut c_void, len: usize, prot: i32, flags: i32, fd: i32, off: i64) -> *mut c_void {
+pub unsafe extern "C" fn mmap64(
+    addr: *mut c_void,
+    len: usize,
+    prot: i32,
+    flags: i32,
+    fd: i32,
+    off: i64,
+) -> *mut c_void {
     // SAFETY: same contract.
     unsafe { mmap(addr, len, prot, flags, fd, off) }
 }
@@ -144,7 +165,7 @@ pub unsafe extern "C" fn munmap(addr: *mut c_void, len: usize) -> i32 {
     let a = addr as u64;
     let l = len as u64;
     if matches!(state::mode(), Mode::Rank | Mode::Detached) && window_overlaps(a, l) {
-        if a % PAGE_SIZE != 0 || l == 0 {
+        if !a.is_multiple_of(PAGE_SIZE) || l == 0 {
             sys::set_errno(libc::EINVAL);
             return -1;
         }
@@ -178,10 +199,21 @@ pub unsafe extern "C" fn munmap(addr: *mut c_void, len: usize) -> i32 {
 /// # Safety
 /// Same contract as mremap(2).
 #[no_mangle]
-pub unsafe extern "C" fn mremap(old: *mut c_void, old_len: usize, new_len: usize, flags: i32, new_addr: *mut c_void) -> *mut c_void {
+pub unsafe extern "C" fn mremap(
+    old: *mut c_void,
+    old_len: usize,
+    new_len: usize,
+    flags: i32,
+    new_addr: *mut c_void,
+) -> *mut c_void {
     let o = old as u64;
-    if !(matches!(state::mode(), Mode::Rank | Mode::Detached) && window_overlaps(o, old_len as u64)) {
-        let target = if flags & libc::MREMAP_FIXED != 0 { new_addr as u64 } else { 0 };
+    if !(matches!(state::mode(), Mode::Rank | Mode::Detached) && window_overlaps(o, old_len as u64))
+    {
+        let target = if flags & libc::MREMAP_FIXED != 0 {
+            new_addr as u64
+        } else {
+            0
+        };
         return match sys::mremap(o, old_len as u64, new_len as u64, flags, target) {
             Ok(a) => a as *mut c_void,
             Err(e) => failed(e),
@@ -189,14 +221,20 @@ pub unsafe extern "C" fn mremap(old: *mut c_void, old_len: usize, new_len: usize
     }
     let old_rounded = (old_len as u64).next_multiple_of(PAGE_SIZE);
     let new_rounded = (new_len as u64).next_multiple_of(PAGE_SIZE);
-    if in_shared_zone(o, old_rounded) || flags & libc::MREMAP_FIXED != 0 || new_len == 0 || o % PAGE_SIZE != 0 {
+    if in_shared_zone(o, old_rounded)
+        || flags & libc::MREMAP_FIXED != 0
+        || new_len == 0
+        || !o.is_multiple_of(PAGE_SIZE)
+    {
         return failed(libc::EINVAL);
     }
     if !pages::PAGES.lock().owns(o, old_rounded) {
         return failed(libc::EFAULT);
     }
     if new_rounded <= old_rounded {
-        pages::PAGES.lock().free(o + new_rounded, old_rounded - new_rounded);
+        pages::PAGES
+            .lock()
+            .free(o + new_rounded, old_rounded - new_rounded);
         return old;
     }
     if flags & libc::MREMAP_MAYMOVE == 0 {
@@ -219,7 +257,8 @@ pub unsafe extern "C" fn madvise(addr: *mut c_void, len: usize, advice: i32) -> 
     let a = addr as u64;
     let l = len as u64;
     let discard = advice == libc::MADV_DONTNEED || advice == libc::MADV_FREE;
-    if discard && matches!(state::mode(), Mode::Rank | Mode::Detached) && state::window_contains(a) {
+    if discard && matches!(state::mode(), Mode::Rank | Mode::Detached) && state::window_contains(a)
+    {
         // On private anonymous memory these advices zero the range; on our
         // shared mapping they would only unmap it, and the data would stay.
         let rounded = l.next_multiple_of(PAGE_SIZE);

@@ -56,19 +56,25 @@ macro_rules! call {
 pub fn malloc(size: usize) -> *mut c_void {
     call!(MALLOC, fn(usize) -> *mut c_void, size)
 }
-pub fn free(p: *mut c_void) {
+/// # Safety
+/// Same contract as the glibc function.
+pub unsafe fn free(p: *mut c_void) {
     call!(FREE, fn(*mut c_void) -> (), p)
 }
 pub fn calloc(n: usize, size: usize) -> *mut c_void {
     call!(CALLOC, fn(usize, usize) -> *mut c_void, n, size)
 }
-pub fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
+/// # Safety
+/// Same contract as the glibc function.
+pub unsafe fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
     call!(REALLOC, fn(*mut c_void, usize) -> *mut c_void, p, size)
 }
 pub fn memalign(align: usize, size: usize) -> *mut c_void {
     call!(MEMALIGN, fn(usize, usize) -> *mut c_void, align, size)
 }
-pub fn usable_size(p: *mut c_void) -> usize {
+/// # Safety
+/// Same contract as the glibc function.
+pub unsafe fn usable_size(p: *mut c_void) -> usize {
     if USABLE.load(Ordering::Relaxed) == 0 {
         return 0;
     }
@@ -77,7 +83,9 @@ pub fn usable_size(p: *mut c_void) -> usize {
 
 /// glibc's shm_open, resolved on first use (it may be needed in a forked
 /// child, which is not connected to the agent).
-pub fn shm_open(name: *const c_char, oflag: c_int, mode: libc::mode_t) -> c_int {
+/// # Safety
+/// Same contract as the glibc function.
+pub unsafe fn shm_open(name: *const c_char, oflag: c_int, mode: libc::mode_t) -> c_int {
     if SHM_OPEN.load(Ordering::Relaxed) == 0 {
         SHM_OPEN.store(next(c"shm_open"), Ordering::Relaxed);
     }
@@ -85,10 +93,18 @@ pub fn shm_open(name: *const c_char, oflag: c_int, mode: libc::mode_t) -> c_int 
         crate::sys::set_errno(libc::ENOSYS);
         return -1;
     }
-    call!(SHM_OPEN, fn(*const c_char, c_int, libc::mode_t) -> c_int, name, oflag, mode)
+    call!(
+        SHM_OPEN,
+        fn(*const c_char, c_int, libc::mode_t) -> c_int,
+        name,
+        oflag,
+        mode
+    )
 }
 
-pub fn shm_unlink(name: *const c_char) -> c_int {
+/// # Safety
+/// Same contract as the glibc function.
+pub unsafe fn shm_unlink(name: *const c_char) -> c_int {
     if SHM_UNLINK.load(Ordering::Relaxed) == 0 {
         SHM_UNLINK.store(next(c"shm_unlink"), Ordering::Relaxed);
     }

@@ -81,12 +81,18 @@ pub fn control_bytes(heaps: u32) -> u64 {
 }
 
 impl Pages {
+    // The tables live in window memory, not in `self`: `Pages` is a handle
+    // reached only through the PAGES lock, which is what makes these
+    // accessors exclusive. Callers keep at most one reference to the same
+    // entry at a time.
+    #[allow(clippy::mut_from_ref)]
     fn ctl(&self) -> &mut Control {
         // SAFETY: `control` points to the control area set up by `init`,
         // mapped for the life of the process; the PAGES lock serialises use.
         unsafe { &mut *self.control }
     }
 
+    #[allow(clippy::mut_from_ref)]
     fn heap(&self, index: u32) -> &mut PageHeap {
         // SAFETY: index < heaps_total, so the entry lies in the control area.
         unsafe {
@@ -100,7 +106,10 @@ impl Pages {
         // SAFETY: the owned list follows the PageHeap table in the control area.
         unsafe {
             (self.control as *mut u8)
-                .add(core::mem::size_of::<Control>() + c.heaps_total as usize * core::mem::size_of::<PageHeap>())
+                .add(
+                    core::mem::size_of::<Control>()
+                        + c.heaps_total as usize * core::mem::size_of::<PageHeap>(),
+                )
                 .cast()
         }
     }
@@ -128,7 +137,10 @@ impl Pages {
         for i in 0..c.owned_count {
             f(self.heap_addr(self.owned_at(i)), HEAP_SIZE);
         }
-        f(self.heap_addr(c.control_first), c.control_count as u64 * HEAP_SIZE);
+        f(
+            self.heap_addr(c.control_first),
+            c.control_count as u64 * HEAP_SIZE,
+        );
     }
 
     fn add_owned(&mut self, index: u32) {
@@ -176,7 +188,8 @@ impl Pages {
         let c = self.ctl();
         let mut run = 0;
         for i in 0..c.heaps_total {
-            let taken = self.heap(i).owned != 0 || (i >= c.control_first && i < c.control_first + c.control_count);
+            let taken = self.heap(i).owned != 0
+                || (i >= c.control_first && i < c.control_first + c.control_count);
             run = if taken { 0 } else { run + 1 };
             if run == count {
                 return Some(i + 1 - count);
@@ -376,7 +389,10 @@ pub unsafe fn init(base: u64, heaps_total: u32, first: u32, count: u32) -> *mut 
         (*control).owned_count = 0;
         (*control).empty_count = 0;
         (*control).hint = first;
-        core::ptr::write(core::ptr::addr_of_mut!((*control).dl), crate::malloc::new_dl());
+        core::ptr::write(
+            core::ptr::addr_of_mut!((*control).dl),
+            crate::malloc::new_dl(),
+        );
     }
     let mut pages = PAGES.lock();
     pages.control = control;

@@ -49,7 +49,10 @@ pub struct Segment {
     pub size: u64,
 }
 
-fn reply_to_segment(r: Result<AgentReply<'_>, crate::agent::AgentError>, what: &str) -> Result<Segment, i32> {
+fn reply_to_segment(
+    r: Result<AgentReply<'_>, crate::agent::AgentError>,
+    what: &str,
+) -> Result<Segment, i32> {
     match r {
         Ok(AgentReply::Segment { id, addr, size }) => Ok(Segment { id, addr, size }),
         Ok(AgentReply::Error { code, .. }) => Err(code.errno()),
@@ -75,13 +78,18 @@ pub fn open(name: &str, size: u64, create: bool, exclusive: bool) -> Result<Segm
         create,
         exclusive,
     };
-    state::mem_call(&req, None, "SegmentOpen", |r| reply_to_segment(r, "SegmentOpen"))
+    state::mem_call(&req, None, "SegmentOpen", |r| {
+        reply_to_segment(r, "SegmentOpen")
+    })
 }
 
 pub fn resize(id: u32, size: u64) -> Result<Segment, i32> {
-    state::mem_call(&RankRequest::SegmentResize { id, size }, None, "SegmentResize", |r| {
-        reply_to_segment(r, "SegmentResize")
-    })
+    state::mem_call(
+        &RankRequest::SegmentResize { id, size },
+        None,
+        "SegmentResize",
+        |r| reply_to_segment(r, "SegmentResize"),
+    )
 }
 
 pub fn fits_reserve(len: u64) -> bool {
@@ -113,12 +121,17 @@ pub fn map_alias(addr: u64, len: u64, prot: i32, window_addr: u64) -> Result<(),
     if state::mode() == Mode::Rank {
         // SAFETY: shared_uffd is the rank's open userfaultfd; the temporary
         // Uffd is forgotten so the fd stays open.
-        let uffd = core::mem::ManuallyDrop::new(unsafe { mome_uffd::Uffd::from_raw_fd(info.shared_uffd) });
+        let uffd =
+            core::mem::ManuallyDrop::new(unsafe { mome_uffd::Uffd::from_raw_fd(info.shared_uffd) });
         if let Err(e) = uffd.register(addr, len, mome_uffd::mode::MISSING) {
             crate::report!("cannot register the segment view at {:#x}: {}", addr, e);
             return Err(libc::EINVAL);
         }
-        let req = RankRequest::AliasMapped { addr, len, window_addr };
+        let req = RankRequest::AliasMapped {
+            addr,
+            len,
+            window_addr,
+        };
         state::mem_call(&req, None, "AliasMapped", |r| match r {
             Ok(AgentReply::Ok) => Ok(()),
             _ => Err(libc::EIO),
@@ -197,7 +210,8 @@ fn shm_entry(fd: i32) -> Option<ShmFd> {
 #[no_mangle]
 pub unsafe extern "C" fn shm_open(name: *const c_char, oflag: c_int, mode: libc::mode_t) -> c_int {
     if state::mode() != Mode::Rank {
-        return native::shm_open(name, oflag, mode);
+        // SAFETY: forwarding the caller's arguments.
+        return unsafe { native::shm_open(name, oflag, mode) };
     }
     // SAFETY: the caller passes a C string.
     let Ok(text) = unsafe { CStr::from_ptr(name) }.to_str() else {
@@ -240,7 +254,11 @@ pub unsafe extern "C" fn shm_open(name: *const c_char, oflag: c_int, mode: libc:
         return -1;
     };
     let mut t = TABLES.lock();
-    let Some(slot) = t.fds.iter_mut().find(|e| e.is_none_or(|e| inode(e.fd) != Some(e.ino))) else {
+    let Some(slot) = t
+        .fds
+        .iter_mut()
+        .find(|e| e.is_none_or(|e| inode(e.fd) != Some(e.ino)))
+    else {
         drop(t);
         sys::close(fd);
         sys::set_errno(libc::EMFILE);
@@ -260,18 +278,24 @@ pub unsafe extern "C" fn shm_open(name: *const c_char, oflag: c_int, mode: libc:
 #[no_mangle]
 pub unsafe extern "C" fn shm_unlink(name: *const c_char) -> c_int {
     if state::mode() != Mode::Rank {
-        return native::shm_unlink(name);
+        // SAFETY: forwarding the caller's arguments.
+        return unsafe { native::shm_unlink(name) };
     }
     // SAFETY: the caller passes a C string.
     let Ok(text) = unsafe { CStr::from_ptr(name) }.to_str() else {
         sys::set_errno(libc::EINVAL);
         return -1;
     };
-    let r = state::mem_call(&RankRequest::SegmentUnlink { name: text }, None, "SegmentUnlink", |r| match r {
-        Ok(AgentReply::Ok) => Ok(()),
-        Ok(AgentReply::Error { code, .. }) => Err(code.errno()),
-        _ => Err(libc::EIO),
-    });
+    let r = state::mem_call(
+        &RankRequest::SegmentUnlink { name: text },
+        None,
+        "SegmentUnlink",
+        |r| match r {
+            Ok(AgentReply::Ok) => Ok(()),
+            Ok(AgentReply::Error { code, .. }) => Err(code.errno()),
+            _ => Err(libc::EIO),
+        },
+    );
     match r {
         Ok(()) => 0,
         Err(e) => {
@@ -306,8 +330,15 @@ pub extern "C" fn ftruncate64(fd: c_int, len: i64) -> c_int {
 }
 
 /// MomeMMap: see mome.h.
-pub fn mome_mmap(addr: *mut c_void, len: usize, prot: i32, flags: i32, seg: i32, offset: i64) -> Result<*mut c_void, i32> {
-    if seg < 0 || offset < 0 || len == 0 || offset as u64 % PAGE_SIZE != 0 {
+pub fn mome_mmap(
+    addr: *mut c_void,
+    len: usize,
+    prot: i32,
+    flags: i32,
+    seg: i32,
+    offset: i64,
+) -> Result<*mut c_void, i32> {
+    if seg < 0 || offset < 0 || len == 0 || !(offset as u64).is_multiple_of(PAGE_SIZE) {
         return Err(libc::EINVAL);
     }
     let end = offset as u64 + len as u64;
@@ -322,11 +353,15 @@ pub fn mome_mmap(addr: *mut c_void, len: usize, prot: i32, flags: i32, seg: i32,
         return Ok(target as *mut c_void);
     }
     let a = addr as u64;
-    if a % PAGE_SIZE != 0 {
+    if !a.is_multiple_of(PAGE_SIZE) {
         return Err(libc::EINVAL);
     }
     if window_range(a, len as u64) {
-        return if a == target { Ok(addr) } else { Err(libc::EINVAL) };
+        return if a == target {
+            Ok(addr)
+        } else {
+            Err(libc::EINVAL)
+        };
     }
     let rounded = (len as u64).next_multiple_of(PAGE_SIZE);
     map_alias(a, rounded, prot, target)?;

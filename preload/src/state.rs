@@ -115,29 +115,43 @@ pub fn mem_call<R>(
 }
 
 pub fn agent_alloc_heaps(count: u32) -> Option<u32> {
-    mem_call(&RankRequest::AllocHeaps { count }, None, "AllocHeaps", |r| match r {
-        Ok(AgentReply::Heaps { first, count: got }) if got == count => Some(first),
-        Ok(AgentReply::Error { message, .. }) => {
-            report!("rank cannot get {} MiB of heap: {}", count as u64 * 8, message);
-            None
-        }
-        Ok(_) => {
-            report!("the agent answered AllocHeaps with something else");
-            None
-        }
-        Err(e) => {
-            report!("cannot get heap memory: {}", e);
-            None
-        }
-    })
+    mem_call(
+        &RankRequest::AllocHeaps { count },
+        None,
+        "AllocHeaps",
+        |r| match r {
+            Ok(AgentReply::Heaps { first, count: got }) if got == count => Some(first),
+            Ok(AgentReply::Error { message, .. }) => {
+                report!(
+                    "rank cannot get {} MiB of heap: {}",
+                    count as u64 * 8,
+                    message
+                );
+                None
+            }
+            Ok(_) => {
+                report!("the agent answered AllocHeaps with something else");
+                None
+            }
+            Err(e) => {
+                report!("cannot get heap memory: {}", e);
+                None
+            }
+        },
+    )
 }
 
 pub fn agent_free_heaps(first: u32, count: u32) {
-    mem_call(&RankRequest::FreeHeaps { first, count }, None, "FreeHeaps", |r| {
-        if let Err(e) = r {
-            report!("cannot give heaps back: {}", e);
-        }
-    })
+    mem_call(
+        &RankRequest::FreeHeaps { first, count },
+        None,
+        "FreeHeaps",
+        |r| {
+            if let Err(e) = r {
+                report!("cannot give heaps back: {}", e);
+            }
+        },
+    )
 }
 
 fn parse_u64(s: Option<&str>) -> Option<u64> {
@@ -158,14 +172,21 @@ pub fn init() {
             return;
         }
     }
-    let rank = parse_u64(sys::getenv(c"MOME_RANK"))
-        .unwrap_or_else(|| fatal(format_args!("{} is set but {} is not", env::AGENT_SOCKET, env::RANK)))
-        as u32;
+    let rank = parse_u64(sys::getenv(c"MOME_RANK")).unwrap_or_else(|| {
+        fatal(format_args!(
+            "{} is set but {} is not",
+            env::AGENT_SOCKET,
+            env::RANK
+        ))
+    }) as u32;
     let jobid = sys::getenv(c"MOME_JOBID").unwrap_or("");
     let timeout_ms = parse_u64(sys::getenv(c"MOME_AGENT_TIMEOUT_MS")).unwrap_or(30_000);
 
-    let ch = Channel::connect(socket, timeout_ms)
-        .unwrap_or_else(|e| fatal(format_args!("rank {rank}: cannot connect to the agent at {socket}: {e}")));
+    let ch = Channel::connect(socket, timeout_ms).unwrap_or_else(|e| {
+        fatal(format_args!(
+            "rank {rank}: cannot connect to the agent at {socket}: {e}"
+        ))
+    });
     let hello = RankRequest::Hello {
         protocol: PROTOCOL_VERSION,
         rank,
@@ -175,9 +196,21 @@ pub fn init() {
     };
     let mut buf = [0u8; REPLY_BUF];
     let (welcome, memfd) = match ch.call(&hello, None, &mut buf, "Hello", false) {
-        Ok((AgentReply::Welcome { layout, node, nodes, nranks }, Some(fd))) => ((layout, node, nodes, nranks), fd),
-        Ok((AgentReply::Error { message, .. }, _)) => fatal(format_args!("rank {rank}: the agent refused it: {message}")),
-        Ok(_) => fatal(format_args!("rank {rank}: the agent's welcome had no memory file")),
+        Ok((
+            AgentReply::Welcome {
+                layout,
+                node,
+                nodes,
+                nranks,
+            },
+            Some(fd),
+        )) => ((layout, node, nodes, nranks), fd),
+        Ok((AgentReply::Error { message, .. }, _)) => {
+            fatal(format_args!("rank {rank}: the agent refused it: {message}"))
+        }
+        Ok(_) => fatal(format_args!(
+            "rank {rank}: the agent's welcome had no memory file"
+        )),
         Err(e) => fatal(format_args!("rank {rank}: joining the job failed: {e}")),
     };
     let (layout, node, nodes, nranks) = welcome;
@@ -191,16 +224,32 @@ pub fn init() {
         feature::WP_HUGETLBFS_SHMEM | feature::WP_ASYNC | feature::WP_UNPOPULATED,
         uffd_mode::WP,
     );
-    let shared_uffd = make_uffd(rank, &layout, Zone::Shared, feature::MISSING_SHMEM, uffd_mode::MISSING);
+    let shared_uffd = make_uffd(
+        rank,
+        &layout,
+        Zone::Shared,
+        feature::MISSING_SHMEM,
+        uffd_mode::MISSING,
+    );
     for (zone, fd) in [(Zone::Private, private_uffd), (Zone::Shared, shared_uffd)] {
         let mut buf = [0u8; REPLY_BUF];
-        match ch.call(&RankRequest::RegisterUffd { zone }, Some(fd), &mut buf, "RegisterUffd", false) {
+        match ch.call(
+            &RankRequest::RegisterUffd { zone },
+            Some(fd),
+            &mut buf,
+            "RegisterUffd",
+            false,
+        ) {
             Ok((AgentReply::Ok, _)) => {}
-            Ok((AgentReply::Error { message, .. }, _)) => {
-                fatal(format_args!("rank {rank}: the agent refused its userfaultfd: {message}"))
-            }
-            Ok(_) => fatal(format_args!("rank {rank}: unexpected answer to RegisterUffd")),
-            Err(e) => fatal(format_args!("rank {rank}: registering its userfaultfd failed: {e}")),
+            Ok((AgentReply::Error { message, .. }, _)) => fatal(format_args!(
+                "rank {rank}: the agent refused its userfaultfd: {message}"
+            )),
+            Ok(_) => fatal(format_args!(
+                "rank {rank}: unexpected answer to RegisterUffd"
+            )),
+            Err(e) => fatal(format_args!(
+                "rank {rank}: registering its userfaultfd failed: {e}"
+            )),
         }
     }
     // The agent holds the private zone's userfaultfd now; keeping ours
@@ -229,12 +278,16 @@ pub fn init() {
 
     let heaps = layout.private_heaps();
     let count = pages::control_bytes(heaps).div_ceil(HEAP_SIZE) as u32;
-    let first = agent_alloc_heaps(count)
-        .unwrap_or_else(|| fatal(format_args!("rank {rank}: no heap for the allocator's state")));
+    let first = agent_alloc_heaps(count).unwrap_or_else(|| {
+        fatal(format_args!(
+            "rank {rank}: no heap for the allocator's state"
+        ))
+    });
     // SAFETY: the heaps were just handed out by the agent: mapped, writable
     // and zero (the agent drops the pages of heaps it takes back).
     let control = unsafe { pages::init(layout.base, heaps, first, count) };
-    malloc::attach(control);
+    // SAFETY: `control` was just initialised.
+    unsafe { malloc::attach(control) };
     PRIVATE_BASE.store(layout.base, Ordering::Relaxed);
     PRIVATE_END.store(layout.shared_base(), Ordering::Relaxed);
     set_mode(Mode::Rank);
@@ -244,13 +297,26 @@ pub fn init() {
     let mut pid_text = sys::StackBuf::<24>::new();
     let _ = core::fmt::Write::write_fmt(&mut pid_text, format_args!("{pid}\0"));
     // SAFETY: both strings are NUL-terminated.
-    unsafe { libc::setenv(c"MOME_RANK_PID".as_ptr(), pid_text.as_bytes().as_ptr().cast(), 1) };
+    unsafe {
+        libc::setenv(
+            c"MOME_RANK_PID".as_ptr(),
+            pid_text.as_bytes().as_ptr().cast(),
+            1,
+        )
+    };
     crate::fork::install();
 }
 
 fn map_window(rank: u32, layout: &WindowLayout, memfd: i32) {
     let flags = libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE | libc::MAP_NORESERVE;
-    match sys::mmap(layout.base, layout.size, libc::PROT_READ | libc::PROT_WRITE, flags, memfd, 0) {
+    match sys::mmap(
+        layout.base,
+        layout.size,
+        libc::PROT_READ | libc::PROT_WRITE,
+        flags,
+        memfd,
+        0,
+    ) {
         Ok(a) if a == layout.base => {}
         Ok(a) => {
             let _ = sys::munmap(a, layout.size);
@@ -273,17 +339,24 @@ fn map_window(rank: u32, layout: &WindowLayout, memfd: i32) {
 }
 
 fn make_uffd(rank: u32, layout: &WindowLayout, zone: Zone, features: u64, mode: u64) -> i32 {
-    let uffd = Uffd::open(libc::O_CLOEXEC | libc::O_NONBLOCK)
-        .unwrap_or_else(|e| fatal(format_args!("rank {rank}: {e} (mome-run's preflight says what to change)")));
+    let uffd = Uffd::open(libc::O_CLOEXEC | libc::O_NONBLOCK).unwrap_or_else(|e| {
+        fatal(format_args!(
+            "rank {rank}: {e} (mome-run's preflight says what to change)"
+        ))
+    });
     if let Err(e) = uffd.api(features) {
-        fatal(format_args!("rank {rank}: userfaultfd for the {zone:?} zone: {e}"));
+        fatal(format_args!(
+            "rank {rank}: userfaultfd for the {zone:?} zone: {e}"
+        ));
     }
     let (start, len) = match zone {
         Zone::Private => (layout.base, layout.private_size),
         Zone::Shared => (layout.shared_base(), layout.shared_size()),
     };
     if let Err(e) = uffd.register(start, len, mode) {
-        fatal(format_args!("rank {rank}: registering the {zone:?} zone with userfaultfd: {e}"));
+        fatal(format_args!(
+            "rank {rank}: registering the {zone:?} zone with userfaultfd: {e}"
+        ));
     }
     use std::os::fd::IntoRawFd;
     uffd.into_owned_fd().into_raw_fd()

@@ -34,6 +34,7 @@ pub struct Address(pub u64);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+#[derive(Default)]
 pub struct Config {
     pub window: WindowConfig,
     pub job: JobConfig,
@@ -95,16 +96,6 @@ impl Default for OutputConfig {
     fn default() -> Self {
         OutputConfig {
             prefix: PrefixMode::Auto,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            window: WindowConfig::default(),
-            job: JobConfig::default(),
-            output: OutputConfig::default(),
         }
     }
 }
@@ -245,7 +236,7 @@ impl std::fmt::Display for ByteSize {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let n = self.0;
         for (unit, shift) in [("T", 40), ("G", 30), ("M", 20), ("K", 10)] {
-            if n != 0 && n % (1 << shift) == 0 {
+            if n != 0 && n.is_multiple_of(1 << shift) {
                 return write!(f, "{}{unit}", n >> shift);
             }
         }
@@ -277,9 +268,11 @@ impl Serialize for Span {
 impl<'de> Deserialize<'de> for Span {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map(Span)
-            .map_err(|e| de::Error::custom(format!("{s:?} is not a duration such as 500ms, 3s, 10min: {e}")))
+        humantime::parse_duration(&s).map(Span).map_err(|e| {
+            de::Error::custom(format!(
+                "{s:?} is not a duration such as 500ms, 3s, 10min: {e}"
+            ))
+        })
     }
 }
 
@@ -299,9 +292,9 @@ impl<'de> Deserialize<'de> for Address {
                     Some(hex) => u64::from_str_radix(&hex.replace('_', ""), 16),
                     None => t.replace('_', "").parse(),
                 };
-                parsed
-                    .map(Address)
-                    .map_err(|_| de::Error::custom(format!("{s:?} is not an address such as 0x200000000000")))
+                parsed.map(Address).map_err(|_| {
+                    de::Error::custom(format!("{s:?} is not an address such as 0x200000000000"))
+                })
             }
         }
     }
@@ -321,12 +314,16 @@ mod tests {
     #[test]
     fn default_file_matches_defaults() {
         let text = include_str!("../../configs/default.yaml");
-        assert_eq!(Config::from_yaml(text, "default.yaml").unwrap(), Config::default());
+        assert_eq!(
+            Config::from_yaml(text, "default.yaml").unwrap(),
+            Config::default()
+        );
     }
 
     #[test]
     fn overrides_and_units() {
-        let c = Config::from_yaml("window:\n  size: 64G\njob:\n  kill_grace: 500ms\n", "t").unwrap();
+        let c =
+            Config::from_yaml("window:\n  size: 64G\njob:\n  kill_grace: 500ms\n", "t").unwrap();
         assert_eq!(c.window.size, ByteSize(64 << 30));
         assert_eq!(c.job.kill_grace, Span(Duration::from_millis(500)));
         assert_eq!(c.window.base, Address(0x2000_0000_0000));
@@ -345,11 +342,17 @@ mod tests {
 
     #[test]
     fn bad_value_names_key_and_line() {
-        let e = Config::from_yaml("job:\n  kill_grace: soon\n", "j").unwrap_err().to_string();
+        let e = Config::from_yaml("job:\n  kill_grace: soon\n", "j")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("kill_grace") && e.contains("line 2"), "{e}");
-        let e = Config::from_yaml("\n\nwindow:\n  size: 12M\n", "j").unwrap_err().to_string();
+        let e = Config::from_yaml("\n\nwindow:\n  size: 12M\n", "j")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("window.size") && e.contains("line 4"), "{e}");
-        let e = Config::from_yaml("output:\n  prefix: sometimes\n", "j").unwrap_err().to_string();
+        let e = Config::from_yaml("output:\n  prefix: sometimes\n", "j")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("prefix") && e.contains("line 2"), "{e}");
     }
 

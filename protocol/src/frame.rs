@@ -48,7 +48,9 @@ pub fn body_len(header: [u8; HEADER]) -> Result<usize, FrameError> {
 pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
     let (msg, rest) = postcard::take_from_bytes(body).map_err(FrameError::Malformed)?;
     if !rest.is_empty() {
-        return Err(FrameError::Malformed(postcard::Error::DeserializeBadEncoding));
+        return Err(FrameError::Malformed(
+            postcard::Error::DeserializeBadEncoding,
+        ));
     }
     Ok(msg)
 }

@@ -109,17 +109,21 @@ impl WindowLayout {
 
     /// Checks the invariants the rest of mome relies on.
     pub fn validate(&self) -> Result<(), String> {
-        if self.base % HEAP_SIZE != 0 {
+        if !self.base.is_multiple_of(HEAP_SIZE) {
             return Err(format!("base {:#x} is not a multiple of 8 MiB", self.base));
         }
-        if self.size < 4 * HEAP_SIZE || self.size % (2 * HEAP_SIZE) != 0 {
+        if self.size < 4 * HEAP_SIZE || !self.size.is_multiple_of(2 * HEAP_SIZE) {
             return Err(format!(
                 "size {} is not a multiple of 16 MiB of at least 32 MiB",
                 self.size
             ));
         }
         // Canonical user addresses on x86_64 end at 2^47.
-        if self.base.checked_add(self.size).is_none_or(|end| end > (1 << 47)) {
+        if self
+            .base
+            .checked_add(self.size)
+            .is_none_or(|end| end > (1 << 47))
+        {
             return Err(format!(
                 "window {:#x}+{:#x} goes past the user address space (0x800000000000)",
                 self.base, self.size
@@ -131,7 +135,7 @@ impl WindowLayout {
                 self.base
             ));
         }
-        if self.segment_reserve % HEAP_SIZE != 0 || self.segment_reserve == 0 {
+        if !self.segment_reserve.is_multiple_of(HEAP_SIZE) || self.segment_reserve == 0 {
             return Err(format!(
                 "segment_reserve {} is not a positive multiple of 8 MiB",
                 self.segment_reserve
@@ -167,8 +171,14 @@ mod tests {
 
     #[test]
     fn rejects_bad_layouts() {
-        assert!(WindowLayout::new(0x2000_0000_0001, 1 << 40, 16 << 30).validate().is_err());
-        assert!(WindowLayout::new(0x7fff_0000_0000, 1 << 40, 16 << 30).validate().is_err());
-        assert!(WindowLayout::new(0x2000_0000_0000, 1 << 30, 16 << 30).validate().is_err());
+        assert!(WindowLayout::new(0x2000_0000_0001, 1 << 40, 16 << 30)
+            .validate()
+            .is_err());
+        assert!(WindowLayout::new(0x7fff_0000_0000, 1 << 40, 16 << 30)
+            .validate()
+            .is_err());
+        assert!(WindowLayout::new(0x2000_0000_0000, 1 << 30, 16 << 30)
+            .validate()
+            .is_err());
     }
 }

@@ -39,11 +39,18 @@ pub enum RankRequest<'a> {
         jobid: &'a str,
     },
     /// A userfaultfd of the rank for `zone` is attached.
-    RegisterUffd { zone: Zone },
+    RegisterUffd {
+        zone: Zone,
+    },
     /// `count` contiguous private heaps for this rank.
-    AllocHeaps { count: u32 },
+    AllocHeaps {
+        count: u32,
+    },
     /// Give heaps back; the agent drops their pages.
-    FreeHeaps { first: u32, count: u32 },
+    FreeHeaps {
+        first: u32,
+        count: u32,
+    },
     /// Open (and with `create`, create) a named shared segment. With `size`
     /// > 0 the segment grows to at least `size` bytes.
     SegmentOpen {
@@ -54,7 +61,10 @@ pub enum RankRequest<'a> {
         exclusive: bool,
     },
     /// Set the size of a segment (ftruncate); shrinking drops the pages past it.
-    SegmentResize { id: u32, size: u64 },
+    SegmentResize {
+        id: u32,
+        size: u64,
+    },
     /// Remove a segment's name; its memory stays valid while the job runs.
     SegmentUnlink {
         #[serde(borrow)]
@@ -63,12 +73,20 @@ pub enum RankRequest<'a> {
     /// The rank mapped `len` bytes of the window at `window_addr` also at
     /// `addr` outside the window (MomeMMap with MAP_FIXED): faults reported
     /// at `addr` belong to `window_addr`.
-    AliasMapped { addr: u64, len: u64, window_addr: u64 },
+    AliasMapped {
+        addr: u64,
+        len: u64,
+        window_addr: u64,
+    },
     /// Distributed barrier over all ranks of the job.
     Barrier,
     /// Acquire / release a job-wide lock.
-    Lock { id: u64 },
-    Unlock { id: u64 },
+    Lock {
+        id: u64,
+    },
+    Unlock {
+        id: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,10 +129,19 @@ pub enum AgentReply<'a> {
         nranks: u32,
     },
     Ok,
-    Heaps { first: u32, count: u32 },
-    Segment { id: u32, addr: u64, size: u64 },
+    Heaps {
+        first: u32,
+        count: u32,
+    },
+    Segment {
+        id: u32,
+        addr: u64,
+        size: u64,
+    },
     /// All ranks reached the barrier; `date` counts the job's barriers.
-    BarrierDone { date: u64 },
+    BarrierDone {
+        date: u64,
+    },
     Error {
         code: ErrorCode,
         #[serde(borrow)]

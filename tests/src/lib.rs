@@ -10,7 +10,10 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
 pub fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 pub fn bin_dir() -> PathBuf {
@@ -54,7 +57,10 @@ pub struct Home {
 impl Home {
     pub fn new() -> Home {
         Home {
-            dir: tempfile::Builder::new().prefix("mome-home").tempdir().unwrap(),
+            dir: tempfile::Builder::new()
+                .prefix("mome-home")
+                .tempdir()
+                .unwrap(),
         }
     }
 
@@ -84,7 +90,11 @@ impl Home {
     /// Ids of the jobs in this home.
     pub fn jobs(&self) -> Vec<String> {
         let mut ids: Vec<String> = std::fs::read_dir(self.path().join("jobs"))
-            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         ids.sort();
         ids
@@ -93,7 +103,8 @@ impl Home {
     /// Final status.json of the only job.
     pub fn last_status(&self) -> serde_json::Value {
         let id = self.jobs().pop().expect("a job");
-        let text = std::fs::read_to_string(self.path().join("jobs").join(id).join("status.json")).unwrap();
+        let text =
+            std::fs::read_to_string(self.path().join("jobs").join(id).join("status.json")).unwrap();
         serde_json::from_str(&text).unwrap()
     }
 
@@ -123,7 +134,12 @@ impl Default for Home {
 /// Whether `pid` exists and is not a zombie.
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }
@@ -151,7 +167,9 @@ pub fn assert_ok(o: &Output, what: &str) {
 pub fn checksum_line(out: &str) -> String {
     out.lines()
         .filter(|l| {
-            let l = l.trim_start_matches(|c: char| c == '[' || c.is_ascii_digit() || c == ']' || c == ' ');
+            let l = l.trim_start_matches(|c: char| {
+                c == '[' || c.is_ascii_digit() || c == ']' || c == ' '
+            });
             l.starts_with("checksum ")
         })
         .map(|l| l[l.find("checksum ").unwrap()..].to_string())
@@ -162,7 +180,12 @@ pub fn checksum_line(out: &str) -> String {
 /// Compiles `tests/c/NAME.c` once per test binary; returns the executable.
 pub fn probe(name: &str) -> PathBuf {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let dir = DIR.get_or_init(|| tempfile::Builder::new().prefix("mome-probes").tempdir().unwrap());
+    let dir = DIR.get_or_init(|| {
+        tempfile::Builder::new()
+            .prefix("mome-probes")
+            .tempdir()
+            .unwrap()
+    });
     let exe = dir.path().join(name);
     if !exe.exists() {
         let src = workspace().join("tests/c").join(format!("{name}.c"));

@@ -23,7 +23,10 @@ fn check_app(app_name: &str, args: &[&str], ranks: &[u32]) {
         let out = stdout(&o);
         assert_eq!(checksum_line(&out), expected, "{app_name} -n {n}:\n{out}");
         assert!(!out.contains("MISMATCH"), "{app_name} -n {n}:\n{out}");
-        assert!(out.lines().any(|l| l.ends_with("OK")), "{app_name} -n {n} did not report OK:\n{out}");
+        assert!(
+            out.lines().any(|l| l.ends_with("OK")),
+            "{app_name} -n {n} did not report OK:\n{out}"
+        );
         home.assert_nothing_left();
     }
 }
@@ -77,8 +80,14 @@ fn counter_every_rank_prints() {
         let prefix = format!("[{r}] ");
         let mine: Vec<&str> = out.lines().filter(|l| l.starts_with(&prefix)).collect();
         assert_eq!(mine.len(), native_lines, "rank {r} lines:\n{out}");
-        let unprefixed: String = mine.iter().map(|l| format!("{}\n", &l[prefix.len()..])).collect();
-        assert_eq!(unprefixed, native_out, "rank {r} output differs from a native run:\n{out}");
+        let unprefixed: String = mine
+            .iter()
+            .map(|l| format!("{}\n", &l[prefix.len()..]))
+            .collect();
+        assert_eq!(
+            unprefixed, native_out,
+            "rank {r} output differs from a native run:\n{out}"
+        );
         assert!(unprefixed.contains(&expected), "{out}");
     }
 }

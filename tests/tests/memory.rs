@@ -27,7 +27,10 @@ fn allocations_live_in_the_window_and_behave() {
 fn fork_gives_the_child_a_copy() {
     let out = run_probe("fork_probe", 1);
     // The exec'd child printed how many window mappings it has: none.
-    assert!(out.lines().any(|l| l.trim() == "0"), "exec'd child mapped the window:\n{out}");
+    assert!(
+        out.lines().any(|l| l.trim() == "0"),
+        "exec'd child mapped the window:\n{out}"
+    );
 }
 
 #[test]

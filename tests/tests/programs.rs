@@ -32,11 +32,25 @@ fn same_as_native(program: &str, args: &[&str], stdin: Option<&Path>) -> String 
         None => cmd.stdin(Stdio::null()),
     };
     let mome_out = cmd.output().unwrap();
-    assert_eq!(mome_out.status.code(), native_out.status.code(), "{program}: exit status\n{}", stderr(&mome_out));
-    assert!(mome_out.stdout == native_out.stdout, "{program}: stdout differs from the native run\nmome:\n{}\nnative:\n{}", stdout(&mome_out), stdout(&native_out));
+    assert_eq!(
+        mome_out.status.code(),
+        native_out.status.code(),
+        "{program}: exit status\n{}",
+        stderr(&mome_out)
+    );
+    assert!(
+        mome_out.stdout == native_out.stdout,
+        "{program}: stdout differs from the native run\nmome:\n{}\nnative:\n{}",
+        stdout(&mome_out),
+        stdout(&native_out)
+    );
     // mome-run's own diagnostics ("mome: job <id>", "mome: rank 0 ... exited
     // with status 3") are on stderr too, marked "mome: "; the program's are compared.
-    let mome_err: String = stderr(&mome_out).lines().filter(|l| !l.starts_with("mome: ")).map(|l| format!("{l}\n")).collect();
+    let mome_err: String = stderr(&mome_out)
+        .lines()
+        .filter(|l| !l.starts_with("mome: "))
+        .map(|l| format!("{l}\n"))
+        .collect();
     assert_eq!(mome_err, stderr(&native_out), "{program}: stderr differs");
     home.assert_nothing_left();
     stdout(&mome_out)
@@ -73,7 +87,14 @@ fn python3_with_c_extensions() {
 
 #[test]
 fn python3_error_exit_is_identical() {
-    let out = same_as_native("python3", &["-c", "import sys; print('before'); sys.stderr.write('bad\\n'); sys.exit(3)"], None);
+    let out = same_as_native(
+        "python3",
+        &[
+            "-c",
+            "import sys; print('before'); sys.stderr.write('bad\\n'); sys.exit(3)",
+        ],
+        None,
+    );
     assert_eq!(out, "before\n");
 }
 
@@ -117,10 +138,18 @@ fn gzip_round_trip() {
     assert!(!out.is_empty());
     // And decompression of what mome's gzip produced gives the data back.
     let gz = dir.path().join("data.gz");
-    let o = std::process::Command::new(which("gzip")).args(["-c", "-6"]).stdin(std::fs::File::open(&input).unwrap()).output().unwrap();
+    let o = std::process::Command::new(which("gzip"))
+        .args(["-c", "-6"])
+        .stdin(std::fs::File::open(&input).unwrap())
+        .output()
+        .unwrap();
     std::fs::write(&gz, &o.stdout).unwrap();
     let home = Home::new();
-    let o = home.command(&["-n", "1", which("gzip").to_str().unwrap(), "-dc"]).stdin(std::fs::File::open(&gz).unwrap()).output().unwrap();
+    let o = home
+        .command(&["-n", "1", which("gzip").to_str().unwrap(), "-dc"])
+        .stdin(std::fs::File::open(&gz).unwrap())
+        .output()
+        .unwrap();
     assert_ok(&o, "gzip -dc under mome");
     assert!(o.stdout == blob, "decompressed data differs");
 }

@@ -134,11 +134,10 @@ pub mod fault_flag {
 
 #[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
 pub enum UffdError {
-    #[error("userfaultfd(2) refused ({syscall}) and /dev/userfaultfd could not be used ({device})")]
-    Unavailable {
-        syscall: Errno,
-        device: Errno,
-    },
+    #[error(
+        "userfaultfd(2) refused ({syscall}) and /dev/userfaultfd could not be used ({device})"
+    )]
+    Unavailable { syscall: Errno, device: Errno },
     #[error("{op} failed: {errno}")]
     Os { op: &'static str, errno: Errno },
     #[error("the kernel lacks userfaultfd features {missing:#x} (it offers {offered:#x})")]
@@ -236,12 +235,8 @@ impl Uffd {
 
     fn open_device(flags: libc::c_int) -> Result<OwnedFd, Errno> {
         // SAFETY: the path is a NUL-terminated literal.
-        let dev = unsafe {
-            libc::open(
-                c"/dev/userfaultfd".as_ptr(),
-                libc::O_RDWR | libc::O_CLOEXEC,
-            )
-        };
+        let dev =
+            unsafe { libc::open(c"/dev/userfaultfd".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
         if dev < 0 {
             return Err(Errno::last());
         }
@@ -260,7 +255,8 @@ impl Uffd {
     /// Whether an unprivileged process would get only user-mode faults.
     pub fn user_mode_only_available() -> bool {
         // SAFETY: as in `open`.
-        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | UFFD_USER_MODE_ONLY) };
+        let fd =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | UFFD_USER_MODE_ONLY) };
         if fd >= 0 {
             // SAFETY: fd was just returned to us.
             unsafe { libc::close(fd as libc::c_int) };
@@ -419,7 +415,13 @@ impl Uffd {
 
     /// Write-protects (`protect`) or unprotects a range. Unprotecting wakes
     /// threads blocked on it unless `dont_wake`.
-    pub fn write_protect(&self, start: u64, len: u64, protect: bool, dont_wake: bool) -> Result<(), UffdError> {
+    pub fn write_protect(
+        &self,
+        start: u64,
+        len: u64,
+        protect: bool,
+        dont_wake: bool,
+    ) -> Result<(), UffdError> {
         let mut wp = UffdioWriteprotect {
             range: UffdioRange { start, len },
             mode: (protect as u64) | ((dont_wake as u64) << 1),
@@ -460,14 +462,22 @@ impl Uffd {
                 addr: a[1],
                 tid: a[2] as u32,
             },
-            EVENT_FORK => Event::Fork { uffd: a[0] as u32 as RawFd },
+            EVENT_FORK => Event::Fork {
+                uffd: a[0] as u32 as RawFd,
+            },
             EVENT_REMAP => Event::Remap {
                 from: a[0],
                 to: a[1],
                 len: a[2],
             },
-            EVENT_REMOVE => Event::Remove { start: a[0], end: a[1] },
-            EVENT_UNMAP => Event::Unmap { start: a[0], end: a[1] },
+            EVENT_REMOVE => Event::Remove {
+                start: a[0],
+                end: a[1],
+            },
+            EVENT_UNMAP => Event::Unmap {
+                start: a[0],
+                end: a[1],
+            },
             other => Event::Unknown(other),
         }))
     }
@@ -595,7 +605,14 @@ mod tests {
             let fd = libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC);
             assert!(fd >= 0);
             assert_eq!(libc::ftruncate(fd, 8192), 0);
-            let a = libc::mmap(std::ptr::null_mut(), 8192, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0);
+            let a = libc::mmap(
+                std::ptr::null_mut(),
+                8192,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            );
             libc::close(fd);
             assert_ne!(a, libc::MAP_FAILED);
             a as u64
@@ -608,7 +625,10 @@ mod tests {
             let page = [7u8; 4096];
             match u.read_event().unwrap() {
                 Some(Event::PageFault { addr: a, .. }) => {
-                    assert_eq!(u.copy(a & !4095, page.as_ptr(), 4096).unwrap(), Filled::Copied);
+                    assert_eq!(
+                        u.copy(a & !4095, page.as_ptr(), 4096).unwrap(),
+                        Filled::Copied
+                    );
                 }
                 other => panic!("unexpected {other:?}"),
             }

@@ -20,7 +20,7 @@ The job:
   $MOME_HOME/jobs/<id>/ (job.yaml, status.json, logs/), forwards each rank's
   stdout and stderr as it comes, and gives rank 0 its stdin (the others read
   /dev/null). Ranks run with ASLR disabled, and see MOME_RANK, MOME_NRANKS,
-  MOME_NODE and MOME_JOBID. Ctrl-C (or SIGTERM, SIGHUP) is forwarded to the
+  MOME_NODE and MOME_JOBID. Ctrl-C (or SIGTERM, SIGHUP, SIGQUIT) goes to the
   ranks, which get job.kill_grace to exit before SIGKILL; a second Ctrl-C
   kills at once. When a rank fails, the others are ended the same way.
   Nothing of the job (ranks, their children, the agent) outlives mome-run.
@@ -42,7 +42,7 @@ Status of jobs: mome-status [JOBID]";
 /// Run a program as the ranks of a mome job: N processes sharing a
 /// distributed shared memory window served by a per-node agent.
 #[derive(Debug, Parser)]
-#[command(name = "mome-run", version, about, after_help = AFTER_HELP)]
+#[command(name = "mome-run", version, override_usage = "mome-run [OPTIONS] PROGRAM [ARGS]...", after_help = AFTER_HELP)]
 struct Cli {
     /// Number of ranks (processes) to run.
     #[arg(short = 'n', long = "ranks", value_name = "N", default_value_t = 1,
@@ -79,7 +79,7 @@ fn main() {
         Some(path) => match Config::load(path) {
             Ok(config) => config,
             Err(e) => {
-                eprintln!("mome-run: {e}");
+                mome_launcher::os::print_stderr(&format!("mome-run: {e}\n"));
                 std::process::exit(2);
             }
         },

@@ -1,6 +1,7 @@
 //! `mome-status`: lists the jobs of $MOME_HOME, or shows one in detail.
 
 use clap::Parser;
+use mome_launcher::os::{print_stderr, print_stdout};
 use mome_launcher::status::{self, CONTROL_TIMEOUT};
 use mome_protocol::job::mome_home;
 
@@ -18,7 +19,7 @@ Environment:
 
 /// Show mome jobs: all of them, or one in detail.
 #[derive(Debug, Parser)]
-#[command(name = "mome-status", version, about, after_help = AFTER_HELP)]
+#[command(name = "mome-status", version, after_help = AFTER_HELP)]
 struct Cli {
     /// The job to show (as printed by mome-run: `mome: job <id>`).
     #[arg(value_name = "JOBID")]
@@ -31,36 +32,36 @@ struct Cli {
 
 fn main() {
     let cli = Cli::parse();
-    let home = match mome_home() {
-        Ok(home) => home,
-        Err(e) => fail(e),
-    };
-    match &cli.job {
+    let home = mome_home().unwrap_or_else(|e| fail(e));
+    let text = match &cli.job {
         None => {
             let jobs = status::list_jobs(&home).unwrap_or_else(|e| fail(e));
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&jobs).expect("summaries serialize"));
+                serde_json::to_string_pretty(&jobs).expect("summaries serialize") + "\n"
             } else if jobs.is_empty() {
-                println!("no jobs in {}", home.display());
+                format!("no jobs in {}\n", home.display())
             } else {
-                print!("{}", status::render_list(&jobs));
+                status::render_list(&jobs)
             }
         }
         Some(id) => {
-            let (detail, warning) = status::job_detail(&home, id, CONTROL_TIMEOUT).unwrap_or_else(|e| fail(e));
+            let (detail, warning) =
+                status::job_detail(&home, id, CONTROL_TIMEOUT).unwrap_or_else(|e| fail(e));
             if let Some(warning) = warning {
-                eprintln!("mome-status: {warning}");
+                print_stderr(&format!("mome-status: {warning}\n"));
             }
             if cli.json {
-                println!("{}", serde_json::to_string_pretty(&detail).expect("a job serializes"));
+                serde_json::to_string_pretty(&detail).expect("a job serializes") + "\n"
             } else {
-                print!("{}", status::render_detail(&detail));
+                status::render_detail(&detail)
             }
         }
-    }
+    };
+    // A reader that went away (`mome-status | head -1`) is not an error.
+    print_stdout(&text);
 }
 
 fn fail(e: impl std::fmt::Display) -> ! {
-    eprintln!("mome-status: {e}");
+    print_stderr(&format!("mome-status: {e}\n"));
     std::process::exit(1);
 }
