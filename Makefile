@@ -23,7 +23,7 @@ test-apps: rust
 	$(MAKE) -C test-apps BIN=$(BIN) OUT=$(APPS)
 
 demo: build
-	bash bench/demo.sh
+	bash scripts/demo.sh
 
 test: build
 	$(CARGO) test --release --workspace -- --test-threads=2

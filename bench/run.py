@@ -12,6 +12,7 @@ Usage: bench/run.py [--reps N] [--quick] [--no-record]
 import argparse
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -25,20 +26,20 @@ MOME_RUN = os.path.join(BIN, "mome-run")
 
 PYTHON_WORK = r"""
 import hashlib, json, zlib
-d = {str(i): [i, i * 2, str(i)] for i in range(300000)}
+d = {str(i): [i, i * 2, str(i)] for i in range(600000)}
 s = json.dumps(d)
 print(hashlib.sha256(zlib.compress(s.encode())).hexdigest())
 """
 
 # (name, argv relative to the apps dir) — sizes chosen to run ~0.5-3 s natively.
 APP_CASES = [
-    ("counter", ["counter", "200000", "0"]),
-    ("jacobi", ["jacobi", "1024", "200"]),
-    ("mat", ["mat", "512", "64"]),
-    ("nbody", ["nbody", "2048", "10"]),
-    ("cell", ["cell", "1024", "100"]),
-    ("pcg", ["pcg", "256", "1000"]),
-    ("common-f77", ["common-f77", "262144", "200"]),
+    ("counter", ["counter", "30000", "0"]),
+    ("jacobi", ["jacobi", "2048", "200"]),
+    ("mat", ["mat", "1024", "64"]),
+    ("nbody", ["nbody", "4096", "10"]),
+    ("cell", ["cell", "2048", "150"]),
+    ("pcg", ["pcg", "384", "1500"]),
+    ("common-f77", ["common-f77", "262144", "1000"]),
     # Sync-bound, not private-memory work: every lock is a round trip to the
     # agent under mome, a no-op in the native single-process library.
     ("shared-counter", ["shared-counter", "20000"]),
@@ -46,24 +47,31 @@ APP_CASES = [
 
 
 def timed(argv, env=None):
+    """Wall time and CPU time (user + system of the whole process tree: for
+    mome-run that includes the agent and mome-run itself)."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     dt = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
         sys.stderr.write(f"failed: {' '.join(argv)}\n{p.stderr.decode(errors='replace')}\n")
         raise SystemExit(1)
-    return dt, p.stdout
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return dt, cpu
 
 
 def compare(argv, reps, home):
+    """Interleaved native / mome runs; medians of wall and CPU time."""
     env = dict(os.environ, MOME_HOME=home)
     native, mome = [], []
     timed(argv)  # warm the page cache
     for _ in range(reps):
-        native.append(timed(argv)[0])
-        mome.append(timed([MOME_RUN, "-n", "1"] + argv, env)[0])
-    n, m = statistics.median(native), statistics.median(mome)
-    return n, m, m / n
+        native.append(timed(argv))
+        mome.append(timed([MOME_RUN, "-n", "1"] + argv, env))
+    nw, mw = statistics.median(x[0] for x in native), statistics.median(x[0] for x in mome)
+    nc, mc = statistics.median(x[1] for x in native), statistics.median(x[1] for x in mome)
+    return nw, mw, mw / nw, nc, mc, mc / nc
 
 
 def launch(ranks, reps, home):
@@ -87,9 +95,11 @@ def main():
     cases = [(name, [os.path.join(APPS, a[0])] + a[1:]) for name, a in APP_CASES if os.path.exists(os.path.join(APPS, a[0]))]
     cases.append(("python3", [sys.executable, py]))
     for name, argv in cases:
-        n, m, r = compare(argv, reps, home)
-        rows.append((name, " ".join(os.path.basename(argv[0]) if i == 0 else a for i, a in enumerate(argv)), n, m, r))
-        print(f"{name:15s} native {n:7.3f} s  mome {m:7.3f} s  ratio {r:6.3f}", flush=True)
+        nw, mw, rw, nc, mc, rc = compare(argv, reps, home)
+        shown = " ".join(os.path.basename(argv[0]) if i == 0 else a for i, a in enumerate(argv))
+        rows.append((name, shown, nw, mw, rw, nc, mc, rc))
+        print(f"{name:15s} wall native {nw:7.3f} mome {mw:7.3f} ratio {rw:6.3f} | "
+              f"cpu native {nc:7.3f} mome {mc:7.3f} ratio {rc:6.3f}", flush=True)
     lmed, lmin = launch(16, max(reps, 3), home)
     print(f"launch 16 ranks: median {lmed * 1000:.0f} ms, best {lmin * 1000:.0f} ms")
 
@@ -104,11 +114,12 @@ def main():
         f"\n## {when} — issue 2 (one node): overhead vs native, launch time\n",
         f"Machine: {host}, {cpus} cores, {mem:.0f} GiB, Linux {kernel}. Command: `make bench` "
         f"(bench/run.py, median of {reps} interleaved runs each).\n",
-        "| program | arguments | native (s) | mome-run -n 1 (s) | ratio |",
-        "|---|---|---|---|---|",
+        "Wall = elapsed; CPU = user + system time of the whole process tree (mome-run, agent, rank).\n",
+        "| program | arguments | wall native (s) | wall mome (s) | wall ratio | CPU native (s) | CPU mome (s) | CPU ratio |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, argv, n, m, r in rows:
-        lines.append(f"| {name} | `{argv}` | {n:.3f} | {m:.3f} | {r:.3f} |")
+    for name, argv, nw, mw, rw, nc, mc, rc in rows:
+        lines.append(f"| {name} | `{argv}` | {nw:.3f} | {mw:.3f} | {rw:.3f} | {nc:.3f} | {mc:.3f} | {rc:.3f} |")
     lines.append(f"\nLaunch of 16 ranks (`mome-run -n 16 /bin/true`, whole job incl. agent start and teardown): "
                  f"median {lmed * 1000:.0f} ms, best {lmin * 1000:.0f} ms (target < 500 ms).\n")
     with open(os.path.join(ROOT, "bench", "RESULTS.md"), "a") as out:

@@ -8,10 +8,12 @@
 //! reclaimed only when the job ends. Pure bookkeeping: dropping the pages of
 //! a shrunk segment is the caller's job.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use mome_protocol::layout::PAGE_SIZE;
 use mome_protocol::rank::ErrorCode;
+
+use crate::agent::SessionId;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SegmentError {
@@ -48,6 +50,24 @@ struct Slot {
     size: u64,
     /// None once unlinked.
     name: Option<String>,
+    /// A MAP_SHARED anonymous segment (`anon:<k>`): freed when unused even
+    /// though it still has its name.
+    anonymous: bool,
+    /// Sessions that opened the segment and did not release it.
+    users: BTreeSet<SessionId>,
+}
+
+impl Slot {
+    fn freeable(&self) -> bool {
+        self.users.is_empty() && (self.name.is_none() || self.anonymous)
+    }
+}
+
+/// A slot given back: its pages are to be dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Freed {
+    pub slot: u32,
+    pub size: u64,
 }
 
 /// A segment as the rank sees it.
@@ -89,6 +109,7 @@ impl SegmentTable {
     /// Opens `name`, creating it with `create`; grows it to `size` when larger.
     pub fn open(
         &mut self,
+        session: SessionId,
         name: &str,
         size: u64,
         create: bool,
@@ -109,6 +130,7 @@ impl SegmentTable {
                 }
                 s.size = size;
             }
+            s.users.insert(session);
             return Ok(SegmentInfo {
                 slot,
                 size: s.size,
@@ -130,6 +152,8 @@ impl SegmentTable {
         self.slots[slot] = Some(Slot {
             size,
             name: Some(name.to_string()),
+            anonymous: name.starts_with("anon:"),
+            users: BTreeSet::from([session]),
         });
         let slot = slot as u32;
         self.names.insert(name.to_string(), slot);
@@ -167,7 +191,9 @@ impl SegmentTable {
     }
 
     /// Removes `name`; its slot and memory stay for the ranks that map it.
-    pub fn unlink(&mut self, name: &str) -> Result<u32, SegmentError> {
+    /// Removes a name; returns its slot, and the slot itself when nobody
+    /// uses the segment any more.
+    pub fn unlink(&mut self, name: &str) -> Result<(u32, Option<Freed>), SegmentError> {
         let slot = self
             .names
             .remove(name)
@@ -175,7 +201,57 @@ impl SegmentTable {
         if let Some(Some(s)) = self.slots.get_mut(slot as usize) {
             s.name = None;
         }
-        Ok(slot)
+        Ok((slot, self.free_if_unused(slot)))
+    }
+
+    /// `session` no longer maps segment `slot`.
+    pub fn release(
+        &mut self,
+        session: SessionId,
+        slot: u32,
+    ) -> Result<Option<Freed>, SegmentError> {
+        self.slot_mut(slot)?.users.remove(&session);
+        Ok(self.free_if_unused(slot))
+    }
+
+    /// `session` maps segment `slot` again.
+    pub fn use_again(
+        &mut self,
+        session: SessionId,
+        slot: u32,
+    ) -> Result<SegmentInfo, SegmentError> {
+        let s = self.slot_mut(slot)?;
+        s.users.insert(session);
+        Ok(SegmentInfo {
+            slot,
+            size: s.size,
+            created: false,
+        })
+    }
+
+    /// A session ended: it uses no segment any more.
+    pub fn session_ended(&mut self, session: SessionId) -> Vec<Freed> {
+        let mut freed = vec![];
+        for slot in 0..self.slots.len() as u32 {
+            if let Some(Some(s)) = self.slots.get_mut(slot as usize) {
+                if s.users.remove(&session) {
+                    freed.extend(self.free_if_unused(slot));
+                }
+            }
+        }
+        freed
+    }
+
+    fn free_if_unused(&mut self, slot: u32) -> Option<Freed> {
+        let entry = self.slots.get_mut(slot as usize)?;
+        if !entry.as_ref().is_some_and(Slot::freeable) {
+            return None;
+        }
+        let s = entry.take()?;
+        if let Some(name) = &s.name {
+            self.names.remove(name);
+        }
+        Some(Freed { slot, size: s.size })
     }
 
     fn slot_mut(&mut self, slot: u32) -> Result<&mut Slot, SegmentError> {
@@ -191,16 +267,17 @@ mod tests {
     use super::*;
 
     const M: u64 = 1 << 20;
+    const S: SessionId = SessionId(1);
 
     #[test]
     fn open_create_exclusive_grow() {
         let mut t = SegmentTable::new(2, 8 * M);
         assert_eq!(
-            t.open("/a", M, false, false),
+            t.open(S, "/a", M, false, false),
             Err(SegmentError::NotFound("/a".into()))
         );
         assert_eq!(
-            t.open("/a", M, true, true),
+            t.open(S, "/a", M, true, true),
             Ok(SegmentInfo {
                 slot: 0,
                 size: M,
@@ -208,11 +285,11 @@ mod tests {
             })
         );
         assert_eq!(
-            t.open("/a", 0, true, true),
+            t.open(S, "/a", 0, true, true),
             Err(SegmentError::Exists("/a".into()))
         );
         assert_eq!(
-            t.open("/a", 0, true, false),
+            t.open(S, "/a", 0, true, false),
             Ok(SegmentInfo {
                 slot: 0,
                 size: M,
@@ -220,7 +297,7 @@ mod tests {
             })
         );
         assert_eq!(
-            t.open("/a", 2 * M, false, false),
+            t.open(S, "/a", 2 * M, false, false),
             Ok(SegmentInfo {
                 slot: 0,
                 size: 2 * M,
@@ -228,22 +305,25 @@ mod tests {
             })
         );
         assert!(matches!(
-            t.open("/a", 9 * M, false, false),
+            t.open(S, "/a", 9 * M, false, false),
             Err(SegmentError::TooBig { .. })
         ));
         assert!(matches!(
-            t.open("/b", 9 * M, true, false),
+            t.open(S, "/b", 9 * M, true, false),
             Err(SegmentError::TooBig { .. })
         ));
-        assert_eq!(t.open("/b", 0, true, false).unwrap().slot, 1);
-        assert_eq!(t.open("/c", 0, true, false), Err(SegmentError::NoSpace(2)));
-        assert_eq!(t.open("", 0, true, false), Err(SegmentError::EmptyName));
+        assert_eq!(t.open(S, "/b", 0, true, false).unwrap().slot, 1);
+        assert_eq!(
+            t.open(S, "/c", 0, true, false),
+            Err(SegmentError::NoSpace(2))
+        );
+        assert_eq!(t.open(S, "", 0, true, false), Err(SegmentError::EmptyName));
     }
 
     #[test]
     fn resize_and_unlink() {
         let mut t = SegmentTable::new(4, 8 * M);
-        let s = t.open("/a", 10_000, true, false).unwrap();
+        let s = t.open(S, "/a", 10_000, true, false).unwrap();
         let (info, shrunk) = t.resize(s.slot, 100).unwrap();
         assert_eq!(info.size, 100);
         assert_eq!(
@@ -259,11 +339,62 @@ mod tests {
             Err(SegmentError::TooBig { .. })
         ));
         assert_eq!(t.resize(3, 1), Err(SegmentError::NoSuchId(3)));
-        assert_eq!(t.unlink("/a"), Ok(0));
+        assert_eq!(t.unlink("/a"), Ok((0, None)));
         assert_eq!(t.unlink("/a"), Err(SegmentError::NotFound("/a".into())));
         // The unlinked slot stays taken: a new segment gets the next one.
-        assert_eq!(t.open("/a", 0, true, true).unwrap().slot, 1);
+        assert_eq!(t.open(S, "/a", 0, true, true).unwrap().slot, 1);
         // ... and can still be resized through its id by ranks that map it.
         assert!(t.resize(0, 4096).is_ok());
+    }
+
+    #[test]
+    fn slots_are_reclaimed_when_unused() {
+        let other = SessionId(2);
+        let mut t = SegmentTable::new(2, 8 * M);
+        // An anonymous segment goes when its last user releases it.
+        let a = t.open(S, "anon:0", M, true, false).unwrap();
+        assert_eq!(
+            t.open(other, "anon:0", M, true, false).unwrap().slot,
+            a.slot
+        );
+        assert_eq!(t.release(S, a.slot), Ok(None));
+        assert_eq!(
+            t.release(other, a.slot),
+            Ok(Some(Freed {
+                slot: a.slot,
+                size: M
+            }))
+        );
+        assert_eq!(t.len(), 0);
+        assert!(t.open(S, "anon:0", M, true, false).unwrap().created);
+        // A named one persists while it has its name ...
+        let n = t.open(S, "/n", M, true, false).unwrap();
+        assert_eq!(t.release(S, n.slot), Ok(None));
+        assert_eq!(t.open(other, "/n", 0, false, false).unwrap().slot, n.slot);
+        // ... and goes at unlink once nobody uses it, or when its last user ends.
+        assert_eq!(t.unlink("/n"), Ok((n.slot, None)));
+        assert_eq!(
+            t.session_ended(other),
+            vec![Freed {
+                slot: n.slot,
+                size: M
+            }]
+        );
+        assert_eq!(t.session_ended(S), vec![Freed { slot: 0, size: M }]);
+        assert_eq!(t.open(S, "/x", 0, true, false).unwrap().slot, 0);
+        assert_eq!(t.release(S, 1), Err(SegmentError::NoSuchId(1)));
+        // Using a slot again keeps it from being freed at unlink.
+        let u = t.open(S, "/u", M, true, false).unwrap();
+        assert_eq!(t.release(S, u.slot), Ok(None));
+        assert!(t.use_again(S, u.slot).is_ok());
+        assert_eq!(t.unlink("/u"), Ok((u.slot, None)));
+        assert_eq!(
+            t.release(S, u.slot),
+            Ok(Some(Freed {
+                slot: u.slot,
+                size: M
+            }))
+        );
+        assert!(t.use_again(S, u.slot).is_err());
     }
 }

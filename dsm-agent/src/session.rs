@@ -245,6 +245,8 @@ fn request_name(req: &RankRequest<'_>) -> &'static str {
         RankRequest::SegmentOpen { .. } => "SegmentOpen",
         RankRequest::SegmentResize { .. } => "SegmentResize",
         RankRequest::SegmentUnlink { .. } => "SegmentUnlink",
+        RankRequest::SegmentRelease { .. } => "SegmentRelease",
+        RankRequest::SegmentUse { .. } => "SegmentUse",
         RankRequest::AliasMapped { .. } => "AliasMapped",
         RankRequest::Barrier => "Barrier",
         RankRequest::Lock { .. } => "Lock",
@@ -378,7 +380,7 @@ impl Session {
                 size,
                 create,
                 exclusive,
-            } => match lock(&agent.segments).open(name, size, create, exclusive) {
+            } => match lock(&agent.segments).open(self.id, name, size, create, exclusive) {
                 Ok(seg) => {
                     if seg.created {
                         log!(
@@ -416,15 +418,38 @@ impl Session {
                 }
             }
             RankRequest::SegmentUnlink { name } => match lock(&agent.segments).unlink(name) {
-                Ok(slot) => {
+                Ok((slot, freed)) => {
+                    let fate = if freed.is_some() {
+                        "freed"
+                    } else {
+                        "stays while in use"
+                    };
                     log!(
-                        "session {}: segment {name:?} unlinked (slot {slot} stays in use)",
+                        "session {}: segment {name:?} unlinked (slot {slot} {fate})",
                         self.label
                     );
+                    self.drop_segment_pages(freed);
                     Reply::Ok
                 }
                 Err(e) => Reply::error(e.code(), e),
             },
+            RankRequest::SegmentUse { id } => match lock(&agent.segments).use_again(self.id, id) {
+                Ok(seg) => Reply::Segment {
+                    id: seg.slot,
+                    addr: layout.segment_addr(seg.slot),
+                    size: seg.size,
+                },
+                Err(e) => Reply::error(e.code(), e),
+            },
+            RankRequest::SegmentRelease { id } => {
+                match lock(&agent.segments).release(self.id, id) {
+                    Ok(freed) => {
+                        self.drop_segment_pages(freed);
+                        Reply::Ok
+                    }
+                    Err(e) => Reply::error(e.code(), e),
+                }
+            }
             RankRequest::AliasMapped {
                 addr,
                 len,
@@ -494,8 +519,21 @@ impl Session {
         }
     }
 
+    /// Drops the pages of a segment slot given back, so that the next
+    /// segment placed there starts zeroed.
+    fn drop_segment_pages(&self, freed: Option<crate::segments::Freed>) {
+        let Some(f) = freed else { return };
+        let layout = self.agent.id.layout;
+        let offset = layout.file_offset(layout.segment_addr(f.slot));
+        // The whole reservation: a rank may have written past the size.
+        match self.agent.memory.punch(offset, layout.segment_reserve) {
+            Ok(()) => log!("session {}: segment slot {} freed", self.label, f.slot),
+            Err(e) => log!("session {}: segment slot {}: {e}", self.label, f.slot),
+        }
+    }
+
     /// Releases what the session held: fault tasks, heaps (their pages
-    /// dropped), locks, its place in a barrier.
+    /// dropped), locks, its place in a barrier, its segments.
     fn end(self, ending: &str) {
         for task in &self.fault_tasks {
             task.abort();
@@ -524,6 +562,10 @@ impl Session {
             }
         }
         lock(&agent.sync).session_ended(self.id);
+        let unused = lock(&agent.segments).session_ended(self.id);
+        for freed in unused {
+            self.drop_segment_pages(Some(freed));
+        }
         let served = self.faults.served.load(Ordering::Relaxed);
         let via_alias = self.faults.via_alias.load(Ordering::Relaxed);
         log!(

@@ -125,17 +125,23 @@ pub unsafe extern "C" fn mmap(
         }
         let seq = ANON_SHARED_SEQ.fetch_add(1, Ordering::Relaxed);
         return match segments::open_anonymous(seq, l) {
-            Ok(seg_addr) => seg_addr as *mut c_void,
+            Ok(seg) => {
+                segments::view_added(seg.id);
+                seg.addr as *mut c_void
+            }
             Err(e) => failed(e),
         };
     }
     if shared && fd >= 0 {
-        if let Some(seg_addr) = segments::shm_fd_address(fd) {
+        if let Some((id, seg_addr)) = segments::shm_fd_address(fd) {
             if off < 0 || !(off as u64).is_multiple_of(PAGE_SIZE) {
                 return failed(libc::EINVAL);
             }
             if !segments::fits_reserve(off as u64 + l) {
                 return failed(libc::ENOMEM);
+            }
+            if let Err(e) = segments::shm_view_added(id) {
+                return failed(e);
             }
             return (seg_addr + off as u64) as *mut c_void;
         }
@@ -178,8 +184,12 @@ pub unsafe extern "C" fn munmap(addr: *mut c_void, len: usize) -> i32 {
                 pages.free(a, rounded);
             }
         }
-        // Shared segments live as long as the job; unmapping a view of one
-        // leaves the segment to the other ranks.
+        // Unmapping a view of a shared segment leaves the segment to the
+        // other ranks; the agent frees it once nobody maps it (and, for a
+        // named one, once it is unlinked).
+        if let Some(id) = segments::segment_of(a) {
+            segments::view_removed(id);
+        }
         return 0;
     }
     segments::forget_alias(a, l);

@@ -18,6 +18,7 @@ use crate::{native, sys};
 
 const MAX_SHM_FDS: usize = 256;
 const MAX_ALIASES: usize = 64;
+const MAX_VIEWS: usize = 512;
 
 #[derive(Clone, Copy)]
 struct ShmFd {
@@ -31,17 +32,100 @@ struct ShmFd {
 struct Alias {
     addr: u64,
     len: u64,
+    id: u32,
+}
+
+/// How many mappings of a segment this rank holds.
+#[derive(Clone, Copy)]
+struct Views {
+    id: u32,
+    count: u32,
 }
 
 struct Tables {
     fds: [Option<ShmFd>; MAX_SHM_FDS],
     aliases: [Option<Alias>; MAX_ALIASES],
+    views: [Option<Views>; MAX_VIEWS],
 }
 
 static TABLES: FutexLock<Tables> = FutexLock::new(Tables {
     fds: [None; MAX_SHM_FDS],
     aliases: [None; MAX_ALIASES],
+    views: [None; MAX_VIEWS],
 });
+
+/// Counts one more mapping of segment `id`; returns whether it is the
+/// rank's only one.
+pub fn view_added(id: u32) -> bool {
+    let mut t = TABLES.lock();
+    if let Some(v) = t.views.iter_mut().flatten().find(|v| v.id == id) {
+        v.count += 1;
+        return false;
+    }
+    if let Some(slot) = t.views.iter_mut().find(|v| v.is_none()) {
+        *slot = Some(Views { id, count: 1 });
+    }
+    // A full table only means the segment is released at the rank's exit.
+    true
+}
+
+/// A new mapping of an shm_open descriptor: when the rank had released the
+/// segment (all its mappings gone), it tells the agent it uses it again.
+pub fn shm_view_added(id: u32) -> Result<(), i32> {
+    if !view_added(id) || state::mode() != Mode::Rank {
+        return Ok(());
+    }
+    state::mem_call(
+        &RankRequest::SegmentUse { id },
+        None,
+        "SegmentUse",
+        |r| match r {
+            Ok(AgentReply::Segment { .. }) => Ok(()),
+            Ok(AgentReply::Error { code, .. }) => Err(code.errno()),
+            _ => Err(libc::EIO),
+        },
+    )
+}
+
+/// One mapping of segment `id` is gone; after the rank's last one the
+/// agent may free the segment (see SegmentRelease).
+pub fn view_removed(id: u32) {
+    let last = {
+        let mut t = TABLES.lock();
+        let mut last = false;
+        for slot in t.views.iter_mut() {
+            if let Some(v) = slot.as_mut().filter(|v| v.id == id) {
+                v.count -= 1;
+                if v.count == 0 {
+                    *slot = None;
+                    last = true;
+                }
+            }
+        }
+        last
+    };
+    if last && state::mode() == Mode::Rank {
+        state::mem_call(
+            &RankRequest::SegmentRelease { id },
+            None,
+            "SegmentRelease",
+            |r| {
+                if let Err(e) = r {
+                    crate::report!("releasing segment {}: {}", id, e);
+                }
+            },
+        );
+    }
+}
+
+/// The segment id of a shared-zone address.
+pub fn segment_of(addr: u64) -> Option<u32> {
+    let i = state::info()?;
+    if addr < i.layout.shared_base() || addr >= i.layout.end() {
+        return None;
+    }
+    Some(((addr - i.layout.shared_base()) / i.layout.segment_reserve) as u32)
+}
 
 pub struct Segment {
     pub id: u32,
@@ -97,7 +181,7 @@ pub fn fits_reserve(len: u64) -> bool {
 }
 
 /// The k-th MAP_SHARED anonymous mapping of this rank.
-pub fn open_anonymous(seq: u32, len: u64) -> Result<u64, i32> {
+pub fn open_anonymous(seq: u32, len: u64) -> Result<Segment, i32> {
     if !fits_reserve(len) {
         crate::report!(
             "a MAP_SHARED anonymous mapping of {} bytes exceeds window.segment_reserve",
@@ -107,13 +191,13 @@ pub fn open_anonymous(seq: u32, len: u64) -> Result<u64, i32> {
     }
     let mut name = sys::StackBuf::<32>::new();
     let _ = core::fmt::Write::write_fmt(&mut name, format_args!("anon:{seq}"));
-    open(name.as_str(), len, true, false).map(|s| s.addr)
+    open(name.as_str(), len, true, false)
 }
 
 /// Maps `len` bytes of the window at `window_addr` also at `addr` (outside
 /// the window), registered with the shared zone's userfaultfd and announced
 /// to the agent.
-pub fn map_alias(addr: u64, len: u64, prot: i32, window_addr: u64) -> Result<(), i32> {
+pub fn map_alias(addr: u64, len: u64, prot: i32, window_addr: u64, id: u32) -> Result<(), i32> {
     let info = state::info().ok_or(libc::ENOTCONN)?;
     let off = info.layout.file_offset(window_addr);
     let flags = libc::MAP_SHARED | libc::MAP_FIXED;
@@ -139,17 +223,29 @@ pub fn map_alias(addr: u64, len: u64, prot: i32, window_addr: u64) -> Result<(),
     }
     let mut t = TABLES.lock();
     if let Some(slot) = t.aliases.iter_mut().find(|a| a.is_none()) {
-        *slot = Some(Alias { addr, len });
+        *slot = Some(Alias { addr, len, id });
     }
     Ok(())
 }
 
+/// Forgets the segment views inside an unmapped range outside the window.
 pub fn forget_alias(addr: u64, len: u64) {
-    let mut t = TABLES.lock();
-    for slot in t.aliases.iter_mut() {
-        if slot.is_some_and(|a| a.addr >= addr && a.addr + a.len <= addr + len) {
-            *slot = None;
+    let mut gone = [u32::MAX; 8];
+    let mut n = 0;
+    {
+        let mut t = TABLES.lock();
+        for slot in t.aliases.iter_mut() {
+            if let Some(a) = slot.filter(|a| a.addr >= addr && a.addr + a.len <= addr + len) {
+                *slot = None;
+                if n < gone.len() {
+                    gone[n] = a.id;
+                    n += 1;
+                }
+            }
         }
+    }
+    for &id in &gone[..n] {
+        view_removed(id);
     }
 }
 
@@ -180,13 +276,13 @@ fn inode(fd: i32) -> Option<u64> {
 
 /// The segment address behind an fd returned by our shm_open, if it is one
 /// (and still the same file: the application may have closed and reused it).
-pub fn shm_fd_address(fd: i32) -> Option<u64> {
+pub fn shm_fd_address(fd: i32) -> Option<(u32, u64)> {
     let entry = {
         let t = TABLES.lock();
         t.fds.iter().flatten().find(|e| e.fd == fd).copied()
     }?;
     if inode(fd) == Some(entry.ino) {
-        Some(entry.addr)
+        Some((entry.id, entry.addr))
     } else {
         let mut t = TABLES.lock();
         for slot in t.fds.iter_mut() {
@@ -350,6 +446,7 @@ pub fn mome_mmap(
     let s = open(name.as_str(), end, true, false)?;
     let target = s.addr + offset as u64;
     if addr.is_null() || flags & libc::MAP_FIXED == 0 {
+        view_added(s.id);
         return Ok(target as *mut c_void);
     }
     let a = addr as u64;
@@ -357,14 +454,15 @@ pub fn mome_mmap(
         return Err(libc::EINVAL);
     }
     if window_range(a, len as u64) {
-        return if a == target {
-            Ok(addr)
-        } else {
-            Err(libc::EINVAL)
-        };
+        if a != target {
+            return Err(libc::EINVAL);
+        }
+        view_added(s.id);
+        return Ok(addr);
     }
     let rounded = (len as u64).next_multiple_of(PAGE_SIZE);
-    map_alias(a, rounded, prot, target)?;
+    map_alias(a, rounded, prot, target, s.id)?;
+    view_added(s.id);
     Ok(addr)
 }
 

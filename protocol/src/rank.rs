@@ -1,6 +1,10 @@
 //! Messages between a rank (the preload library) and its node agent, over the
 //! agent's unix socket. Each message is one frame (see [`crate::frame`]).
 //!
+//! Segment names: `anon:<k>` is the k-th MAP_SHARED anonymous mapping of a
+//! rank (shared by the ranks that map it, freed when none does);
+//! `mome-seg:<n>` a MomeMMap segment; any other name an shm_open object.
+//!
 //! Message types borrow their strings from the receive buffer, so the preload
 //! can encode and decode them without allocating: some are sent from inside
 //! the allocator, with its lock held.
@@ -65,10 +69,21 @@ pub enum RankRequest<'a> {
         id: u32,
         size: u64,
     },
-    /// Remove a segment's name; its memory stays valid while the job runs.
+    /// Remove a segment's name. Its memory stays while some rank uses it.
     SegmentUnlink {
         #[serde(borrow)]
         name: &'a str,
+    },
+    /// The rank no longer maps segment `id`. A segment nobody uses any more
+    /// is freed when it has no name (unlinked) or is an anonymous one
+    /// (`anon:<k>`); a named segment persists until unlinked, like POSIX shm.
+    SegmentRelease {
+        id: u32,
+    },
+    /// The rank maps segment `id` again (through an shm_open descriptor it
+    /// kept) after releasing it: it uses the segment again.
+    SegmentUse {
+        id: u32,
     },
     /// The rank mapped `len` bytes of the window at `window_addr` also at
     /// `addr` outside the window (MomeMMap with MAP_FIXED): faults reported

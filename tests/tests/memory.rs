@@ -52,3 +52,10 @@ fn probes_fail_natively_so_they_can_fail() {
     assert!(!o.status.success());
     assert!(stdout(&o).contains("FAIL malloc-small-in-window"));
 }
+
+#[test]
+fn unused_segments_are_given_back() {
+    // 200 segments through 32 slots (the default reservation is 16G of a
+    // 512G shared zone): only works if unmapped/unlinked ones are reclaimed.
+    run_probe("segments_probe", 1);
+}
