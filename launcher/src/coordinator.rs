@@ -1209,7 +1209,12 @@ impl Coordinator {
             } else {
                 RankStdin::Null
             };
-            match spawn::spawn_rank(&self.launch, rank, self.pgid, stdin) {
+            let output = if self.tagged {
+                spawn::RankOutput::Tagged
+            } else {
+                spawn::RankOutput::Inherited
+            };
+            match spawn::spawn_rank(&self.launch, rank, self.pgid, stdin, output) {
                 Ok(child) => {
                     self.pgid.get_or_insert(child.pid);
                     let mut streams = [None, None];
@@ -1218,6 +1223,7 @@ impl Coordinator {
                             .into_iter()
                             .enumerate()
                     {
+                        let Some(fd) = fd else { continue };
                         if let Err(e) = os::set_nonblocking(fd.as_fd()) {
                             self.log.line(format_args!(
                                 "rank {rank}: cannot make its pipe non-blocking: {e}"

@@ -233,13 +233,25 @@ pub struct RankLaunch {
     pub nofile_soft: u64,
 }
 
-/// A started rank and mome-run's ends of its pipes.
+/// A started rank and mome-run's ends of its pipes (none for output the
+/// rank writes straight to mome-run's own stdout/stderr).
 #[derive(Debug)]
 pub struct RankChild {
     pub pid: i32,
     pub stdin: Option<ChildStdin>,
-    pub stdout: OwnedFd,
-    pub stderr: OwnedFd,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+}
+
+/// Where a rank's stdout and stderr go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RankOutput {
+    /// Pipes read by mome-run, which tags each line with the rank.
+    Tagged,
+    /// mome-run's own stdout and stderr: untagged output needs no relay,
+    /// costs nothing, and the program sees what it would natively (a
+    /// terminal, a file, SIGPIPE from a closed pipe).
+    Inherited,
 }
 
 /// Starts rank `rank` in process group `pgid` (None: a new group led by
@@ -249,6 +261,7 @@ pub fn spawn_rank(
     rank: u32,
     pgid: Option<i32>,
     stdin: RankStdin,
+    output: RankOutput,
 ) -> Result<RankChild, SpawnError> {
     let mut cmd = Command::new(&launch.program);
     if let Some(argv0) = launch.argv.first() {
@@ -274,9 +287,11 @@ pub fn spawn_rank(
             RankStdin::Pipe => Stdio::piped(),
             RankStdin::Null => Stdio::null(),
         })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .process_group(pgid.unwrap_or(0));
+    match output {
+        RankOutput::Tagged => cmd.stdout(Stdio::piped()).stderr(Stdio::piped()),
+        RankOutput::Inherited => cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit()),
+    };
     die_with_parent(&mut cmd, Some(launch.nofile_soft));
     let mut child = cmd.spawn().map_err(|source| SpawnError::Rank {
         rank,
@@ -296,8 +311,8 @@ pub fn spawn_rank(
     Ok(RankChild {
         pid,
         stdin: child.stdin.take(),
-        stdout: OwnedFd::from(child.stdout.take().expect("stdout was piped")),
-        stderr: OwnedFd::from(child.stderr.take().expect("stderr was piped")),
+        stdout: child.stdout.take().map(OwnedFd::from),
+        stderr: child.stderr.take().map(OwnedFd::from),
     })
 }
 

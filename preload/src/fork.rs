@@ -75,7 +75,7 @@ extern "C" fn child() {
         // Dropping a Channel only closes its fd.
         drop(state::MEM.lock().take());
         drop(state::SYNC.lock().take());
-        if let Some(info) = state::info() {
+        if let Some(info) = state::info().filter(|i| i.shared_uffd >= 0) {
             sys::close(info.shared_uffd);
         }
         PAGES.lock().set_source(HeapSource::Local);

@@ -195,21 +195,25 @@ pub fn open_anonymous(seq: u32, len: u64) -> Result<Segment, i32> {
 }
 
 /// Maps `len` bytes of the window at `window_addr` also at `addr` (outside
-/// the window), registered with the shared zone's userfaultfd and announced
-/// to the agent.
+/// the window), announced to the agent and, when the job has several nodes
+/// (shared pages are then fetched), registered with the shared zone's
+/// userfaultfd.
 pub fn map_alias(addr: u64, len: u64, prot: i32, window_addr: u64, id: u32) -> Result<(), i32> {
     let info = state::info().ok_or(libc::ENOTCONN)?;
     let off = info.layout.file_offset(window_addr);
     let flags = libc::MAP_SHARED | libc::MAP_FIXED;
     sys::mmap(addr, len, prot, flags, info.memfd, off)?;
     if state::mode() == Mode::Rank {
-        // SAFETY: shared_uffd is the rank's open userfaultfd; the temporary
-        // Uffd is forgotten so the fd stays open.
-        let uffd =
-            core::mem::ManuallyDrop::new(unsafe { mome_uffd::Uffd::from_raw_fd(info.shared_uffd) });
-        if let Err(e) = uffd.register(addr, len, mome_uffd::mode::MISSING) {
-            crate::report!("cannot register the segment view at {:#x}: {}", addr, e);
-            return Err(libc::EINVAL);
+        if info.shared_uffd >= 0 {
+            // SAFETY: shared_uffd is the rank's open userfaultfd; the
+            // temporary Uffd is forgotten so the fd stays open.
+            let uffd = core::mem::ManuallyDrop::new(unsafe {
+                mome_uffd::Uffd::from_raw_fd(info.shared_uffd)
+            });
+            if let Err(e) = uffd.register(addr, len, mome_uffd::mode::MISSING) {
+                crate::report!("cannot register the segment view at {:#x}: {}", addr, e);
+                return Err(libc::EINVAL);
+            }
         }
         let req = RankRequest::AliasMapped {
             addr,

@@ -66,7 +66,8 @@ pub struct RankInfo {
     pub pid: i32,
     /// The node's memory file, kept to map segment aliases.
     pub memfd: i32,
-    /// The userfaultfd of the shared zone, kept to register aliases.
+    /// The userfaultfd of the shared zone, kept to register aliases; -1 on
+    /// a single node, where shared pages need no fetching.
     pub shared_uffd: i32,
     pub socket: &'static str,
     pub jobid: &'static str,
@@ -217,24 +218,42 @@ pub fn init() {
     let memfd = agent::move_high(memfd);
 
     map_window(rank, &layout, memfd);
+    // One node: a shared page missing from the node's memfd can only be a
+    // fresh zero page, which a plain shmem fault provides (for syscalls too)
+    // at a fraction of a round trip to the agent (~25 us): the whole window
+    // is then registered for dirty tracking only. Several nodes: the shared
+    // zone's missing pages are fetched by the agent.
+    let multi_node = nodes > 1;
+    let (wp_start, wp_len) = if multi_node {
+        (layout.base, layout.private_size)
+    } else {
+        (layout.base, layout.size)
+    };
     let private_uffd = make_uffd(
         rank,
-        &layout,
-        Zone::Private,
+        zone_name(Zone::Private),
         feature::WP_HUGETLBFS_SHMEM | feature::WP_ASYNC | feature::WP_UNPOPULATED,
+        (wp_start, wp_len),
         uffd_mode::WP,
     );
-    let shared_uffd = make_uffd(
-        rank,
-        &layout,
-        Zone::Shared,
-        feature::MISSING_SHMEM,
-        uffd_mode::MISSING,
-    );
-    for (zone, fd) in [(Zone::Private, private_uffd), (Zone::Shared, shared_uffd)] {
+    let shared_uffd = multi_node.then(|| {
+        make_uffd(
+            rank,
+            zone_name(Zone::Shared),
+            feature::MISSING_SHMEM,
+            (layout.shared_base(), layout.shared_size()),
+            uffd_mode::MISSING,
+        )
+    });
+    let mut handed = [
+        (Zone::Private, Some(private_uffd)),
+        (Zone::Shared, shared_uffd),
+    ];
+    for (zone, fd) in handed.iter_mut() {
+        let Some(fd) = *fd else { continue };
         let mut buf = [0u8; REPLY_BUF];
         match ch.call(
-            &RankRequest::RegisterUffd { zone },
+            &RankRequest::RegisterUffd { zone: *zone },
             Some(fd),
             &mut buf,
             "RegisterUffd",
@@ -252,10 +271,10 @@ pub fn init() {
             )),
         }
     }
-    // The agent holds the private zone's userfaultfd now; keeping ours
+    // The agent holds the dirty-tracking userfaultfd now; keeping ours
     // would only keep the context alive if the agent died.
     sys::close(private_uffd);
-    let shared_uffd = agent::move_high(shared_uffd);
+    let shared_uffd = shared_uffd.map_or(-1, agent::move_high);
 
     // SAFETY: single-threaded start-up; INFO is not read before the mode
     // leaves Bootstrap.
@@ -338,7 +357,14 @@ fn map_window(rank: u32, layout: &WindowLayout, memfd: i32) {
     }
 }
 
-fn make_uffd(rank: u32, layout: &WindowLayout, zone: Zone, features: u64, mode: u64) -> i32 {
+fn zone_name(zone: Zone) -> &'static str {
+    match zone {
+        Zone::Private => "private",
+        Zone::Shared => "shared",
+    }
+}
+
+fn make_uffd(rank: u32, what: &str, features: u64, (start, len): (u64, u64), mode: u64) -> i32 {
     let uffd = Uffd::open(libc::O_CLOEXEC | libc::O_NONBLOCK).unwrap_or_else(|e| {
         fatal(format_args!(
             "rank {rank}: {e} (mome-run's preflight says what to change)"
@@ -346,16 +372,12 @@ fn make_uffd(rank: u32, layout: &WindowLayout, zone: Zone, features: u64, mode: 
     });
     if let Err(e) = uffd.api(features) {
         fatal(format_args!(
-            "rank {rank}: userfaultfd for the {zone:?} zone: {e}"
+            "rank {rank}: userfaultfd for the {what} zone: {e}"
         ));
     }
-    let (start, len) = match zone {
-        Zone::Private => (layout.base, layout.private_size),
-        Zone::Shared => (layout.shared_base(), layout.shared_size()),
-    };
     if let Err(e) = uffd.register(start, len, mode) {
         fatal(format_args!(
-            "rank {rank}: registering the {zone:?} zone with userfaultfd: {e}"
+            "rank {rank}: registering the {what} zone with userfaultfd: {e}"
         ));
     }
     use std::os::fd::IntoRawFd;

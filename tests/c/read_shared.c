@@ -1,6 +1,7 @@
 /* The kernel writes into shared pages not yet present on the node (read(2)
- * into a MomeMMap segment): the fault is a kernel-mode one, served by the
- * agent. Prints "ok NAME"; exits 1 on a failure. */
+ * into a MomeMMap segment): the fault is a kernel-mode one; on one node a
+ * plain shmem fault, with several nodes the agent serves it. Prints
+ * "ok NAME"; exits 1 on a failure. */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <stdio.h>

@@ -18,12 +18,14 @@ Examples:
 The job:
   mome-run prints `mome: job <id>` on stderr, keeps the job in
   $MOME_HOME/jobs/<id>/ (job.yaml, status.json, logs/), forwards each rank's
-  stdout and stderr as it comes, and gives rank 0 its stdin (the others read
-  /dev/null). Ranks run with ASLR disabled, and see MOME_RANK, MOME_NRANKS,
-  MOME_NODE and MOME_JOBID. Ctrl-C (or SIGTERM, SIGHUP, SIGQUIT) goes to the
-  ranks, which get job.kill_grace to exit before SIGKILL; a second Ctrl-C
-  kills at once. When a rank fails, the others are ended the same way.
-  Nothing of the job (ranks, their children, the agent) outlives mome-run.
+  stdout and stderr as it comes (tagged [rank] by line; untagged output, with
+  one rank or --no-prefix, goes straight to mome-run's own stdout/stderr),
+  and gives rank 0 its stdin (the others read /dev/null). Ranks run with
+  ASLR disabled, and see MOME_RANK, MOME_NRANKS, MOME_NODE and MOME_JOBID.
+  Ctrl-C (or SIGTERM, SIGHUP, SIGQUIT) goes to the ranks, which get
+  job.kill_grace to exit before SIGKILL; a second Ctrl-C kills at once.
+  When a rank fails, the others are ended the same way. Nothing of the
+  job (ranks, their children, the agent) outlives mome-run.
 
 Exit status:
   0 when every rank exited 0; else the first failing rank's exit status, or
