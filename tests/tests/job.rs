@@ -31,6 +31,17 @@ fn wait_for_job_running(home: &Home, ranks: usize) -> serde_json::Value {
     }
 }
 
+/// Starts `counter STEPS DELAY_MS` with two ranks in the background.
+fn start_counter(home: &Home, steps: &str, delay_ms: &str, stderr: Stdio) -> std::process::Child {
+    let exe = app("counter");
+    home.command(&["-n", "2", exe.to_str().unwrap(), steps, delay_ms])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap()
+}
+
 fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + limit;
     loop {
@@ -61,14 +72,7 @@ fn a_crashing_rank_ends_ranks_blocked_in_a_barrier() {
 #[test]
 fn sigint_ends_a_running_job_cleanly() {
     let home = Home::new();
-    let exe = app("counter");
-    let mut child = home
-        .command(&["-n", "2", exe.to_str().unwrap(), "1000", "50"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = start_counter(&home, "1000", "50", Stdio::null());
     wait_for_job_running(&home, 2);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
@@ -80,14 +84,7 @@ fn sigint_ends_a_running_job_cleanly() {
 #[test]
 fn a_killed_agent_ends_the_job_with_a_message() {
     let home = Home::new();
-    let exe = app("counter");
-    let mut child = home
-        .command(&["-n", "2", exe.to_str().unwrap(), "1000", "50"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = start_counter(&home, "1000", "50", Stdio::piped());
     let status = wait_for_job_running(&home, 2);
     let agent = status["agents"][0]["pid"].as_i64().expect("agent pid") as i32;
     // SAFETY: killing the job's agent, a process this test started.
@@ -109,14 +106,7 @@ fn a_killed_agent_ends_the_job_with_a_message() {
 #[test]
 fn mome_status_shows_a_live_job_then_its_end() {
     let home = Home::new();
-    let exe = app("counter");
-    let mut child = home
-        .command(&["-n", "2", exe.to_str().unwrap(), "8", "100"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = start_counter(&home, "8", "100", Stdio::null());
     let live = wait_for_job_running(&home, 2);
     assert_eq!(live["state"], "running");
     for r in live["ranks"].as_array().unwrap() {

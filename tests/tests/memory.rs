@@ -40,7 +40,7 @@ fn kernel_writes_into_missing_shared_pages() {
 
 #[test]
 fn shared_memory_is_shared_between_ranks() {
-    for n in [1, 2, 4] {
+    for n in [1, 2, 4, 8] {
         run_probe("ranks_probe", n);
     }
 }

@@ -153,3 +153,54 @@ fn gzip_round_trip() {
     assert_ok(&o, "gzip -dc under mome");
     assert!(o.stdout == blob, "decompressed data differs");
 }
+
+const MULTIPROCESSING: &str = r#"
+import multiprocessing as mp, os
+def square(x):
+    return x * x
+def bump(v, a):
+    with v.get_lock():
+        v.value += 1
+    a[3] = 7.5
+if __name__ == "__main__":
+    with mp.Pool(3) as p:
+        print(sum(p.map(square, range(1000))))
+    q = mp.Queue()
+    child = mp.Process(target=q.put, args=(os.getpid(),))
+    child.start()
+    print("child saw parent pid", q.get() == os.getpid())
+    child.join()
+    v, a = mp.Value("i", 0), mp.Array("d", 10)
+    ps = [mp.Process(target=bump, args=(v, a)) for _ in range(4)]
+    [x.start() for x in ps]
+    [x.join() for x in ps]
+    print("shared", v.value, a[3])
+"#;
+
+/// fork() children of a rank (multiprocessing's default start method) keep
+/// working on their private copy of the heap; pipes, queues, locks work.
+#[test]
+fn python3_multiprocessing_forks() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("mp.py");
+    std::fs::write(&script, MULTIPROCESSING).unwrap();
+    let out = same_as_native("python3", &[script.to_str().unwrap()], None);
+    assert!(out.contains("shared 4 7.5"), "{out}");
+}
+
+/// Several ranks each run python (through pyenv's exec chain where present).
+#[test]
+fn python3_in_several_ranks() {
+    let home = Home::new();
+    let py = which("python3");
+    let code = "import os, hashlib; print(os.environ['MOME_RANK'], os.environ['MOME_NRANKS'], hashlib.sha1(b'x').hexdigest()[:8])";
+    let o = home.run(&["-n", "3", py.to_str().unwrap(), "-c", code]);
+    assert_ok(&o, "python3 -n 3");
+    let mut lines: Vec<String> = stdout(&o).lines().map(String::from).collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        vec!["[0] 0 3 11f6ad8e", "[1] 1 3 11f6ad8e", "[2] 2 3 11f6ad8e"]
+    );
+    home.assert_nothing_left();
+}
