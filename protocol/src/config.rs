@@ -39,6 +39,58 @@ pub struct Config {
     pub window: WindowConfig,
     pub job: JobConfig,
     pub output: OutputConfig,
+    pub checkpoint: CheckpointConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Store root; empty: `<jobdir>/ckpt`.
+    pub dir: String,
+    /// fsync data, indexes and manifests before a stamp counts as committed.
+    pub fsync: bool,
+    /// Committed stamps kept; older ones are deleted after each commit.
+    pub keep: u32,
+    /// Periodic checkpoints; 0 (the default) for none.
+    pub interval: Span,
+    /// Pre-copy rounds before the pause.
+    pub precopy_rounds: u32,
+    /// How long ranks get to reach the checkpoint (park), before the
+    /// checkpoint is abandoned.
+    pub park_timeout: Span,
+    /// How long mome-ckpt waits for a whole checkpoint to commit.
+    pub timeout: Span,
+    /// Signal used to bring ranks to the checkpoint (a real-time signal
+    /// number or name: SIGRTMAX-2 by default); the program must not use it.
+    pub signal: i32,
+    /// Run each rank in its own pid namespace so that its pid (and tid)
+    /// stay the same after a restart: auto (when permitted), always, never.
+    pub pid_namespace: PidNamespaceMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PidNamespaceMode {
+    Auto,
+    Always,
+    Never,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            dir: String::new(),
+            fsync: true,
+            keep: 2,
+            interval: Span(Duration::ZERO),
+            precopy_rounds: 2,
+            park_timeout: Span(Duration::from_secs(10)),
+            timeout: Span(Duration::from_secs(600)),
+            // SIGRTMAX - 2 on Linux/glibc (SIGRTMAX is 64).
+            signal: 62,
+            pid_namespace: PidNamespaceMode::Auto,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,11 +209,25 @@ impl Config {
         let positive = [
             ("job.agent_ready_timeout", self.job.agent_ready_timeout),
             ("job.agent_timeout", self.job.agent_timeout),
+            ("checkpoint.park_timeout", self.checkpoint.park_timeout),
+            ("checkpoint.timeout", self.checkpoint.timeout),
         ];
         for (key, span) in positive {
             if span.0.is_zero() {
                 return Err((key, "must be longer than 0".into()));
             }
+        }
+        if self.checkpoint.keep == 0 {
+            return Err(("checkpoint.keep", "must be at least 1".into()));
+        }
+        if !(34..=64).contains(&self.checkpoint.signal) {
+            return Err((
+                "checkpoint.signal",
+                format!(
+                    "{} is not a real-time signal (34 to 64)",
+                    self.checkpoint.signal
+                ),
+            ));
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 //! Nothing here owns a live resource (socket, process, mapping): this crate
 //! is the serializable state, kept apart from the live objects that use it.
 
+pub mod ckpt;
 pub mod config;
 pub mod frame;
 pub mod job;
@@ -15,7 +16,7 @@ pub use config::Config;
 pub use layout::WindowLayout;
 
 /// Bumped whenever a message of [`rank`] changes shape.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Environment variables set by `mome-run` for every rank.
 pub mod env {
@@ -38,4 +39,10 @@ pub mod env {
     pub const RANK_PID: &str = "MOME_RANK_PID";
     /// Home of job directories; default `~/.mome`.
     pub const HOME: &str = "MOME_HOME";
+    /// Set by mome-restart: the rank restores its private image (the agent
+    /// says where it is) instead of starting the program afresh. The value
+    /// is the stamp restored.
+    pub const RESTORE: &str = "MOME_RESTORE";
+    /// Signal number that brings a rank to a checkpoint.
+    pub const CKPT_SIGNAL: &str = "MOME_CKPT_SIGNAL";
 }

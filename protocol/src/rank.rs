@@ -41,7 +41,33 @@ pub enum RankRequest<'a> {
         /// Job id the rank was started for; the agent refuses another.
         #[serde(borrow)]
         jobid: &'a str,
+        /// The rank is being restored from a checkpoint (MOME_RESTORE): the
+        /// agent gives it back the heaps, segments and locks it had.
+        restoring: bool,
     },
+    /// `/proc/self/pagemap` of the rank is attached: the agent scans it for
+    /// pages written since the last checkpoint (PAGEMAP_SCAN).
+    RegisterPagemap,
+    /// Sent from the checkpoint signal handler: the rank stopped, wrote its
+    /// private image (`image_len` bytes at window address `image_addr`,
+    /// inside heaps it owns) and waits for `Resume`. `entered_ns` is
+    /// CLOCK_MONOTONIC when the handler started, to measure the pause.
+    CkptParked {
+        entered_ns: u64,
+        image_addr: u64,
+        image_len: u64,
+    },
+    /// Sent from the checkpoint signal handler instead of `CkptParked`: this
+    /// rank cannot be checkpointed (threads, sockets to outside the job...).
+    /// The agent abandons the checkpoint and answers `Resume`.
+    CkptRefused {
+        #[serde(borrow)]
+        reason: &'a str,
+    },
+    /// A restoring rank asks where its private image is.
+    RestoreImage,
+    /// A restoring rank finished restoring and runs again.
+    Restored,
     /// A userfaultfd of the rank for `zone` is attached.
     RegisterUffd {
         zone: Zone,
@@ -94,13 +120,22 @@ pub enum RankRequest<'a> {
         window_addr: u64,
     },
     /// Distributed barrier over all ranks of the job.
-    Barrier,
+    ///
+    /// `seq` numbers the rank's sync-channel requests (1, 2, ...). A restored
+    /// rank sends again the request it was waiting on at the checkpoint with
+    /// the same `seq`: the agent answers it from its saved state when it had
+    /// already served it, instead of serving it twice.
+    Barrier {
+        seq: u64,
+    },
     /// Acquire / release a job-wide lock.
     Lock {
         id: u64,
+        seq: u64,
     },
     Unlock {
         id: u64,
+        seq: u64,
     },
 }
 
@@ -156,6 +191,16 @@ pub enum AgentReply<'a> {
     /// All ranks reached the barrier; `date` counts the job's barriers.
     BarrierDone {
         date: u64,
+    },
+    /// Answer to `CkptParked` / `CkptRefused`: go on. `stamp` is the
+    /// checkpoint taken (0 when none was).
+    Resume {
+        stamp: u64,
+    },
+    /// Answer to `RestoreImage`.
+    Image {
+        addr: u64,
+        len: u64,
     },
     Error {
         code: ErrorCode,
