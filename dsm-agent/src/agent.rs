@@ -3,18 +3,24 @@
 //! the identity of the job and node that connections are checked against.
 //!
 //! Tables sit behind plain mutexes that are never held across an await:
-//! each request changes them in one short critical section.
+//! each request changes them in one short critical section. No code holds
+//! two of them at once.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use mome_protocol::WindowLayout;
 
+use crate::ckpt::Ckpt;
+use crate::events::Events;
 use crate::heaps::HeapTable;
 use crate::memfd::NodeMemory;
+use crate::restore::Restore;
 use crate::segments::SegmentTable;
 use crate::sync::SyncTable;
+use crate::tables::{TablesError, TablesState};
 
 /// One connection of a rank. Heaps and locks belong to it, not to the rank
 /// number (see `session`).
@@ -34,6 +40,8 @@ pub struct Identity {
     pub layout: WindowLayout,
     /// Only processes of this user may connect.
     pub uid: u32,
+    /// Signal that brings a rank to a checkpoint (job.yaml checkpoint.signal).
+    pub ckpt_signal: i32,
 }
 
 #[derive(Debug)]
@@ -48,24 +56,56 @@ pub struct Agent {
     /// Faults served so far, by every session.
     pub faults: Arc<AtomicU64>,
     next_session: AtomicU64,
+    /// Events to the coordinator (stdout).
+    pub events: Events,
+    /// Checkpoint engine and the session registry it needs.
+    pub ckpt: Ckpt,
+    /// The checkpoint being restored (`--restore`).
+    pub restore: Option<Arc<Restore>>,
+    pub started: Instant,
 }
 
 impl Agent {
-    pub fn new(id: Identity, memory: NodeMemory) -> Agent {
+    /// A fresh agent, or with `restore` one whose tables are those of the
+    /// restored checkpoint, owned by the ranks' placeholders.
+    pub fn new(
+        id: Identity,
+        memory: NodeMemory,
+        events: Events,
+        restore: Option<Arc<Restore>>,
+    ) -> Result<Agent, TablesError> {
         let layout = id.layout;
-        Agent {
-            heaps: Mutex::new(HeapTable::new(layout.private_heaps())),
-            segments: Mutex::new(SegmentTable::new(
-                layout.segment_slots(),
-                layout.segment_reserve,
-            )),
-            sync: Mutex::new(SyncTable::new(id.nranks)),
+        let (heaps, slots, reserve) = (
+            layout.private_heaps(),
+            layout.segment_slots(),
+            layout.segment_reserve,
+        );
+        let (heaps, segments, sync) = match &restore {
+            Some(r) => {
+                let t = TablesState::decode(&r.index.tables)?
+                    .rebuild(heaps, slots, reserve, id.nranks)?;
+                (t.heaps, t.segments, t.sync)
+            }
+            None => (
+                HeapTable::new(heaps),
+                SegmentTable::new(slots, reserve),
+                SyncTable::new(id.nranks),
+            ),
+        };
+        Ok(Agent {
+            heaps: Mutex::new(heaps),
+            segments: Mutex::new(segments),
+            sync: Mutex::new(sync),
+            ckpt: Ckpt::new(id.ckpt_signal, restore.as_ref().map(|r| r.index.clone())),
             id,
             memory,
             connections: AtomicU64::new(0),
             faults: Arc::new(AtomicU64::new(0)),
             next_session: AtomicU64::new(1),
-        }
+            events,
+            restore,
+            started: Instant::now(),
+        })
     }
 
     pub fn new_session_id(&self) -> SessionId {

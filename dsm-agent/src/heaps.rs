@@ -7,10 +7,14 @@
 //! Pure bookkeeping: dropping the pages of freed heaps is the caller's job
 //! (it owns the memfd), done before the heaps are marked free so that a new
 //! owner never sees old data.
+//!
+//! [`HeapsState`] is the serializable form (checkpoint tables): owners are
+//! named by rank, since session ids do not survive a restart.
 
 use std::ops::Range;
 
 use mome_protocol::rank::ErrorCode;
+use serde::{Deserialize, Serialize};
 
 use crate::agent::SessionId;
 
@@ -33,6 +37,21 @@ impl HeapError {
             _ => ErrorCode::Invalid,
         }
     }
+}
+
+/// A run of heaps owned by one rank, as saved in a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeapRun {
+    pub first: u32,
+    pub count: u32,
+    pub rank: u32,
+}
+
+/// Serializable heap table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeapsState {
+    pub heaps: u32,
+    pub runs: Vec<HeapRun>,
 }
 
 #[derive(Debug)]
@@ -136,6 +155,85 @@ impl HeapTable {
         runs
     }
 
+    /// The heaps of `from` become `to`'s (a restored rank's placeholder
+    /// handing them to its new memory session). Returns how many moved.
+    pub fn reassign(&mut self, from: SessionId, to: SessionId) -> usize {
+        let mut moved = 0;
+        for owner in self.owners.iter_mut().filter(|o| **o == Some(from)) {
+            *owner = Some(to);
+            moved += 1;
+        }
+        moved
+    }
+
+    /// Runs of heaps in use, whoever owns them.
+    pub fn used_runs(&self) -> Vec<Range<u32>> {
+        let mut runs: Vec<Range<u32>> = Vec::new();
+        for (i, _) in self.owners.iter().enumerate().filter(|(_, o)| o.is_some()) {
+            let i = i as u32;
+            match runs.last_mut() {
+                Some(run) if run.end == i => run.end = i + 1,
+                _ => runs.push(i..i + 1),
+            }
+        }
+        runs
+    }
+
+    /// The session owning `heap`, if any.
+    pub fn owner(&self, heap: u32) -> Option<SessionId> {
+        self.owners.get(heap as usize).copied().flatten()
+    }
+
+    /// The state to save, owners named by rank (`rank_of`). Heaps of a
+    /// session whose rank is unknown are saved as free.
+    pub fn to_state(&self, rank_of: impl Fn(SessionId) -> Option<u32>) -> HeapsState {
+        let mut runs: Vec<HeapRun> = Vec::new();
+        for (i, owner) in self.owners.iter().enumerate() {
+            let Some(rank) = owner.and_then(&rank_of) else {
+                continue;
+            };
+            let i = i as u32;
+            match runs.last_mut() {
+                Some(r) if r.rank == rank && r.first + r.count == i => r.count += 1,
+                _ => runs.push(HeapRun {
+                    first: i,
+                    count: 1,
+                    rank,
+                }),
+            }
+        }
+        HeapsState {
+            heaps: self.owners.len() as u32,
+            runs,
+        }
+    }
+
+    /// A table of `heaps` heaps from saved state, heaps owned by
+    /// `session_of(rank)`. Runs outside the zone are errors.
+    pub fn from_state(
+        heaps: u32,
+        state: &HeapsState,
+        session_of: impl Fn(u32) -> SessionId,
+    ) -> Result<HeapTable, HeapError> {
+        let mut t = HeapTable::new(heaps);
+        for run in &state.runs {
+            let range = t.range(run.first, run.count)?;
+            let owner = session_of(run.rank);
+            for o in &mut t.owners[range] {
+                if o.is_none() {
+                    t.in_use += 1;
+                }
+                *o = Some(owner);
+            }
+        }
+        t.lowest_free = t
+            .owners
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(t.owners.len());
+        Ok(t)
+    }
+
     fn range(&self, first: u32, count: u32) -> Result<Range<usize>, HeapError> {
         let total = self.owners.len();
         let end = first as usize + count as usize;
@@ -195,6 +293,53 @@ mod tests {
         t.release(0, 4);
         assert_eq!(t.in_use(), 0);
         assert_eq!(t.alloc(B, 4), Ok(0));
+    }
+
+    #[test]
+    fn state_round_trip_by_rank() {
+        let mut t = HeapTable::new(8);
+        assert_eq!(t.alloc(A, 2), Ok(0));
+        assert_eq!(t.alloc(B, 1), Ok(2));
+        assert_eq!(t.alloc(A, 1), Ok(3));
+        let state = t.to_state(|s| Some(s.0 as u32 * 10));
+        assert_eq!(
+            state.runs,
+            vec![
+                HeapRun {
+                    first: 0,
+                    count: 2,
+                    rank: 10
+                },
+                HeapRun {
+                    first: 2,
+                    count: 1,
+                    rank: 20
+                },
+                HeapRun {
+                    first: 3,
+                    count: 1,
+                    rank: 10
+                },
+            ]
+        );
+        let json = serde_json::to_string(&state).unwrap();
+        let back: HeapsState = serde_json::from_str(&json).unwrap();
+        let ph = |r: u32| SessionId(100 + r as u64);
+        let mut r = HeapTable::from_state(8, &back, ph).unwrap();
+        assert_eq!(r.in_use(), 4);
+        assert_eq!(r.alloc(A, 1), Ok(4));
+        assert_eq!(r.reassign(ph(10), B), 3);
+        assert_eq!(r.runs_of(B), vec![0..2, 3..4]);
+        assert_eq!(r.runs_of(ph(20)), vec![2..3]);
+        let bad = HeapsState {
+            heaps: 8,
+            runs: vec![HeapRun {
+                first: 7,
+                count: 2,
+                rank: 0,
+            }],
+        };
+        assert!(HeapTable::from_state(8, &bad, ph).is_err());
     }
 
     #[test]

@@ -4,18 +4,26 @@
 //! segments, barriers, locks) and their shared-segment page faults.
 //!
 //! This file owns the command line, startup (memfd, socket, the `ready`
-//! line) and shutdown (SIGTERM/SIGINT, or end of stdin: mome-run holds the
-//! write end, so the agent goes when mome-run does). Single node for now.
+//! line, the checkpoint to restore) and shutdown (SIGTERM/SIGINT, or end of
+//! stdin: mome-run holds the write end, so the agent goes when mome-run
+//! does). Between the two, stdin carries the coordinator's commands and
+//! stdout the agent's events (`events`). Single node for now.
 
 #[macro_use]
 mod log;
 mod agent;
+mod ckpt;
+mod dirty;
+mod events;
 mod faults;
 mod heaps;
 mod memfd;
+mod restore;
 mod segments;
 mod session;
+mod snapshot;
 mod sync;
+mod tables;
 mod wire;
 
 use std::collections::BTreeSet;
@@ -24,19 +32,22 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use mome_protocol::ckpt::{AgentEvent, Stamp};
 use mome_protocol::job::{JobDir, JobError};
 use nix::sys::signal::Signal;
 use nix::sys::stat::Mode;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
 
 use crate::agent::{lock, Agent, Identity};
+use crate::events::Events;
 use crate::memfd::{MemoryError, NodeMemory};
+use crate::restore::{Restore, RestoreError};
 
 /// Longest path a unix socket address holds (sun_path is 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -53,6 +64,13 @@ mome-run starts one agent per node; it is not meant to be run by hand.
 The agent reads DIR/job.yaml (job id, rank count, window layout), creates the
 node memory file, listens on DIR/node-K.sock for the ranks listed in --ranks,
 prints `ready` on stdout once it accepts connections, and logs to stderr.
+
+Standard input carries checkpoint commands (one JSON object per line),
+standard output the agent's events after the ready line (same format).
+
+With --restore S --ckpt-dir ROOT the agent starts from checkpoint S: its
+tables come from ROOT/node-K/S.index and the restored ranks get their pages
+back lazily from the store.
 
 It exits, removing its socket, on SIGTERM or SIGINT, when its standard input
 reaches end of file (mome-run holds the write end), or when its parent dies.
@@ -73,6 +91,12 @@ struct Cli {
     /// Comma-separated numbers of the ranks that run on this node, e.g. 0,1,2,3.
     #[arg(long, value_name = "LIST", value_delimiter = ',', required = true)]
     ranks: Vec<u32>,
+    /// Restore checkpoint STAMP (its node index under --ckpt-dir) instead of starting fresh.
+    #[arg(long, value_name = "STAMP", requires = "ckpt_dir")]
+    restore: Option<Stamp>,
+    /// Checkpoint store root (the job's checkpoint directory), for --restore.
+    #[arg(long, value_name = "ROOT", requires = "restore")]
+    ckpt_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +118,10 @@ enum StartError {
     Runtime(std::io::Error),
     #[error("cannot write the ready line on stdout: {0}")]
     Ready(std::io::Error),
+    #[error("{0}")]
+    Restore(#[from] RestoreError),
+    #[error("{0}")]
+    Tables(#[from] crate::tables::TablesError),
 }
 
 fn main() -> ExitCode {
@@ -144,8 +172,23 @@ fn run(cli: Cli) -> Result<(), StartError> {
         .enable_all()
         .build()
         .map_err(StartError::Runtime)?;
-    let agent = Arc::new(Agent::new(identity, memory));
-    let result = runtime.block_on(serve(agent, &socket));
+    let (events, event_rx) = Events::new();
+    let restore = match (cli.restore, &cli.ckpt_dir) {
+        (Some(stamp), Some(root)) => {
+            let r = Restore::load(root, cli.node, stamp, identity.layout, events.clone())?;
+            log!(
+                "restoring stamp {stamp} from {}: {} pages in {} blocks, {} rank images",
+                root.display(),
+                r.index.page_count(),
+                r.index.blocks().len(),
+                r.index.images.len()
+            );
+            Some(Arc::new(r))
+        }
+        _ => None,
+    };
+    let agent = Arc::new(Agent::new(identity, memory, events, restore)?);
+    let result = runtime.block_on(serve(agent, &socket, event_rx));
     // Sessions still open are dropped with the runtime; nothing they hold
     // outlives the process.
     runtime.shutdown_timeout(Duration::from_millis(200));
@@ -205,15 +248,20 @@ fn identity(cli: &Cli) -> Result<Identity, StartError> {
         local_ranks,
         layout,
         uid: nix::unistd::getuid().as_raw(),
+        ckpt_signal: spec.config.checkpoint.signal,
     })
 }
 
 /// Listens until told to stop, then removes the socket.
-async fn serve(agent: Arc<Agent>, socket: &Path) -> Result<(), StartError> {
+async fn serve(
+    agent: Arc<Agent>,
+    socket: &Path,
+    event_rx: std_mpsc::Receiver<AgentEvent>,
+) -> Result<(), StartError> {
     let listener = listen(socket)?;
     let mut term = signal(SignalKind::terminate()).map_err(StartError::Runtime)?;
     let mut int = signal(SignalKind::interrupt()).map_err(StartError::Runtime)?;
-    let mut stdin_eof = watch_stdin();
+    let mut commands = events::read_commands(agent.events.clone());
 
     let mut stdout = std::io::stdout().lock();
     stdout
@@ -221,6 +269,8 @@ async fn serve(agent: Arc<Agent>, socket: &Path) -> Result<(), StartError> {
         .and_then(|()| stdout.flush())
         .map_err(StartError::Ready)?;
     drop(stdout);
+    // Only now: events must come after the ready line.
+    events::start_writer(event_rx);
     let id = &agent.id;
     log!(
         "ready: job {}, node {}/{}, ranks {:?} of {}, window {:#x}+{:#x}, listening on {}",
@@ -248,7 +298,10 @@ async fn serve(agent: Arc<Agent>, socket: &Path) -> Result<(), StartError> {
             },
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
-            _ = stdin_eof.recv() => break "end of standard input",
+            cmd = commands.recv() => match cmd {
+                Some(cmd) => ckpt::command(&agent, cmd),
+                None => break "end of standard input",
+            },
         }
     };
     drop(listener);
@@ -285,30 +338,4 @@ fn listen(socket: &Path) -> Result<UnixListener, StartError> {
     let listener = listener.map_err(err)?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     Ok(listener)
-}
-
-/// A channel that fires when standard input reaches end of file (or fails).
-/// A plain thread reads it: stdin may be a terminal or file that cannot be
-/// made non-blocking without affecting other processes, and the thread
-/// blocking in read(2) is simply dropped at exit.
-fn watch_stdin() -> mpsc::Receiver<()> {
-    let (tx, rx) = mpsc::channel(1);
-    let spawned = std::thread::Builder::new()
-        .name("stdin-watch".into())
-        .spawn(move || {
-            let mut buf = [0u8; 256];
-            loop {
-                match std::io::Read::read(&mut std::io::stdin().lock(), &mut buf) {
-                    Ok(0) => break,
-                    Ok(_) => continue,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(_) => break,
-                }
-            }
-            let _ = tx.blocking_send(());
-        });
-    if let Err(e) = spawned {
-        log!("cannot watch standard input ({e}); only signals stop the agent");
-    }
-    rx
 }

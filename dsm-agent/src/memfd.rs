@@ -4,9 +4,16 @@
 //! punching a hole drops a page from every local rank at once.
 //!
 //! This module owns the fd and the two operations the agent does on it
-//! directly: handing it out and dropping pages.
+//! directly: handing it out and dropping pages. It remembers which pages it
+//! dropped since the checkpoint engine last asked: those are the pages that
+//! may have become holes (removed from the next increment) or, for a partial
+//! page, been zeroed by the kernel behind the ranks' dirty tracking.
 
+use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Mutex;
+
+use mome_protocol::layout::PAGE_SIZE;
 
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags};
@@ -27,6 +34,8 @@ pub enum MemoryError {
 pub struct NodeMemory {
     fd: OwnedFd,
     size: u64,
+    /// Pages touched by punches since [`NodeMemory::take_punched`].
+    punched: Mutex<Vec<Range<u64>>>,
 }
 
 impl NodeMemory {
@@ -41,7 +50,11 @@ impl NodeMemory {
             errno: Errno::EFBIG,
         })?;
         nix::unistd::ftruncate(&fd, len).map_err(|errno| MemoryError::Resize { size, errno })?;
-        Ok(NodeMemory { fd, size })
+        Ok(NodeMemory {
+            fd,
+            size,
+            punched: Mutex::new(Vec::new()),
+        })
     }
 
     /// Drops the pages of `[offset, offset + len)`: they read back as zeros
@@ -61,6 +74,10 @@ impl NodeMemory {
         ) else {
             return Err(err(Errno::EINVAL));
         };
+        // Logged before the punch: a checkpoint that takes the log after
+        // this point looks at the pages again, whatever it finds.
+        crate::agent::lock(&self.punched)
+            .push(offset / PAGE_SIZE..(offset + len).div_ceil(PAGE_SIZE));
         fallocate(
             &self.fd,
             FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
@@ -68,6 +85,12 @@ impl NodeMemory {
             l,
         )
         .map_err(err)
+    }
+
+    /// Pages touched by punches since the last call (whole pages, partial
+    /// ones included).
+    pub fn take_punched(&self) -> Vec<Range<u64>> {
+        std::mem::take(&mut *crate::agent::lock(&self.punched))
     }
 }
 

@@ -7,11 +7,15 @@
 //! because ranks may still map it (as a file unlinked while open); slots are
 //! reclaimed only when the job ends. Pure bookkeeping: dropping the pages of
 //! a shrunk segment is the caller's job.
+//!
+//! [`SegmentsState`] is the serializable form (checkpoint tables): users are
+//! named by rank, since session ids do not survive a restart.
 
 use std::collections::{BTreeSet, HashMap};
 
 use mome_protocol::layout::PAGE_SIZE;
 use mome_protocol::rank::ErrorCode;
+use serde::{Deserialize, Serialize};
 
 use crate::agent::SessionId;
 
@@ -84,6 +88,24 @@ pub struct SegmentInfo {
 pub struct Shrunk {
     pub from: u64,
     pub to: u64,
+}
+
+/// One taken slot, as saved in a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotState {
+    pub slot: u32,
+    pub size: u64,
+    /// None once unlinked.
+    pub name: Option<String>,
+    pub anonymous: bool,
+    /// Ranks using the segment.
+    pub users: Vec<u32>,
+}
+
+/// Serializable segment table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentsState {
+    pub slots: Vec<SlotState>,
 }
 
 #[derive(Debug)]
@@ -242,6 +264,81 @@ impl SegmentTable {
         freed
     }
 
+    /// Slots holding a segment.
+    pub fn taken_slots(&self) -> Vec<u32> {
+        (0..self.slots.len() as u32)
+            .filter(|&i| self.slots[i as usize].is_some())
+            .collect()
+    }
+
+    /// The segment uses of `from` become `to`'s (a restored rank's
+    /// placeholder handing them to its new memory session).
+    pub fn reassign(&mut self, from: SessionId, to: SessionId) -> usize {
+        let mut moved = 0;
+        for s in self.slots.iter_mut().flatten() {
+            if s.users.remove(&from) {
+                s.users.insert(to);
+                moved += 1;
+            }
+        }
+        moved
+    }
+
+    /// The state to save, users named by rank (`rank_of`).
+    pub fn to_state(&self, rank_of: impl Fn(SessionId) -> Option<u32>) -> SegmentsState {
+        let slots = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let s = s.as_ref()?;
+                let mut users: Vec<u32> = s.users.iter().filter_map(|&u| rank_of(u)).collect();
+                users.sort_unstable();
+                users.dedup();
+                Some(SlotState {
+                    slot: i as u32,
+                    size: s.size,
+                    name: s.name.clone(),
+                    anonymous: s.anonymous,
+                    users,
+                })
+            })
+            .collect();
+        SegmentsState { slots }
+    }
+
+    /// A table from saved state, users being `session_of(rank)`. A slot
+    /// outside the table or a name used twice is an error.
+    pub fn from_state(
+        slots: u32,
+        reserve: u64,
+        state: &SegmentsState,
+        session_of: impl Fn(u32) -> SessionId,
+    ) -> Result<SegmentTable, SegmentError> {
+        let mut t = SegmentTable::new(slots, reserve);
+        for s in &state.slots {
+            let entry = t
+                .slots
+                .get_mut(s.slot as usize)
+                .ok_or(SegmentError::NoSuchId(s.slot))?;
+            if entry.is_some() || s.size > reserve {
+                return Err(SegmentError::NoSuchId(s.slot));
+            }
+            if let Some(name) = &s.name {
+                if t.names.insert(name.clone(), s.slot).is_some() {
+                    return Err(SegmentError::Exists(name.clone()));
+                }
+            }
+            *entry = Some(Slot {
+                size: s.size,
+                name: s.name.clone(),
+                anonymous: s.anonymous,
+                users: s.users.iter().map(|&r| session_of(r)).collect(),
+            });
+        }
+        Ok(t)
+    }
+
     fn free_if_unused(&mut self, slot: u32) -> Option<Freed> {
         let entry = self.slots.get_mut(slot as usize)?;
         if !entry.as_ref().is_some_and(Slot::freeable) {
@@ -345,6 +442,38 @@ mod tests {
         assert_eq!(t.open(S, "/a", 0, true, true).unwrap().slot, 1);
         // ... and can still be resized through its id by ranks that map it.
         assert!(t.resize(0, 4096).is_ok());
+    }
+
+    #[test]
+    fn state_round_trip_by_rank() {
+        let other = SessionId(2);
+        let mut t = SegmentTable::new(4, 8 * M);
+        t.open(S, "/a", M, true, false).unwrap();
+        t.open(other, "/a", 0, false, false).unwrap();
+        let b = t.open(other, "anon:3", 4096, true, false).unwrap();
+        t.open(S, "/gone", 0, true, false).unwrap();
+        t.unlink("/gone").unwrap();
+        let state = t.to_state(|s| Some(s.0 as u32 + 10));
+        let json = serde_json::to_string(&state).unwrap();
+        let back: SegmentsState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, state);
+        assert_eq!(back.slots[0].users, vec![11, 12]);
+        let ph = |r: u32| SessionId(100 + r as u64);
+        let mut r = SegmentTable::from_state(4, 8 * M, &back, ph).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r.open(S, "/a", 0, false, false).unwrap().size, M);
+        assert!(r.open(S, "/gone", 0, false, false).is_err());
+        assert_eq!(r.reassign(ph(12), other), 2);
+        assert_eq!(
+            r.release(other, b.slot),
+            Ok(Some(Freed {
+                slot: b.slot,
+                size: 4096
+            }))
+        );
+        // The unlinked slot stays taken, by its placeholder user.
+        assert_eq!(r.open(S, "/new", 0, true, false).unwrap().slot, 1);
+        assert_eq!(r.session_ended(ph(11)), vec![Freed { slot: 2, size: 0 }]);
     }
 
     #[test]

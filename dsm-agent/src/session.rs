@@ -7,6 +7,14 @@
 //! when it ends, whatever the rank number: a rank that execs itself connects
 //! again with the same rank and pid while its old sessions may still be open.
 //!
+//! Sync requests carry the rank's sequence number: one the rank was already
+//! served (a restored rank sending again the call it was blocked in at the
+//! checkpoint) is answered from the sync table's record, not run again.
+//!
+//! A restoring rank (`Hello{restoring: true}`, agent in restore mode) takes
+//! over what its rank had at the checkpoint: its memory session the heaps
+//! and segment uses, its sync session the locks (see `tables`).
+//!
 //! A peer that breaks the protocol (malformed, oversized or truncated frame,
 //! request on the wrong channel, descriptors where none belong) loses its
 //! connection, and only that: nothing a peer sends may stop the agent.
@@ -16,6 +24,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use mome_protocol::ckpt::AgentEvent;
 use mome_protocol::frame::{self, FrameError};
 use mome_protocol::layout::{Zone, HEAP_SIZE, PAGE_SIZE};
 use mome_protocol::rank::{AgentReply, Channel, ErrorCode, RankRequest};
@@ -26,7 +35,9 @@ use tokio::task::JoinHandle;
 
 use crate::agent::{lock, Agent, SessionId};
 use crate::faults::{self, Alias, AliasTable, FaultContext, FaultCounters};
-use crate::sync::LockGrant;
+use crate::restore::FaultServer;
+use crate::sync::{Caller, LockGrant, SyncReply};
+use crate::tables::placeholder;
 use crate::wire::{Wire, WireError};
 
 #[derive(Debug, thiserror::Error)]
@@ -37,8 +48,8 @@ pub enum SessionError {
     Malformed(FrameError),
     #[error("{0} request on the {1:?} channel")]
     WrongChannel(&'static str, Channel),
-    #[error("RegisterUffd came with {0} file descriptors instead of 1")]
-    UffdFds(usize),
+    #[error("{request} came with {count} file descriptors instead of 1")]
+    Fds { request: &'static str, count: usize },
     #[error("{request} request came with {count} unexpected file descriptor(s)")]
     UnexpectedFds { request: &'static str, count: usize },
     #[error("Hello again on an established connection")]
@@ -52,7 +63,22 @@ enum Reply {
     Heaps { first: u32, count: u32 },
     Segment { id: u32, addr: u64, size: u64 },
     BarrierDone { date: u64 },
+    Resume { stamp: u64 },
+    Image { addr: u64, len: u64 },
     Error { code: ErrorCode, message: String },
+}
+
+impl From<SyncReply> for Reply {
+    fn from(r: SyncReply) -> Reply {
+        match r {
+            SyncReply::Ok => Reply::Ok,
+            SyncReply::BarrierDone { date } => Reply::BarrierDone { date },
+            SyncReply::Error(message) => Reply::Error {
+                code: ErrorCode::Invalid,
+                message,
+            },
+        }
+    }
 }
 
 impl Reply {
@@ -76,6 +102,11 @@ impl Reply {
                 size: *size,
             },
             Reply::BarrierDone { date } => AgentReply::BarrierDone { date: *date },
+            Reply::Resume { stamp } => AgentReply::Resume { stamp: *stamp },
+            Reply::Image { addr, len } => AgentReply::Image {
+                addr: *addr,
+                len: *len,
+            },
             Reply::Error { code, message } => AgentReply::Error {
                 code: *code,
                 message,
@@ -146,15 +177,16 @@ async fn handshake(agent: &Arc<Agent>, wire: &mut Wire, peer_pid: i32) -> Option
         log!("connection from pid {peer_pid}: file descriptors attached to Hello; closing");
         return None;
     }
-    let (rank, pid, channel) = match frame::decode::<RankRequest>(&frame.body) {
+    let (rank, pid, channel, restoring) = match frame::decode::<RankRequest>(&frame.body) {
         Ok(RankRequest::Hello {
             protocol,
             rank,
             pid,
             channel,
             jobid,
-        }) => match check_hello(agent, protocol, rank, jobid) {
-            Ok(()) => (rank, pid, channel),
+            restoring,
+        }) => match check_hello(agent, protocol, rank, jobid, restoring) {
+            Ok(()) => (rank, pid, channel, restoring),
             Err(why) => {
                 refuse(wire, peer_pid, &why).await;
                 return None;
@@ -186,9 +218,17 @@ async fn handshake(agent: &Arc<Agent>, wire: &mut Wire, peer_pid: i32) -> Option
         log!("session {label}: cannot send Welcome: {e}; closing");
         return None;
     }
+    let id = agent.new_session_id();
+    agent.ckpt.session_started(id, rank, channel, peer_pid);
+    if restoring {
+        take_over(agent, rank, channel, id, &label);
+    } else if channel == Channel::Sync {
+        // A new process of the rank numbers its sync requests from 1.
+        lock(&agent.sync).reset_rank(rank);
+    }
     Some(Session {
         agent: agent.clone(),
-        id: agent.new_session_id(),
+        id,
         channel,
         label,
         private_uffds: Vec::new(),
@@ -196,11 +236,42 @@ async fn handshake(agent: &Arc<Agent>, wire: &mut Wire, peer_pid: i32) -> Option
         aliases: Arc::new(Mutex::new(AliasTable::default())),
         faults: Arc::new(FaultCounters::default()),
         rank,
+        restoring,
+        restored: false,
+        restore_server: None,
     })
 }
 
-fn check_hello(agent: &Agent, protocol: u32, rank: u32, jobid: &str) -> Result<(), String> {
+/// A restored rank's new session takes over what its placeholder holds:
+/// heaps and segment uses (memory channel), locks (sync channel).
+fn take_over(agent: &Agent, rank: u32, channel: Channel, id: SessionId, label: &str) {
+    let from = placeholder(rank);
+    match channel {
+        Channel::Memory => {
+            let heaps = lock(&agent.heaps).reassign(from, id);
+            let segments = lock(&agent.segments).reassign(from, id);
+            log!("session {label}: restored rank takes back {heaps} heaps and {segments} segment uses");
+        }
+        Channel::Sync => {
+            let locks = lock(&agent.sync).reassign(from, id);
+            log!("session {label}: restored rank takes back {locks} locks");
+        }
+    }
+}
+
+fn check_hello(
+    agent: &Agent,
+    protocol: u32,
+    rank: u32,
+    jobid: &str,
+    restoring: bool,
+) -> Result<(), String> {
     let id = &agent.id;
+    if restoring && agent.restore.is_none() {
+        return Err(format!(
+            "rank {rank} is being restored, but this agent was not started with --restore"
+        ));
+    }
     if protocol != PROTOCOL_VERSION {
         return Err(format!(
             "protocol version {protocol}, but this agent speaks version {PROTOCOL_VERSION}"
@@ -248,7 +319,12 @@ fn request_name(req: &RankRequest<'_>) -> &'static str {
         RankRequest::SegmentRelease { .. } => "SegmentRelease",
         RankRequest::SegmentUse { .. } => "SegmentUse",
         RankRequest::AliasMapped { .. } => "AliasMapped",
-        RankRequest::Barrier => "Barrier",
+        RankRequest::RegisterPagemap => "RegisterPagemap",
+        RankRequest::CkptParked { .. } => "CkptParked",
+        RankRequest::CkptRefused { .. } => "CkptRefused",
+        RankRequest::RestoreImage => "RestoreImage",
+        RankRequest::Restored => "Restored",
+        RankRequest::Barrier { .. } => "Barrier",
         RankRequest::Lock { .. } => "Lock",
         RankRequest::Unlock { .. } => "Unlock",
     }
@@ -259,7 +335,7 @@ fn request_name(req: &RankRequest<'_>) -> &'static str {
 fn channel_of(req: &RankRequest<'_>) -> Option<Channel> {
     match req {
         RankRequest::Hello { .. } => None,
-        RankRequest::Barrier | RankRequest::Lock { .. } | RankRequest::Unlock { .. } => {
+        RankRequest::Barrier { .. } | RankRequest::Lock { .. } | RankRequest::Unlock { .. } => {
             Some(Channel::Sync)
         }
         _ => Some(Channel::Memory),
@@ -279,6 +355,12 @@ struct Session {
     fault_tasks: Vec<JoinHandle<()>>,
     aliases: Arc<Mutex<AliasTable>>,
     faults: Arc<FaultCounters>,
+    /// The rank said it is being restored.
+    restoring: bool,
+    /// ... and it said `Restored`: what it holds is its own from now on.
+    restored: bool,
+    /// Serves the missing pages of a restoring rank's window.
+    restore_server: Option<FaultServer>,
 }
 
 impl Session {
@@ -299,48 +381,170 @@ impl Session {
             }
             let mut fds = frame.fds;
             let reply = match req {
-                RankRequest::RegisterUffd { zone } => {
-                    if fds.len() != 1 {
-                        return Err(SessionError::UffdFds(fds.len()));
-                    }
-                    let fd = fds.remove(0);
-                    self.register_uffd(zone, fd)
+                RankRequest::RegisterUffd { .. } | RankRequest::RegisterPagemap
+                    if fds.len() != 1 =>
+                {
+                    return Err(SessionError::Fds {
+                        request: name,
+                        count: fds.len(),
+                    })
                 }
+                RankRequest::RegisterUffd { zone } => self.register_uffd(zone, fds.remove(0)),
+                RankRequest::RegisterPagemap => self.register_pagemap(fds.remove(0)),
                 _ if !fds.is_empty() => {
                     return Err(SessionError::UnexpectedFds {
                         request: name,
                         count: fds.len(),
                     })
                 }
-                RankRequest::Barrier => {
-                    let rx = lock(&self.agent.sync).barrier_arrive(self.id, self.rank);
-                    match wait(wire, rx).await? {
-                        Waited::Done(Some(date)) => Reply::BarrierDone { date },
-                        Waited::Done(None) => Reply::error(ErrorCode::Invalid, "barrier abandoned"),
-                        Waited::PeerGone => return Ok(()),
+                RankRequest::Barrier { seq } => match self.barrier(wire, seq).await? {
+                    Some(reply) => reply,
+                    None => return Ok(()),
+                },
+                RankRequest::Lock { id, seq } => match self.lock(wire, id, seq).await? {
+                    Some(reply) => reply,
+                    None => return Ok(()),
+                },
+                RankRequest::Unlock { id, seq } => {
+                    let caller = self.caller(seq);
+                    let mut sync = lock(&self.agent.sync);
+                    match sync.replay(self.rank, seq) {
+                        Some(r) => r.into(),
+                        None => match sync.unlock(caller, id) {
+                            Ok(()) => Reply::Ok,
+                            Err(e) => Reply::error(e.code(), e),
+                        },
                     }
                 }
-                RankRequest::Lock { id } => {
-                    let grant = lock(&self.agent.sync).lock(self.id, id);
-                    match grant {
-                        Ok(LockGrant::Granted) => Reply::Ok,
-                        Ok(LockGrant::Queued(rx)) => match wait(wire, rx).await? {
-                            Waited::Done(Some(())) => Reply::Ok,
-                            Waited::Done(None) => {
-                                Reply::error(ErrorCode::Invalid, format!("lock {id} abandoned"))
-                            }
+                RankRequest::CkptParked {
+                    entered_ns,
+                    image_addr,
+                    image_len,
+                } => {
+                    let parked = self
+                        .agent
+                        .ckpt
+                        .park(self.rank, entered_ns, image_addr, image_len);
+                    match parked {
+                        None => Reply::Resume { stamp: 0 },
+                        Some(rx) => match wait(wire, rx).await? {
+                            Waited::Done(stamp) => Reply::Resume {
+                                stamp: stamp.unwrap_or(0),
+                            },
                             Waited::PeerGone => return Ok(()),
                         },
-                        Err(e) => Reply::error(e.code(), e),
                     }
                 }
-                RankRequest::Unlock { id } => match lock(&self.agent.sync).unlock(self.id, id) {
-                    Ok(()) => Reply::Ok,
-                    Err(e) => Reply::error(e.code(), e),
-                },
+                RankRequest::CkptRefused { reason } => {
+                    log!("session {}: checkpoint refused: {reason}", self.label);
+                    self.agent.ckpt.refuse(self.rank, reason);
+                    Reply::Resume { stamp: 0 }
+                }
+                RankRequest::RestoreImage => {
+                    match self
+                        .agent
+                        .restore
+                        .as_ref()
+                        .and_then(|r| r.image_of(self.rank))
+                    {
+                        Some(image) => Reply::Image {
+                            addr: image.addr,
+                            len: image.len,
+                        },
+                        None => Reply::error(
+                            ErrorCode::NotFound,
+                            format!(
+                                "no private image of rank {} in the restored checkpoint",
+                                self.rank
+                            ),
+                        ),
+                    }
+                }
+                RankRequest::Restored => {
+                    self.restored = true;
+                    let since_start_us = self.agent.started.elapsed().as_micros() as u64;
+                    log!(
+                        "session {}: rank restored, {} ms after the agent started",
+                        self.label,
+                        since_start_us / 1000
+                    );
+                    self.agent.events.send(AgentEvent::RankRestored {
+                        rank: self.rank,
+                        since_start_us,
+                    });
+                    Reply::Ok
+                }
                 req => self.memory_request(req),
             };
             wire.send(&reply.wire(), None).await?;
+        }
+    }
+
+    fn caller(&self, seq: u64) -> Caller {
+        Caller {
+            session: self.id,
+            rank: self.rank,
+            seq,
+        }
+    }
+
+    /// A barrier; `None` when the peer left while waiting.
+    async fn barrier(&self, wire: &mut Wire, seq: u64) -> Result<Option<Reply>, SessionError> {
+        let rx = {
+            let mut sync = lock(&self.agent.sync);
+            if let Some(r) = sync.replay(self.rank, seq) {
+                return Ok(Some(r.into()));
+            }
+            sync.barrier_arrive(self.caller(seq))
+        };
+        Ok(match wait(wire, rx).await? {
+            Waited::Done(Some(date)) => Some(Reply::BarrierDone { date }),
+            Waited::Done(None) => Some(Reply::error(ErrorCode::Invalid, "barrier abandoned")),
+            Waited::PeerGone => None,
+        })
+    }
+
+    /// A lock request; `None` when the peer left while waiting.
+    async fn lock(
+        &self,
+        wire: &mut Wire,
+        id: u64,
+        seq: u64,
+    ) -> Result<Option<Reply>, SessionError> {
+        let grant = {
+            let mut sync = lock(&self.agent.sync);
+            if let Some(r) = sync.replay(self.rank, seq) {
+                return Ok(Some(r.into()));
+            }
+            sync.lock(self.caller(seq), id)
+        };
+        Ok(match grant {
+            Ok(LockGrant::Granted) => Some(Reply::Ok),
+            Ok(LockGrant::Queued(rx)) => match wait(wire, rx).await? {
+                Waited::Done(Some(())) => Some(Reply::Ok),
+                Waited::Done(None) => Some(Reply::error(
+                    ErrorCode::Invalid,
+                    format!("lock {id} abandoned"),
+                )),
+                Waited::PeerGone => None,
+            },
+            Err(e) => Some(Reply::error(e.code(), e)),
+        })
+    }
+
+    /// Keeps the rank's `/proc/<pid>/pagemap` for dirty scans.
+    fn register_pagemap(&mut self, fd: OwnedFd) -> Reply {
+        let fd_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+        match std::fs::read_link(&fd_path) {
+            Ok(target) if target.to_string_lossy().ends_with("/pagemap") => {
+                self.agent.ckpt.set_pagemap(self.rank, self.id, fd);
+                Reply::Ok
+            }
+            Ok(target) => Reply::error(
+                ErrorCode::Invalid,
+                format!("RegisterPagemap: {} is not a pagemap", target.display()),
+            ),
+            Err(e) => Reply::error(ErrorCode::Invalid, format!("RegisterPagemap: {e}")),
         }
     }
 
@@ -485,6 +689,9 @@ impl Session {
 
     fn register_uffd(&mut self, zone: Zone, fd: OwnedFd) -> Reply {
         match zone {
+            Zone::Private if self.restoring && self.restore_server.is_none() => {
+                self.serve_restore(fd)
+            }
             Zone::Private => {
                 match faults::check_userfaultfd(std::os::fd::AsRawFd::as_raw_fd(&fd)) {
                     Ok(()) => {
@@ -519,6 +726,52 @@ impl Session {
         }
     }
 
+    /// A restoring rank's window userfaultfd (MISSING | WP): its faults
+    /// are served from the restored checkpoint. A duplicate is kept with
+    /// the other private userfaultfds for as long as the session lives.
+    fn serve_restore(&mut self, fd: OwnedFd) -> Reply {
+        let Some(restore) = self.agent.restore.clone() else {
+            return Reply::error(ErrorCode::Invalid, "no checkpoint is being restored");
+        };
+        let kept = match fd.try_clone() {
+            Ok(k) => k,
+            Err(e) => {
+                return Reply::error(
+                    ErrorCode::Invalid,
+                    format!("cannot keep the userfaultfd: {e}"),
+                )
+            }
+        };
+        let agent = Arc::downgrade(&self.agent);
+        // The rank owning the heap of a page, if the page is a heap page.
+        let owner_of = Arc::new(move |page: u64| {
+            let agent = agent.upgrade()?;
+            let layout = agent.id.layout;
+            let addr = layout.base + page * PAGE_SIZE;
+            if layout.zone_of(addr) != Some(Zone::Private) {
+                return None;
+            }
+            let owner = lock(&agent.heaps).owner(layout.heap_index(addr))?;
+            agent.ckpt.rank_of(owner)
+        });
+        match restore.serve(self.rank, fd, self.label.clone(), owner_of) {
+            Ok(server) => {
+                log!(
+                    "session {}: serving the restored window of stamp {}",
+                    self.label,
+                    restore.stamp
+                );
+                self.restore_server = Some(server);
+                self.private_uffds.push(kept);
+                Reply::Ok
+            }
+            Err(e) => {
+                log!("session {}: restore userfaultfd refused: {e}", self.label);
+                Reply::error(ErrorCode::Invalid, e)
+            }
+        }
+    }
+
     /// Drops the pages of a segment slot given back, so that the next
     /// segment placed there starts zeroed.
     fn drop_segment_pages(&self, freed: Option<crate::segments::Freed>) {
@@ -538,7 +791,23 @@ impl Session {
         for task in &self.fault_tasks {
             task.abort();
         }
+        self.agent.ckpt.session_ended(self.id, self.rank);
         let agent = &*self.agent;
+        if self.restoring && !self.restored {
+            // A wrapper of the restored program (a script's interpreter, a
+            // launcher) that exec'd it, or a restore that failed: what the
+            // rank had stays for its next connection.
+            let to = placeholder(self.rank);
+            let heaps = lock(&agent.heaps).reassign(self.id, to);
+            let segments = lock(&agent.segments).reassign(self.id, to);
+            let locks = lock(&agent.sync).reassign(self.id, to);
+            log!(
+                "session {} ({:?} channel) ended before the rank was restored{ending}: {heaps} heaps, {segments} segment uses and {locks} locks kept for the rank's next connection",
+                self.label,
+                self.channel
+            );
+            return;
+        }
         let layout = agent.id.layout;
         let mut freed = 0u64;
         {

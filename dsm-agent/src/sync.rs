@@ -9,10 +9,22 @@
 //! Waiters are sessions, not rank numbers (a rank that execs itself has two
 //! sessions for a while), but a barrier counts distinct ranks, so that a
 //! stale session of an exec'd rank cannot complete a barrier early.
+//!
+//! Every request carries the rank's sequence number. The table records, per
+//! rank, the last request it served and its reply, at the moment it is
+//! served (a lock handed over, a barrier completed), not when the session
+//! gets to send the reply: a checkpoint taken in between must see the lock
+//! held *and* the request served, so that the restored rank, which sends the
+//! request again, gets the recorded reply instead of a second grant.
+//!
+//! [`SyncState`] is the serializable part (checkpoint tables): the barrier
+//! date, the lock holders and the served records, by rank. Waiting requests
+//! are not saved: a restored rank sends the request it waited in again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use mome_protocol::rank::ErrorCode;
+use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::agent::SessionId;
@@ -31,6 +43,14 @@ impl SyncError {
     }
 }
 
+/// The reply to a served sync request, as recorded for replay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncReply {
+    Ok,
+    BarrierDone { date: u64 },
+    Error(String),
+}
+
 /// What a `Lock` request got.
 #[derive(Debug)]
 pub enum LockGrant {
@@ -39,17 +59,24 @@ pub enum LockGrant {
     Queued(oneshot::Receiver<()>),
 }
 
+/// Who sends a request: the session, its rank and the request's seq.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub session: SessionId,
+    pub rank: u32,
+    pub seq: u64,
+}
+
 #[derive(Debug)]
 struct BarrierWaiter {
-    session: SessionId,
-    rank: u32,
+    caller: Caller,
     done: oneshot::Sender<u64>,
 }
 
 #[derive(Debug, Default)]
 struct LockState {
     holder: Option<SessionId>,
-    queue: VecDeque<(SessionId, oneshot::Sender<()>)>,
+    queue: VecDeque<(Caller, oneshot::Sender<()>)>,
 }
 
 #[derive(Debug)]
@@ -60,6 +87,18 @@ pub struct SyncTable {
     barriers: u64,
     /// Only locks that are held; an entry goes when its last holder releases it.
     locks: HashMap<u64, LockState>,
+    /// Per rank: the last request served (seq) and its reply.
+    served: BTreeMap<u32, (u64, SyncReply)>,
+}
+
+/// Serializable sync state, by rank.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncState {
+    pub barriers: u64,
+    /// (lock id, rank holding it).
+    pub holders: Vec<(u64, u32)>,
+    /// (rank, last served seq, its reply).
+    pub served: Vec<(u32, u64, SyncReply)>,
 }
 
 impl SyncTable {
@@ -69,6 +108,7 @@ impl SyncTable {
             waiting: Vec::new(),
             barriers: 0,
             locks: HashMap::new(),
+            served: BTreeMap::new(),
         }
     }
 
@@ -77,61 +117,90 @@ impl SyncTable {
         self.barriers
     }
 
-    /// `session` (of `rank`) reaches the barrier; the receiver gets the
-    /// barrier's date once every rank of the job has arrived.
-    pub fn barrier_arrive(&mut self, session: SessionId, rank: u32) -> oneshot::Receiver<u64> {
+    /// The recorded reply when `rank` already had request `seq` served
+    /// (a restored rank sending again the request it was blocked in).
+    pub fn replay(&self, rank: u32, seq: u64) -> Option<SyncReply> {
+        match self.served.get(&rank) {
+            Some((last, reply)) if seq <= *last => Some(reply.clone()),
+            _ => None,
+        }
+    }
+
+    /// Forgets what `rank` was served: a new (not restored) process of the
+    /// rank numbers its requests from 1 again.
+    pub fn reset_rank(&mut self, rank: u32) {
+        self.served.remove(&rank);
+    }
+
+    /// Records that `caller`'s request was answered with `reply`.
+    pub fn record(&mut self, caller: Caller, reply: SyncReply) {
+        self.served.insert(caller.rank, (caller.seq, reply));
+    }
+
+    /// `caller` reaches the barrier; the receiver gets the barrier's date
+    /// once every rank of the job has arrived.
+    pub fn barrier_arrive(&mut self, caller: Caller) -> oneshot::Receiver<u64> {
         let (done, rx) = oneshot::channel();
-        self.waiting.push(BarrierWaiter {
-            session,
-            rank,
-            done,
-        });
-        let mut ranks: Vec<u32> = self.waiting.iter().map(|w| w.rank).collect();
+        self.waiting.push(BarrierWaiter { caller, done });
+        let mut ranks: Vec<u32> = self.waiting.iter().map(|w| w.caller.rank).collect();
         ranks.sort_unstable();
         ranks.dedup();
         if ranks.len() as u64 >= self.nranks as u64 {
             self.barriers += 1;
-            for w in self.waiting.drain(..) {
+            let date = self.barriers;
+            for w in std::mem::take(&mut self.waiting) {
+                self.record(w.caller, SyncReply::BarrierDone { date });
                 // A waiter whose session just ended has dropped its receiver.
-                let _ = w.done.send(self.barriers);
+                let _ = w.done.send(date);
             }
         }
         rx
     }
 
-    pub fn lock(&mut self, session: SessionId, id: u64) -> Result<LockGrant, SyncError> {
+    pub fn lock(&mut self, caller: Caller, id: u64) -> Result<LockGrant, SyncError> {
         let state = self.locks.entry(id).or_default();
-        match state.holder {
+        let got = match state.holder {
             None => {
-                state.holder = Some(session);
+                state.holder = Some(caller.session);
                 Ok(LockGrant::Granted)
             }
-            Some(h) if h == session => Err(SyncError::AlreadyHeld(id)),
+            Some(h) if h == caller.session => Err(SyncError::AlreadyHeld(id)),
             Some(_) => {
                 let (tx, rx) = oneshot::channel();
-                state.queue.push_back((session, tx));
-                Ok(LockGrant::Queued(rx))
+                state.queue.push_back((caller, tx));
+                return Ok(LockGrant::Queued(rx));
             }
+        };
+        match &got {
+            Ok(_) => self.record(caller, SyncReply::Ok),
+            Err(e) => self.record(caller, SyncReply::Error(e.to_string())),
         }
+        got
     }
 
-    pub fn unlock(&mut self, session: SessionId, id: u64) -> Result<(), SyncError> {
-        match self.locks.get(&id) {
-            Some(state) if state.holder == Some(session) => {
+    pub fn unlock(&mut self, caller: Caller, id: u64) -> Result<(), SyncError> {
+        let result = match self.locks.get(&id) {
+            Some(state) if state.holder == Some(caller.session) => {
                 self.hand_over(id);
                 Ok(())
             }
             _ => Err(SyncError::NotHeld(id)),
-        }
+        };
+        let reply = match &result {
+            Ok(()) => SyncReply::Ok,
+            Err(e) => SyncReply::Error(e.to_string()),
+        };
+        self.record(caller, reply);
+        result
     }
 
     /// Forgets a session that ended: it leaves the barrier and the lock
     /// queues, and the locks it held go to their next waiters.
     pub fn session_ended(&mut self, session: SessionId) {
-        self.waiting.retain(|w| w.session != session);
+        self.waiting.retain(|w| w.caller.session != session);
         let mut held = Vec::new();
         for (&id, state) in self.locks.iter_mut() {
-            state.queue.retain(|(s, _)| *s != session);
+            state.queue.retain(|(c, _)| c.session != session);
             if state.holder == Some(session) {
                 held.push(id);
             }
@@ -141,6 +210,19 @@ impl SyncTable {
         }
     }
 
+    /// Gives the locks held by `from` (a restored rank's placeholder) to
+    /// `to` (its new sync session).
+    pub fn reassign(&mut self, from: SessionId, to: SessionId) -> usize {
+        let mut moved = 0;
+        for state in self.locks.values_mut() {
+            if state.holder == Some(from) {
+                state.holder = Some(to);
+                moved += 1;
+            }
+        }
+        moved
+    }
+
     /// Gives lock `id` to the first waiter still there, FIFO; removes the
     /// lock when nobody waits.
     fn hand_over(&mut self, id: u64) {
@@ -148,15 +230,60 @@ impl SyncTable {
             return;
         };
         state.holder = None;
-        while let Some((session, tx)) = state.queue.pop_front() {
+        while let Some((caller, tx)) = state.queue.pop_front() {
             // A failed send means the waiter's session is ending: skip it
             // rather than make the others wait for its cleanup.
             if tx.send(()).is_ok() {
-                state.holder = Some(session);
+                state.holder = Some(caller.session);
+                self.served.insert(caller.rank, (caller.seq, SyncReply::Ok));
                 return;
             }
         }
         self.locks.remove(&id);
+    }
+
+    /// The state to save, sessions named by their rank (`rank_of`); a
+    /// holder whose rank is unknown is left out.
+    pub fn to_state(&self, rank_of: impl Fn(SessionId) -> Option<u32>) -> SyncState {
+        let mut holders: Vec<(u64, u32)> = self
+            .locks
+            .iter()
+            .filter_map(|(&id, s)| s.holder.and_then(&rank_of).map(|r| (id, r)))
+            .collect();
+        holders.sort_unstable();
+        SyncState {
+            barriers: self.barriers,
+            holders,
+            served: self
+                .served
+                .iter()
+                .map(|(&r, (seq, reply))| (r, *seq, reply.clone()))
+                .collect(),
+        }
+    }
+
+    /// A table from saved state; locks are held by `session_of(rank)` (the
+    /// rank's placeholder until its sync session connects).
+    pub fn from_state(
+        nranks: u32,
+        state: &SyncState,
+        session_of: impl Fn(u32) -> SessionId,
+    ) -> SyncTable {
+        let mut t = SyncTable::new(nranks);
+        t.barriers = state.barriers;
+        for &(id, rank) in &state.holders {
+            t.locks.insert(
+                id,
+                LockState {
+                    holder: Some(session_of(rank)),
+                    queue: VecDeque::new(),
+                },
+            );
+        }
+        for (rank, seq, reply) in &state.served {
+            t.served.insert(*rank, (*seq, reply.clone()));
+        }
+        t
     }
 }
 
@@ -168,20 +295,24 @@ mod tests {
     const B: SessionId = SessionId(2);
     const C: SessionId = SessionId(3);
 
+    fn c(session: SessionId, rank: u32, seq: u64) -> Caller {
+        Caller { session, rank, seq }
+    }
+
     #[test]
     fn barrier_counts_ranks_and_dates() {
         let mut t = SyncTable::new(2);
-        let mut a = t.barrier_arrive(A, 0);
+        let mut a = t.barrier_arrive(c(A, 0, 1));
         assert!(a.try_recv().is_err());
         // A second session of rank 0 (an exec'd image) does not complete it.
-        let mut a2 = t.barrier_arrive(C, 0);
+        let mut a2 = t.barrier_arrive(c(C, 0, 1));
         assert!(a2.try_recv().is_err());
         t.session_ended(A);
-        let mut b = t.barrier_arrive(B, 1);
+        let mut b = t.barrier_arrive(c(B, 1, 1));
         assert_eq!(b.try_recv(), Ok(1));
         assert_eq!(a2.try_recv(), Ok(1));
-        let _a = t.barrier_arrive(A, 0);
-        let mut b = t.barrier_arrive(B, 1);
+        let _a = t.barrier_arrive(c(A, 0, 2));
+        let mut b = t.barrier_arrive(c(B, 1, 2));
         assert_eq!(b.try_recv(), Ok(2));
         assert_eq!(t.barriers(), 2);
     }
@@ -189,37 +320,92 @@ mod tests {
     #[test]
     fn locks_are_fifo_and_released_by_ending_sessions() {
         let mut t = SyncTable::new(3);
-        assert!(matches!(t.lock(A, 7), Ok(LockGrant::Granted)));
-        assert_eq!(t.lock(A, 7).err(), Some(SyncError::AlreadyHeld(7)));
-        let Ok(LockGrant::Queued(mut b)) = t.lock(B, 7) else {
+        assert!(matches!(t.lock(c(A, 0, 1), 7), Ok(LockGrant::Granted)));
+        assert_eq!(t.lock(c(A, 0, 2), 7).err(), Some(SyncError::AlreadyHeld(7)));
+        let Ok(LockGrant::Queued(mut b)) = t.lock(c(B, 1, 1), 7) else {
             panic!()
         };
-        let Ok(LockGrant::Queued(mut c)) = t.lock(C, 7) else {
+        let Ok(LockGrant::Queued(mut cc)) = t.lock(c(C, 2, 1), 7) else {
             panic!()
         };
-        assert_eq!(t.unlock(B, 7), Err(SyncError::NotHeld(7)));
-        t.unlock(A, 7).unwrap();
+        assert_eq!(t.unlock(c(B, 1, 2), 7), Err(SyncError::NotHeld(7)));
+        t.unlock(c(A, 0, 3), 7).unwrap();
         assert_eq!(b.try_recv(), Ok(()));
-        assert!(c.try_recv().is_err());
+        assert!(cc.try_recv().is_err());
         t.session_ended(B);
-        assert_eq!(c.try_recv(), Ok(()));
-        t.unlock(C, 7).unwrap();
+        assert_eq!(cc.try_recv(), Ok(()));
+        t.unlock(c(C, 2, 2), 7).unwrap();
         assert!(t.locks.is_empty());
-        assert_eq!(t.unlock(C, 7), Err(SyncError::NotHeld(7)));
+        assert_eq!(t.unlock(c(C, 2, 3), 7), Err(SyncError::NotHeld(7)));
     }
 
     #[test]
     fn dropped_waiter_is_skipped() {
         let mut t = SyncTable::new(1);
-        assert!(matches!(t.lock(A, 1), Ok(LockGrant::Granted)));
-        let Ok(LockGrant::Queued(b)) = t.lock(B, 1) else {
+        assert!(matches!(t.lock(c(A, 0, 1), 1), Ok(LockGrant::Granted)));
+        let Ok(LockGrant::Queued(b)) = t.lock(c(B, 1, 1), 1) else {
             panic!()
         };
-        let Ok(LockGrant::Queued(mut c)) = t.lock(C, 1) else {
+        let Ok(LockGrant::Queued(mut cc)) = t.lock(c(C, 2, 1), 1) else {
             panic!()
         };
         drop(b);
-        t.unlock(A, 1).unwrap();
-        assert_eq!(c.try_recv(), Ok(()));
+        t.unlock(c(A, 0, 2), 1).unwrap();
+        assert_eq!(cc.try_recv(), Ok(()));
+    }
+
+    #[test]
+    fn served_requests_replay_by_rank() {
+        let mut t = SyncTable::new(2);
+        assert_eq!(t.replay(0, 1), None);
+        assert!(matches!(t.lock(c(A, 0, 1), 9), Ok(LockGrant::Granted)));
+        // Queued, not served yet: nothing to replay.
+        let Ok(LockGrant::Queued(_rx)) = t.lock(c(B, 1, 4), 9) else {
+            panic!()
+        };
+        assert_eq!(t.replay(1, 4), None);
+        // Handing over records the grant at once, before B's session replies.
+        t.unlock(c(A, 0, 2), 9).unwrap();
+        assert_eq!(t.replay(1, 4), Some(SyncReply::Ok));
+        assert_eq!(t.replay(1, 3), Some(SyncReply::Ok));
+        assert_eq!(t.replay(1, 5), None);
+        let _a = t.barrier_arrive(c(A, 0, 3));
+        let _b = t.barrier_arrive(c(B, 1, 5));
+        assert_eq!(t.replay(0, 3), Some(SyncReply::BarrierDone { date: 1 }));
+        assert_eq!(
+            t.unlock(c(A, 0, 4), 9),
+            Err(SyncError::NotHeld(9)),
+            "held by B now"
+        );
+        assert!(matches!(t.replay(0, 4), Some(SyncReply::Error(_))));
+        t.reset_rank(0);
+        assert_eq!(t.replay(0, 1), None);
+    }
+
+    #[test]
+    fn state_round_trip_moves_locks_to_placeholders() {
+        let mut t = SyncTable::new(2);
+        assert!(matches!(t.lock(c(A, 0, 1), 5), Ok(LockGrant::Granted)));
+        assert!(matches!(t.lock(c(B, 1, 1), 6), Ok(LockGrant::Granted)));
+        let _a = t.barrier_arrive(c(A, 0, 2));
+        let _b = t.barrier_arrive(c(B, 1, 2));
+        let rank_of = |s: SessionId| Some(if s == A { 0 } else { 1 });
+        let state = t.to_state(rank_of);
+        assert_eq!(state.holders, vec![(5, 0), (6, 1)]);
+        let json = serde_json::to_string(&state).unwrap();
+        let back: SyncState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, state);
+        let ph = |r: u32| SessionId(1000 + r as u64);
+        let mut r = SyncTable::from_state(2, &back, ph);
+        assert_eq!(r.barriers(), 1);
+        assert_eq!(r.replay(1, 2), Some(SyncReply::BarrierDone { date: 1 }));
+        // Rank 1's lock waits in its placeholder: others queue behind it.
+        let Ok(LockGrant::Queued(mut q)) = r.lock(c(A, 0, 3), 6) else {
+            panic!()
+        };
+        assert_eq!(r.reassign(ph(1), C), 1);
+        r.unlock(c(C, 1, 3), 6).unwrap();
+        assert_eq!(q.try_recv(), Ok(()));
+        assert_eq!(r.to_state(|s| (s == A).then_some(0)).holders, vec![(6, 0)]);
     }
 }

@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::process::{Command, Stdio};
 
-use common::{Agent, Got, Rank, JOB_ID};
+use common::{Agent, Got, Rank, SyncReq, JOB_ID};
 use mome_protocol::layout::Zone;
 use mome_protocol::rank::{Channel, ErrorCode, RankRequest};
 use mome_protocol::PROTOCOL_VERSION;
@@ -80,7 +80,7 @@ fn protocol_errors_close_only_that_connection() {
             "trailing bytes",
             Box::new(|r| r.sock.write_all(&[3, 0, 0, 0, 2, 1, 0]).unwrap()),
         ),
-        ("wrong channel", Box::new(|r| r.send(&RankRequest::Barrier))),
+        ("wrong channel", Box::new(|r| r.send_sync(SyncReq::Barrier))),
         (
             "second hello",
             Box::new(|r| {
@@ -90,8 +90,13 @@ fn protocol_errors_close_only_that_connection() {
                     pid: 1,
                     channel: Channel::Memory,
                     jobid: JOB_ID,
+                    restoring: false,
                 })
             }),
+        ),
+        (
+            "pagemap without fd",
+            Box::new(|r| r.send(&RankRequest::RegisterPagemap)),
         ),
         (
             "uffd without fd",
@@ -148,17 +153,19 @@ fn protocol_errors_close_only_that_connection() {
     r.expect_closed();
     // Sync requests on the sync channel still work, and memory requests
     // there close it.
-    assert_eq!(good_sync.call(&RankRequest::Lock { id: 3 }), Got::Ok);
-    assert_eq!(good_sync.call(&RankRequest::Unlock { id: 3 }), Got::Ok);
+    assert_eq!(good_sync.call_sync(SyncReq::Lock(3)), Got::Ok);
+    assert_eq!(good_sync.call_sync(SyncReq::Unlock(3)), Got::Ok);
 
     let pid = std::process::id();
     let log = agent.log();
     for needle in [
-        format!("session rank 0 pid {pid}: malformed request: malformed message: Hit the end of buffer"),
-        format!("session rank 0 pid {pid}: malformed request: malformed message: The original data was not well encoded"),
+        format!(
+            "session rank 0 pid {pid}: malformed request: malformed message: Hit the end of buffer"
+        ),
         format!("session rank 0 pid {pid}: frame announces"),
         format!("session rank 0 pid {pid}: Barrier request on the Memory channel; closing"),
         format!("session rank 0 pid {pid}: RegisterUffd came with 0 file descriptors"),
+        format!("session rank 0 pid {pid}: RegisterPagemap came with 0 file descriptors"),
         format!("session rank 0 pid {pid}: AllocHeaps request came with 1 unexpected"),
         format!("session rank 0 pid {pid}: connection closed inside a frame"),
     ] {

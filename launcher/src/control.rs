@@ -1,13 +1,15 @@
 //! The job's control socket (`control.sock` in the job directory, 0600):
 //! one JSON object per line in each direction, a
 //! [`ControlRequest`](mome_protocol::job::ControlRequest) answered by one
-//! [`ControlReply`](mome_protocol::job::ControlReply).
+//! final [`ControlReply`](mome_protocol::job::ControlReply), possibly after
+//! progress lines (a checkpoint).
 //!
 //! The server side is driven by mome-run's event loop (non-blocking, never
 //! waits for a client); what a request does is decided by the coordinator,
-//! through the handler it passes in, so new commands (checkpoints) only add
-//! a match arm there. The client side, with timeouts, is used by
-//! mome-status (and later mome-ckpt).
+//! through the handler it passes in. A handler may answer later: it returns
+//! `None`, and the coordinator sends the lines with [`ControlServer::send`]
+//! when they come (the connection stays open until the final one). The
+//! client side, with timeouts, is used by mome-status and mome-ckpt.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -48,8 +50,20 @@ const MAX_REQUEST: usize = 64 << 10;
 /// Clients served at once; more wait in the listen backlog.
 const MAX_CLIENTS: usize = 32;
 
+/// A connection, stable across [`ControlServer::sweep`] (unlike its index).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClientId(pub u64);
+
+/// A request handler: the reply now, or `None` to answer later with
+/// [`ControlServer::send`].
+pub type Handler<'a> = dyn FnMut(ClientId, ControlRequest) -> Option<ControlReply> + 'a;
+
 #[derive(Debug)]
 struct Client {
+    id: ClientId,
+    /// Requests answered later whose final reply is not sent yet: the
+    /// connection is kept for them even after the client's EOF.
+    deferred: usize,
     stream: UnixStream,
     input: Vec<u8>,
     output: Vec<u8>,
@@ -65,6 +79,7 @@ pub struct ControlServer {
     listener: UnixListener,
     path: PathBuf,
     clients: Vec<Client>,
+    next_id: u64,
 }
 
 /// What the event loop should poll for, and what to call when it fires.
@@ -89,6 +104,7 @@ impl ControlServer {
             listener,
             path: path.to_path_buf(),
             clients: Vec::new(),
+            next_id: 0,
         })
     }
 
@@ -106,11 +122,7 @@ impl ControlServer {
     }
 
     /// Handles readiness of `which`; `handle` answers each request.
-    pub fn ready(
-        &mut self,
-        which: ControlFd,
-        handle: &mut dyn FnMut(ControlRequest) -> ControlReply,
-    ) {
+    pub fn ready(&mut self, which: ControlFd, handle: &mut Handler<'_>) {
         match which {
             ControlFd::Listener => self.accept(),
             ControlFd::Client(i) => {
@@ -125,7 +137,29 @@ impl ControlServer {
     /// one poll round (indices stay valid until then).
     pub fn sweep(&mut self) {
         self.clients
-            .retain(|c| !(c.broken || (c.done_reading && c.output.is_empty())));
+            .retain(|c| !(c.broken || (c.done_reading && c.output.is_empty() && c.deferred == 0)));
+    }
+
+    /// Sends a later reply to `client`; a final reply ends one deferred
+    /// request. False when the client is gone (the reply is dropped).
+    pub fn send(&mut self, client: ClientId, reply: &ControlReply) -> bool {
+        let Some(c) = self.clients.iter_mut().find(|c| c.id == client) else {
+            return false;
+        };
+        if reply.is_final() {
+            c.deferred = c.deferred.saturating_sub(1);
+        }
+        c.queue_reply(reply);
+        c.flush();
+        !c.broken
+    }
+
+    /// One non-blocking attempt to write what every client still has
+    /// queued (before the server goes away).
+    pub fn flush_all(&mut self) {
+        for c in &mut self.clients {
+            c.flush();
+        }
     }
 
     fn accept(&mut self) {
@@ -133,7 +167,10 @@ impl ControlServer {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if stream.set_nonblocking(true).is_ok() {
+                        self.next_id += 1;
                         self.clients.push(Client {
+                            id: ClientId(self.next_id),
+                            deferred: 0,
                             stream,
                             input: Vec::new(),
                             output: Vec::new(),
@@ -155,7 +192,7 @@ impl Drop for ControlServer {
 }
 
 impl Client {
-    fn serve(&mut self, handle: &mut dyn FnMut(ControlRequest) -> ControlReply) {
+    fn serve(&mut self, handle: &mut Handler<'_>) {
         let mut buf = [0u8; 4096];
         while !self.done_reading {
             match self.stream.read(&mut buf) {
@@ -171,8 +208,7 @@ impl Client {
         }
         while let Some(pos) = self.input.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.input.drain(..=pos).collect();
-            let reply = answer(&line[..pos], handle);
-            self.queue_reply(&reply);
+            self.answer_line(&line[..pos], handle);
         }
         if self.input.len() > MAX_REQUEST {
             self.input.clear();
@@ -183,10 +219,17 @@ impl Client {
         } else if self.done_reading && !self.input.is_empty() {
             // A last request without its newline is still a request.
             let line = std::mem::take(&mut self.input);
-            let reply = answer(&line, handle);
-            self.queue_reply(&reply);
+            self.answer_line(&line, handle);
         }
         self.flush();
+    }
+
+    fn answer_line(&mut self, line: &[u8], handle: &mut Handler<'_>) {
+        let id = self.id;
+        match answer(line, &mut |request| handle(id, request)) {
+            Some(reply) => self.queue_reply(&reply),
+            None => self.deferred += 1,
+        }
     }
 
     fn queue_reply(&mut self, reply: &ControlReply) {
@@ -212,9 +255,13 @@ impl Client {
     }
 }
 
-/// Parses one request line and asks `handle` for the reply; a line that is
-/// not a known request gets an `Error` reply saying what was wrong.
-pub fn answer(line: &[u8], handle: &mut dyn FnMut(ControlRequest) -> ControlReply) -> ControlReply {
+/// Parses one request line and asks `handle` for the reply (None: later);
+/// a line that is not a known request gets an `Error` reply saying what
+/// was wrong.
+pub fn answer(
+    line: &[u8],
+    handle: &mut dyn FnMut(ControlRequest) -> Option<ControlReply>,
+) -> Option<ControlReply> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     match serde_json::from_slice::<ControlRequest>(line) {
         Ok(request) => handle(request),
@@ -230,7 +277,7 @@ pub fn answer(line: &[u8], handle: &mut dyn FnMut(ControlRequest) -> ControlRepl
                     "malformed request ({e}): send one JSON object per line, e.g. {{\"cmd\":\"status\"}}"
                 ),
             };
-            ControlReply::Error { message }
+            Some(ControlReply::Error { message })
         }
     }
 }
@@ -242,6 +289,18 @@ pub fn request(
     req: &ControlRequest,
     timeout: Duration,
 ) -> Result<ControlReply, ControlError> {
+    request_streamed(path, req, timeout, &mut |_| {})
+}
+
+/// Sends one request and reads its reply lines until the final one, the
+/// whole bounded by `timeout`; `progress` sees every non-final line.
+pub fn request_streamed(
+    path: &Path,
+    req: &ControlRequest,
+    timeout: Duration,
+    progress: &mut dyn FnMut(&ControlReply),
+) -> Result<ControlReply, ControlError> {
+    let deadline = std::time::Instant::now() + timeout;
     let io = |source: std::io::Error| {
         if matches!(
             source.kind(),
@@ -269,20 +328,36 @@ pub fn request(
     let mut line = serde_json::to_vec(req).expect("a ControlRequest always serializes");
     line.push(b'\n');
     (&stream).write_all(&line).map_err(io)?;
-    let mut reply = String::new();
-    BufReader::new(&stream)
-        .take(64 << 20)
-        .read_line(&mut reply)
-        .map_err(io)?;
-    if reply.is_empty() {
-        return Err(ControlError::NoReply {
-            path: path.to_path_buf(),
-        });
+    let mut reader = BufReader::new(&stream);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(ControlError::Timeout {
+                path: path.to_path_buf(),
+                timeout,
+            });
+        }
+        stream.set_read_timeout(Some(left)).map_err(io)?;
+        let mut line = String::new();
+        (&mut reader)
+            .take(64 << 20)
+            .read_line(&mut line)
+            .map_err(io)?;
+        if line.is_empty() {
+            return Err(ControlError::NoReply {
+                path: path.to_path_buf(),
+            });
+        }
+        let reply: ControlReply =
+            serde_json::from_str(&line).map_err(|e| ControlError::BadReply {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        if reply.is_final() {
+            return Ok(reply);
+        }
+        progress(&reply);
     }
-    serde_json::from_str(&reply).map_err(|e| ControlError::BadReply {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
 }
 
 #[cfg(test)]
@@ -300,23 +375,28 @@ mod tests {
             exit_code: None,
             reason: None,
             ended: None,
+            incarnation: 0,
+            checkpoints: vec![],
+            checkpointing: None,
         }
     }
 
     #[test]
     fn answers_status_and_explains_errors() {
         let mut handle = |r: ControlRequest| match r {
-            ControlRequest::Status => ControlReply::Status(status()),
+            ControlRequest::Status => Some(ControlReply::Status(status())),
+            ControlRequest::Checkpoint { .. } => None,
         };
         assert_eq!(
             answer(br#"{"cmd":"status"}"#, &mut handle),
-            ControlReply::Status(status())
+            Some(ControlReply::Status(status()))
         );
-        let ControlReply::Error { message } = answer(br#"{"cmd":"fly"}"#, &mut handle) else {
+        assert_eq!(answer(br#"{"cmd":"checkpoint"}"#, &mut handle), None);
+        let Some(ControlReply::Error { message }) = answer(br#"{"cmd":"fly"}"#, &mut handle) else {
             panic!()
         };
         assert!(message.contains("fly"), "{message}");
-        let ControlReply::Error { message } = answer(b"not json", &mut handle) else {
+        let Some(ControlReply::Error { message }) = answer(b"not json", &mut handle) else {
             panic!()
         };
         assert!(message.contains("malformed"), "{message}");
@@ -335,7 +415,7 @@ mod tests {
         while !client.is_finished() && std::time::Instant::now() < deadline {
             let ready: Vec<ControlFd> = server.poll_list().iter().map(|(w, ..)| *w).collect();
             for which in ready {
-                server.ready(which, &mut |_| ControlReply::Status(status()));
+                server.ready(which, &mut |_, _| Some(ControlReply::Status(status())));
             }
             server.sweep();
             std::thread::sleep(Duration::from_millis(5));
@@ -346,5 +426,55 @@ mod tests {
         );
         drop(server);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn streams_deferred_replies() {
+        use mome_protocol::job::CkptProgress;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let mut server = ControlServer::bind(&path).unwrap();
+        let client = std::thread::spawn({
+            let path = path.clone();
+            move || {
+                let mut seen = Vec::new();
+                let last = request_streamed(
+                    &path,
+                    &ControlRequest::Checkpoint { timeout_ms: None },
+                    Duration::from_secs(3),
+                    &mut |r| seen.push(r.clone()),
+                );
+                (seen, last)
+            }
+        });
+        let mut waiting: Vec<ClientId> = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while waiting.is_empty() && std::time::Instant::now() < deadline {
+            let ready: Vec<ControlFd> = server.poll_list().iter().map(|(w, ..)| *w).collect();
+            for which in ready {
+                server.ready(which, &mut |id, _| {
+                    waiting.push(id);
+                    None
+                });
+            }
+            server.sweep();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let id = waiting[0];
+        let progress = ControlReply::CkptProgress(CkptProgress {
+            stamp: 1,
+            phase: "write".into(),
+            done_bytes: 1,
+            total_bytes: 2,
+        });
+        assert!(server.send(id, &progress));
+        server.sweep();
+        let error = ControlReply::Error {
+            message: "nope".into(),
+        };
+        assert!(server.send(id, &error));
+        let (seen, last) = client.join().unwrap();
+        assert_eq!(seen, vec![progress]);
+        assert_eq!(last.unwrap(), error);
     }
 }

@@ -15,14 +15,19 @@
 //! what it waited for. mome-run is the child subreaper of the job, so that
 //! whatever the ranks fork is reparented to it and killed at the end:
 //! nothing of a job outlives it.
+//!
+//! The same loop drives checkpoints ([`crate::checkpoint`]: control
+//! requests and periodic ones, the agent's events on its stdout) and, for
+//! mome-restart, a restored incarnation of an existing job.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::ChildStdin;
 use std::time::{Duration, Instant};
 
+use mome_protocol::ckpt::{AgentCommand, AgentEvent, Stamp};
 use mome_protocol::config::PrefixMode;
 use mome_protocol::job::{
     mome_home, now_rfc3339, signal_name, AgentStatus, ControlReply, ControlRequest, JobDir,
@@ -31,10 +36,12 @@ use mome_protocol::job::{
 use mome_protocol::Config;
 use nix::poll::{PollFd, PollFlags};
 
-use crate::control::{ControlError, ControlFd, ControlServer};
+use crate::checkpoint::{self, Action, Checkpointer, JobIdentity, Requester};
+use crate::control::{ClientId, ControlError, ControlFd, ControlServer};
 use crate::jobdir::{self, CoordinatorLog, JobDirError};
 use crate::os;
 use crate::output::{Dest, LineTagger, Sink};
+use crate::pidns::{self, PidNsError, PidPinning};
 use crate::preflight::{self, Checked, PreflightError};
 use crate::signals::{SignalError, SignalPipes, ENDING};
 use crate::spawn::{self, Install, RankLaunch, RankStdin, SpawnError};
@@ -61,6 +68,17 @@ pub enum RunError {
     Subreaper(nix::Error),
     #[error("cannot raise the open-files limit to {needed}: {source}")]
     OpenFiles { needed: u64, source: std::io::Error },
+    #[error(transparent)]
+    PidNs(#[from] PidNsError),
+    #[error("cannot read the program {path} to checksum it: {source}")]
+    Binary {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "job {id} ran its ranks at pinned pids, which this system cannot give any more: {reason}"
+    )]
+    PinningLost { id: String, reason: String },
 }
 
 impl RunError {
@@ -69,6 +87,7 @@ impl RunError {
             RunError::MultiNode => 2,
             RunError::Preflight(e) => e.exit_code(),
             RunError::Spawn(e) => e.exit_code(),
+            RunError::PidNs(_) => 2,
             _ => 1,
         }
     }
@@ -85,6 +104,60 @@ pub struct RunOptions {
     /// PROGRAM as typed.
     pub program: OsString,
     pub args: Vec<OsString>,
+    /// mome-restart: run this existing job again from a stamp (program,
+    /// arguments, environment, cwd and ranks come from its job.yaml).
+    pub restart: Option<RestartFrom>,
+}
+
+/// A job to restart, as mome-restart chose it.
+#[derive(Debug, Clone)]
+pub struct RestartFrom {
+    pub job: JobDir,
+    pub spec: JobSpec,
+    pub stamp: Stamp,
+    /// The store root.
+    pub root: PathBuf,
+}
+
+/// Checkpoint options of the command line, over the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct CkptOverrides {
+    pub dir: Option<PathBuf>,
+    pub keep: Option<u32>,
+    pub interval: Option<Duration>,
+}
+
+impl CkptOverrides {
+    pub fn apply(&self, config: &mut Config) {
+        if let Some(dir) = &self.dir {
+            config.checkpoint.dir = dir.display().to_string();
+        }
+        if let Some(keep) = self.keep {
+            config.checkpoint.keep = keep;
+        }
+        if let Some(interval) = self.interval {
+            config.checkpoint.interval = mome_protocol::config::Span(interval);
+        }
+    }
+}
+
+/// A duration option (`90s`, `10min`, `500ms`; `0` for none), for clap.
+pub fn parse_duration_arg(text: &str) -> Result<Duration, String> {
+    if text.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{e} (write a duration such as 90s, 10min or 500ms)"))
+}
+
+/// The checkpoint store of a job: checkpoint.dir (made absolute against
+/// `cwd`), else `<jobdir>/ckpt`.
+pub fn store_root(config: &Config, job: &JobDir, cwd: &std::path::Path) -> PathBuf {
+    if config.checkpoint.dir.is_empty() {
+        job.path.join("ckpt")
+    } else {
+        cwd.join(&config.checkpoint.dir)
+    }
 }
 
 /// How long a rank may take to die after SIGKILL before mome-run stops
@@ -107,6 +180,9 @@ const FLUSH_STALL: Duration = Duration::from_secs(10);
 const FOREGROUND_RECHECK: Duration = Duration::from_millis(250);
 /// How often, while draining, to look for processes the ranks left behind.
 const LEFTOVER_SWEEP: Duration = Duration::from_millis(50);
+/// How long mome-run waits for a rank started through mome-rankinit to
+/// appear (fork in the new namespace) to learn its pid.
+const RANK_PID_WAIT: Duration = Duration::from_secs(5);
 /// Upper bound of one poll(): a safety net, every event has its own fd.
 const MAX_POLL: Duration = Duration::from_secs(1);
 /// Bytes read from one pipe per wakeup, so one chatty rank cannot starve
@@ -143,6 +219,7 @@ pub fn run(opts: RunOptions) -> i32 {
 struct Prepared {
     cwd: PathBuf,
     checked: Checked,
+    pinning: PidPinning,
     install: Install,
     nofile_soft: u64,
     signals: SignalPipes,
@@ -153,9 +230,34 @@ fn prepare(opts: &RunOptions) -> Result<Prepared, RunError> {
     if opts.nodes > 1 {
         return Err(RunError::MultiNode);
     }
-    let cwd = std::env::current_dir().map_err(RunError::Cwd)?;
-    let checked = preflight::check_all(&opts.program, &opts.config, opts.ranks, &cwd)?;
+    let (cwd, program) = match &opts.restart {
+        Some(r) => (r.spec.cwd.clone(), r.spec.command.clone().into_os_string()),
+        None => (
+            std::env::current_dir().map_err(RunError::Cwd)?,
+            opts.program.clone(),
+        ),
+    };
+    let checked = preflight::check_all(&program, &opts.config, opts.ranks, &cwd)?;
     let install = Install::locate()?;
+    let pinning = match &opts.restart {
+        // A restart keeps what the job had: pinned pids must be pinned
+        // again (the program knows its pid), unpinned ones stay so.
+        Some(r) if r.spec.pids_pinned => pidns::decide(
+            mome_protocol::config::PidNamespaceMode::Always,
+            &install.rankinit,
+        )
+        .map_err(|e| RunError::PinningLost {
+            id: r.spec.id.clone(),
+            reason: match e {
+                PidNsError::Required { reason } => reason,
+            },
+        })?,
+        Some(r) => PidPinning {
+            pinned: false,
+            note: r.spec.pids_note.clone(),
+        },
+        None => pidns::decide(opts.config.checkpoint.pid_namespace, &install.rankinit)?,
+    };
     let home = mome_home()?;
     let needed = preflight::fds_needed(opts.ranks);
     let (nofile_soft, _) =
@@ -174,6 +276,7 @@ fn prepare(opts: &RunOptions) -> Result<Prepared, RunError> {
     Ok(Prepared {
         cwd,
         checked,
+        pinning,
         install,
         nofile_soft,
         signals,
@@ -202,6 +305,10 @@ enum EndCause {
         node: u32,
         detail: String,
     },
+    RestoreFailed {
+        node: u32,
+        reason: String,
+    },
     Setup {
         code: i32,
         message: String,
@@ -217,7 +324,9 @@ impl EndCause {
                 _ => 1,
             },
             EndCause::Interrupted { signal } => 128 + signal,
-            EndCause::AgentDied { .. } | EndCause::AgentNotReady { .. } => 1,
+            EndCause::AgentDied { .. }
+            | EndCause::AgentNotReady { .. }
+            | EndCause::RestoreFailed { .. } => 1,
             EndCause::Setup { code, .. } => *code,
         }
     }
@@ -234,6 +343,9 @@ impl EndCause {
             ),
             EndCause::AgentNotReady { node, detail } => {
                 format!("the agent of node {node} did not become ready {detail}")
+            }
+            EndCause::RestoreFailed { node, reason } => {
+                format!("the agent of node {node} cannot restore the job: {reason}")
             }
             EndCause::Setup { message, .. } => message.clone(),
         }
@@ -292,7 +404,11 @@ struct RankStream {
 #[derive(Debug)]
 struct RankProc {
     rank: u32,
+    /// The child mome-run waits for: the rank, or its mome-rankinit relay.
     pid: Option<i32>,
+    /// The rank's own pid (in mome-run's namespace): what is shown and
+    /// signalled. Same as `pid` without pid pinning.
+    shown_pid: Option<i32>,
     exited: Option<ProcessState>,
     /// stdout, stderr; None once at end of file.
     streams: [Option<RankStream>; 2],
@@ -348,6 +464,12 @@ struct Coordinator {
     cause: Option<EndCause>,
     /// Ending signals received (SIGINT, SIGTERM, SIGHUP).
     interrupts: usize,
+    ckpt: Checkpointer,
+    /// When this mome-run started (for "restart until running").
+    born: Instant,
+    /// The stamp this incarnation restores, and the ranks restored so far.
+    restore: Option<Stamp>,
+    restored: BTreeSet<u32>,
 }
 
 impl Coordinator {
@@ -357,42 +479,95 @@ impl Coordinator {
         let Prepared {
             cwd,
             checked,
+            pinning,
             install,
             nofile_soft,
             signals,
             home,
         } = prepared;
-        let job = jobdir::create_job_dir(&home)?;
-        let mut argv: Vec<OsString> = vec![opts.program.clone()];
-        argv.extend(opts.args.iter().cloned());
-        let env: BTreeMap<String, String> = std::env::vars_os()
-            .map(|(k, v)| {
-                (
-                    k.to_string_lossy().into_owned(),
-                    v.to_string_lossy().into_owned(),
-                )
-            })
-            .collect();
-        let spec = JobSpec {
-            id: job.id.clone(),
-            command: checked.program.clone(),
-            argv: argv
-                .iter()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect(),
-            env,
-            cwd: cwd.clone(),
-            ranks: opts.ranks,
-            nodes: opts.nodes,
-            started: now_rfc3339(),
-            config: opts.config.clone(),
+        let binary_xxh3 =
+            checkpoint::file_xxh3(&checked.program).map_err(|source| RunError::Binary {
+                path: checked.program.clone(),
+                source,
+            })?;
+        let (job, spec, argv, restore) = match &opts.restart {
+            Some(r) => {
+                // Same job, same directory: a new incarnation of it.
+                let mut spec = r.spec.clone();
+                spec.incarnation += 1;
+                spec.restored_from = Some(r.stamp);
+                spec.config = opts.config.clone();
+                spec.binary_xxh3 = Some(binary_xxh3);
+                r.job.write_spec(&spec)?;
+                let argv: Vec<OsString> = spec.argv.iter().map(OsString::from).collect();
+                (r.job.clone(), spec, argv, Some((r.stamp, r.root.clone())))
+            }
+            None => {
+                let job = jobdir::create_job_dir(&home)?;
+                let mut argv: Vec<OsString> = vec![opts.program.clone()];
+                argv.extend(opts.args.iter().cloned());
+                let env: BTreeMap<String, String> = std::env::vars_os()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string_lossy().into_owned(),
+                            v.to_string_lossy().into_owned(),
+                        )
+                    })
+                    .collect();
+                let mut config = opts.config.clone();
+                // Recorded resolved: mome-restart and mome-status find the
+                // store whatever their current directory.
+                config.checkpoint.dir = store_root(&config, &job, &cwd).display().to_string();
+                let spec = JobSpec {
+                    id: job.id.clone(),
+                    command: checked.program.clone(),
+                    argv: argv
+                        .iter()
+                        .map(|a| a.to_string_lossy().into_owned())
+                        .collect(),
+                    env,
+                    cwd: cwd.clone(),
+                    ranks: opts.ranks,
+                    nodes: opts.nodes,
+                    started: now_rfc3339(),
+                    config,
+                    pids_pinned: pinning.pinned,
+                    pids_note: pinning.note.clone(),
+                    binary_xxh3: Some(binary_xxh3),
+                    incarnation: 0,
+                    restored_from: None,
+                };
+                job.write_spec(&spec)?;
+                os::print_stderr(&format!("mome: job {}\n", job.id));
+                (job, spec, argv, None)
+            }
         };
-        job.write_spec(&spec)?;
-        os::print_stderr(&format!("mome: job {}\n", job.id));
         if let Some(path) = &opts.jobid_file {
             jobdir::write_jobid_file(path, &job.id)?;
         }
         let mut log = CoordinatorLog::open(&job)?;
+        if let Some((stamp, root)) = &restore {
+            log.line(format_args!(
+                "incarnation {} of job {}: restoring stamp {stamp} from {}",
+                spec.incarnation,
+                job.id,
+                root.display()
+            ));
+        }
+        log.line(format_args!(
+            "pids {}",
+            if pinning.pinned {
+                format!(
+                    "pinned: rank r runs at pid {} + r in a pid namespace of its own",
+                    pidns::RANK_PID_BASE
+                )
+            } else {
+                format!(
+                    "not pinned ({})",
+                    pinning.note.as_deref().unwrap_or("no reason given")
+                )
+            }
+        ));
         log.line(format_args!(
             "job {} by mome-run pid {}: {} rank(s) of {} ({} interpreter(s): {:?}) in {}",
             job.id,
@@ -436,6 +611,9 @@ impl Coordinator {
             exit_code: None,
             reason: None,
             ended: None,
+            incarnation: spec.incarnation,
+            checkpoints: Vec::new(),
+            checkpointing: None,
         };
         job.write_status(&status)?;
 
@@ -456,7 +634,35 @@ impl Coordinator {
             agent_socket: job.agent_socket(0),
             agent_timeout_ms: opts.config.job.agent_timeout.0.as_millis(),
             nofile_soft,
+            rankinit: pinning.pinned.then(|| install.rankinit.clone()),
+            env: opts.restart.as_ref().map(|r| r.spec.env.clone()),
+            extra_env: {
+                let mut extra = vec![(
+                    mome_protocol::env::CKPT_SIGNAL.to_string(),
+                    opts.config.checkpoint.signal.to_string(),
+                )];
+                if let Some((stamp, _)) = &restore {
+                    extra.push((mome_protocol::env::RESTORE.to_string(), stamp.to_string()));
+                }
+                extra
+            },
         };
+        let root = restore
+            .as_ref()
+            .map(|(_, root)| root.clone())
+            .unwrap_or_else(|| PathBuf::from(&spec.config.checkpoint.dir));
+        let ckpt = Checkpointer::new(
+            checkpoint::Settings::from_config(&opts.config.checkpoint, root),
+            JobIdentity {
+                job_id: job.id.clone(),
+                incarnation: spec.incarnation,
+                nranks: opts.ranks,
+                nodes: opts.nodes,
+                binary: checked.program.clone(),
+                binary_xxh3,
+            },
+            restore.as_ref().map(|(stamp, _)| *stamp),
+        );
         let rank0_stdin = if os::is_terminal(std::io::stdin()) {
             RankStdin::Pipe
         } else {
@@ -467,6 +673,7 @@ impl Coordinator {
                 .map(|rank| RankProc {
                     rank,
                     pid: None,
+                    shown_pid: None,
                     exited: None,
                     streams: [None, None],
                 })
@@ -499,6 +706,10 @@ impl Coordinator {
             phase: Phase::Done,
             cause: None,
             interrupts: 0,
+            ckpt,
+            born: Instant::now(),
+            restore: restore.map(|(stamp, _)| stamp),
+            restored: BTreeSet::new(),
         })
     }
 
@@ -509,12 +720,30 @@ impl Coordinator {
             Err(e) => return self.fail_setup(1, e.to_string()),
         }
         let ranks: Vec<u32> = (0..self.nranks).collect();
-        match spawn::spawn_agent(&self.install, &self.job, self.agent.node, 1, &ranks) {
+        let extra: Vec<OsString> = match self.restore {
+            Some(stamp) => vec![
+                "--restore".into(),
+                stamp.to_string().into(),
+                "--ckpt-dir".into(),
+                self.ckpt.settings().root.clone().into_os_string(),
+            ],
+            None => Vec::new(),
+        };
+        match spawn::spawn_agent(&self.install, &self.job, self.agent.node, 1, &ranks, &extra) {
             Ok(child) => {
                 if let Err(e) = os::set_nonblocking(child.stdout.as_fd()) {
                     self.log.line(format_args!(
                         "cannot make the agent's stdout non-blocking: {e}"
                     ));
+                }
+                if let Some(stdin) = &child.stdin {
+                    // Commands are small and rare; a full pipe means an agent
+                    // that reads nothing, which must not block the loop.
+                    if let Err(e) = os::set_nonblocking(stdin.as_fd()) {
+                        self.log.line(format_args!(
+                            "cannot make the agent's stdin non-blocking: {e}"
+                        ));
+                    }
                 }
                 self.agent.pid = Some(child.pid);
                 self.agent.stdin = child.stdin;
@@ -607,6 +836,9 @@ impl Coordinator {
             Phase::Draining { until: end, .. } => wait = wait.min(until(end)).min(LEFTOVER_SWEEP),
             Phase::Running | Phase::Done => {}
         }
+        if let Some(at) = self.ckpt.next_deadline() {
+            wait = wait.min(until(at));
+        }
         if self.forward.as_ref().is_some_and(|f| !f.stdin_done) && !os::in_foreground_of(stdin_fd())
         {
             wait = wait.min(FOREGROUND_RECHECK);
@@ -695,8 +927,14 @@ impl Coordinator {
             }
             Token::Control(which) => {
                 let status = &self.status;
+                let mut deferred = Vec::new();
                 if let Some(control) = self.control.as_mut() {
-                    control.ready(which, &mut |request| answer_control(status, request));
+                    control.ready(which, &mut |client, request| {
+                        answer_control(status, client, request, &mut deferred)
+                    });
+                }
+                for (client, request) in deferred {
+                    self.deferred_request(client, request);
                 }
             }
             Token::AgentStdout => self.read_agent_stdout(),
@@ -713,6 +951,169 @@ impl Coordinator {
                         "mome-run's {name} stopped taking output ({e}); discarding the ranks' {name} from now on"
                     ));
                 }
+            }
+        }
+    }
+
+    // ---- checkpoints ----
+
+    /// A control request that needs the coordinator: a checkpoint.
+    fn deferred_request(&mut self, client: ClientId, request: ControlRequest) {
+        let ControlRequest::Checkpoint { timeout_ms } = request else {
+            return;
+        };
+        let refused = if self.phase != Phase::Running {
+            Some(format!(
+                "job {} is not running (it is {})",
+                self.job.id,
+                match self.phase {
+                    Phase::AgentStarting { .. } => "starting",
+                    _ => "ending",
+                }
+            ))
+        } else if self.agent.stdin.is_none() || self.agent.exited.is_some() {
+            Some("the job's agent is gone".to_string())
+        } else if self.restore.is_some() && self.restored.len() < self.nranks as usize {
+            Some(format!(
+                "the job is still being restored ({} of {} rank(s) running again)",
+                self.restored.len(),
+                self.nranks
+            ))
+        } else {
+            self.ranks.iter().find(|r| !r.alive()).map(|rank| {
+                format!(
+                    "rank {} has ended: only a job whose ranks all run can be checkpointed",
+                    rank.rank
+                )
+            })
+        };
+        let timeout = timeout_ms.map(Duration::from_millis);
+        let result = match refused {
+            Some(message) => Err(message),
+            None => self
+                .ckpt
+                .start(Requester::Client(client), timeout, Instant::now())
+                .map_err(|e| e.to_string()),
+        };
+        match result {
+            Ok(actions) => self.apply(actions),
+            Err(message) => {
+                self.log
+                    .line(format_args!("checkpoint request refused: {message}"));
+                self.reply(client, ControlReply::Error { message });
+            }
+        }
+    }
+
+    fn reply(&mut self, client: ClientId, reply: ControlReply) {
+        if let Some(control) = self.control.as_mut() {
+            if !control.send(client, &reply) && reply.is_final() {
+                self.log.line(format_args!(
+                    "the client that asked for the checkpoint is gone: {}",
+                    serde_json::to_string(&reply).unwrap_or_default()
+                ));
+            }
+        }
+    }
+
+    /// Carries out what the checkpointer asks.
+    fn apply(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::ToAgent { node, command } => {
+                    if let Err(e) = self.send_agent(&command) {
+                        self.log.line(format_args!(
+                            "cannot send {command:?} to the agent of node {node}: {e}"
+                        ));
+                        if matches!(command, AgentCommand::Checkpoint { .. }) {
+                            let more = self
+                                .ckpt
+                                .on_agent_gone(&format!("cannot reach the agent: {e}"));
+                            self.apply(more);
+                        }
+                    }
+                }
+                Action::Reply { client, reply } => self.reply(client, reply),
+                Action::Log(line) => self.log.line(line),
+                Action::Say(line) => self.say(line),
+            }
+        }
+        let inflight = self.ckpt.in_progress();
+        if self.status.checkpointing != inflight
+            || self.status.checkpoints.len() != self.ckpt.history.len()
+        {
+            self.status.checkpointing = inflight;
+            self.status.checkpoints = self.ckpt.history.clone();
+            self.status_dirty = true;
+        }
+    }
+
+    /// One command line on the agent's stdin (non-blocking: a command is
+    /// far smaller than the pipe, a full pipe is an agent reading nothing).
+    fn send_agent(&mut self, command: &AgentCommand) -> std::io::Result<()> {
+        let Some(stdin) = self.agent.stdin.as_ref() else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "its stdin is closed",
+            ));
+        };
+        let mut line = serde_json::to_vec(command).expect("a command always serializes");
+        line.push(b'\n');
+        let mut done = 0;
+        while done < line.len() {
+            match os::write_some(stdin.as_fd(), &line[done..]) {
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        "its stdin pipe is full: it reads no commands",
+                    ))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// A JSON event line of the agent.
+    fn on_agent_event(&mut self, event: AgentEvent) {
+        let node = self.agent.node;
+        match event {
+            AgentEvent::RankRestored {
+                rank,
+                since_start_us,
+            } => {
+                self.restored.insert(rank);
+                self.log.line(format_args!(
+                    "rank {rank} restored ({} ms after the agent started)",
+                    since_start_us / 1000
+                ));
+                if self.restored.len() == self.nranks as usize {
+                    self.log.line(format_args!(
+                        "restart until running: {} ms (all {} rank(s) restored from stamp {})",
+                        self.born.elapsed().as_millis(),
+                        self.nranks,
+                        self.restore.unwrap_or(0)
+                    ));
+                }
+            }
+            AgentEvent::RestoreError { reason } => {
+                self.say(format!(
+                    "mome: job {} cannot be restored: {reason}",
+                    self.job.id
+                ));
+                if self.cause.is_none() {
+                    self.cause = Some(EndCause::RestoreFailed { node, reason });
+                    match self.phase {
+                        Phase::Running => self.begin_ending(libc::SIGTERM),
+                        Phase::AgentStarting { .. } => self.phase = Phase::Done,
+                        _ => {}
+                    }
+                }
+            }
+            other => {
+                let actions = self.ckpt.on_event(node, other, Instant::now());
+                self.apply(actions);
             }
         }
     }
@@ -786,6 +1187,7 @@ impl Coordinator {
     /// Sends `signal` to the ranks (their group, and each rank by pid in
     /// case it left the group), then SIGKILL after the grace period.
     fn begin_ending(&mut self, signal: i32) {
+        self.ckpt.disarm_periodic();
         self.signal_ranks(signal);
         if signal != libc::SIGKILL {
             // A stopped rank handles nothing until it is continued.
@@ -820,9 +1222,10 @@ impl Coordinator {
                     .line(format_args!("kill(-{pgid}, {}): {e}", signal_name(signal)));
             }
         }
-        // Ranks not yet reaped keep their pid: signalling it is safe.
+        // Ranks not yet reaped keep their pid: signalling it is safe (a
+        // pinned rank's own pid too: its relay, not reaped, waits for it).
         for rank in self.ranks.iter().filter(|r| r.alive()) {
-            if let Some(pid) = rank.pid {
+            if let Some(pid) = rank.shown_pid.or(rank.pid) {
                 let _ = os::signal_process(pid, signal);
             }
         }
@@ -830,6 +1233,10 @@ impl Coordinator {
 
     fn check_deadlines(&mut self) {
         let now = Instant::now();
+        if self.ckpt.next_deadline().is_some_and(|at| now >= at) {
+            let actions = self.ckpt.tick(now);
+            self.apply(actions);
+        }
         match self.phase {
             Phase::AgentStarting { deadline } if now >= deadline => {
                 let timeout = humantime::format_duration(self.config.job.agent_ready_timeout.0);
@@ -864,7 +1271,7 @@ impl Coordinator {
                     .iter()
                     .enumerate()
                     .filter(|(_, r)| r.alive())
-                    .filter_map(|(i, r)| Some((i, r.rank, r.pid?)))
+                    .filter_map(|(i, r)| Some((i, r.rank, r.shown_pid.or(r.pid)?)))
                     .collect();
                 for (index, rank, pid) in stuck {
                     self.say(format!(
@@ -937,6 +1344,7 @@ impl Coordinator {
     /// group, and whatever was reparented to mome-run), then read the rest
     /// of their output.
     fn after_ranks(&mut self) {
+        self.ckpt.disarm_periodic();
         if let Some(pgid) = self.pgid {
             match os::signal_group(pgid, libc::SIGKILL) {
                 Ok(true) => self.log.line(format_args!(
@@ -1056,7 +1464,8 @@ impl Coordinator {
     fn on_rank_exit(&mut self, index: usize, state: ProcessState) {
         let rank = &mut self.ranks[index];
         rank.exited = Some(state);
-        let (rank_no, pid) = (rank.rank, rank.pid.unwrap_or(0));
+        // The rank's own pid, not its mome-rankinit relay's.
+        let (rank_no, pid) = (rank.rank, rank.shown_pid.or(rank.pid).unwrap_or(0));
         self.status.ranks[index].state = state;
         self.status_dirty = true;
         self.log.line(format_args!(
@@ -1088,6 +1497,11 @@ impl Coordinator {
 
     fn on_agent_exit(&mut self, state: ProcessState) {
         self.agent.exited = Some(state);
+        let actions = self.ckpt.on_agent_gone(&format!(
+            "the agent {}",
+            describe_end(state).trim_start_matches("was ")
+        ));
+        self.apply(actions);
         self.status.agents[0].state = state;
         self.status_dirty = true;
         let node = self.agent.node;
@@ -1139,6 +1553,8 @@ impl Coordinator {
             let text = String::from_utf8_lossy(&line).trim().to_string();
             if !self.agent.ready && text == "ready" {
                 self.agent_ready();
+            } else if let Ok(event) = serde_json::from_str::<AgentEvent>(&text) {
+                self.on_agent_event(event);
             } else if !text.is_empty() {
                 self.log
                     .line(format_args!("agent {}: {text}", self.agent.node));
@@ -1146,6 +1562,8 @@ impl Coordinator {
         }
         if eof {
             self.agent.stdout = None;
+            let actions = self.ckpt.on_agent_gone("the agent closed its stdout");
+            self.apply(actions);
             if matches!(self.phase, Phase::AgentStarting { .. }) {
                 // Usually the agent died: wait a moment for its status,
                 // which says more than "closed its output".
@@ -1250,8 +1668,9 @@ impl Coordinator {
                     }
                     let proc = &mut self.ranks[index];
                     proc.pid = Some(child.pid);
+                    proc.shown_pid = child.pinned.is_none().then_some(child.pid);
                     proc.streams = streams;
-                    self.status.ranks[index].pid = Some(child.pid);
+                    self.status.ranks[index].pid = proc.shown_pid;
                     self.status.ranks[index].state = ProcessState::Running;
                 }
                 Err(e) => {
@@ -1269,10 +1688,14 @@ impl Coordinator {
                 }
             }
         }
+        if self.launch.rankinit.is_some() {
+            self.find_pinned_ranks();
+        }
+        self.ckpt.arm_periodic(Instant::now());
         let pids: Vec<String> = self
             .ranks
             .iter()
-            .filter_map(|r| r.pid)
+            .filter_map(|r| r.shown_pid)
             .map(|p| p.to_string())
             .collect();
         self.log.line(format_args!(
@@ -1281,6 +1704,30 @@ impl Coordinator {
             self.pgid.unwrap_or(0),
             pids.join(",")
         ));
+    }
+
+    /// Learns each rank's own pid under its mome-rankinit (bounded: the
+    /// ranks were all forked already, this waits for their init to fork
+    /// them in turn). A rank not found keeps its relay's pid as shown pid.
+    fn find_pinned_ranks(&mut self) {
+        for index in 0..self.ranks.len() {
+            let rank = &self.ranks[index];
+            let (Some(relay), None) = (rank.pid, rank.shown_pid) else {
+                continue;
+            };
+            let inner = pidns::pinned_pid(rank.rank);
+            let pid = match pidns::wait_rank_pid(relay, inner, RANK_PID_WAIT) {
+                Ok(pid) => pid,
+                Err(e) => {
+                    self.log
+                        .line(format_args!("rank {}: {e}; showing pid {relay}", rank.rank));
+                    relay
+                }
+            };
+            self.ranks[index].shown_pid = Some(pid);
+            self.status.ranks[index].pid = Some(pid);
+        }
+        self.status_dirty = true;
     }
 
     fn read_rank(&mut self, index: usize, stream: usize) {
@@ -1404,6 +1851,13 @@ impl Coordinator {
     /// Stops the agent, kills what is left, writes the final status,
     /// flushes the output; returns the job's exit status.
     fn finish(mut self) -> i32 {
+        let actions = self.ckpt.on_job_end();
+        self.apply(actions);
+        if let Some(control) = self.control.as_mut() {
+            // The last replies (a checkpoint that will not be) are small:
+            // one attempt puts them in the sockets' buffers.
+            control.flush_all();
+        }
         self.forward = None;
         self.close_rank_streams();
         self.stop_agent();
@@ -1553,10 +2007,20 @@ impl Coordinator {
     }
 }
 
-/// The control socket's answers.
-fn answer_control(status: &JobStatus, request: ControlRequest) -> ControlReply {
+/// The control socket's immediate answers; requests that need the whole
+/// coordinator (checkpoints) are put aside in `deferred`.
+fn answer_control(
+    status: &JobStatus,
+    client: ClientId,
+    request: ControlRequest,
+    deferred: &mut Vec<(ClientId, ControlRequest)>,
+) -> Option<ControlReply> {
     match request {
-        ControlRequest::Status => ControlReply::Status(status.clone()),
+        ControlRequest::Status => Some(ControlReply::Status(status.clone())),
+        ControlRequest::Checkpoint { .. } => {
+            deferred.push((client, request));
+            None
+        }
     }
 }
 

@@ -79,6 +79,12 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), JobDirError> {
     })
 }
 
+/// Creates `path` and its missing parents, 0700 (a checkpoint store: it
+/// holds the ranks' memory).
+pub fn create_private_dir_all(path: &Path) -> std::io::Result<()> {
+    DirBuilder::new().mode(0o700).recursive(true).create(path)
+}
+
 /// Creates (or appends to) a 0600 file, e.g. a log of the job.
 pub fn open_private_log(path: &Path) -> Result<File, JobDirError> {
     OpenOptions::new()

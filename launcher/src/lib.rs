@@ -1,7 +1,8 @@
 //! mome's launcher: `mome-run` runs a program as the ranks of a job (with
 //! preflight checks, a private job directory, a node agent, output
-//! forwarding, and a coordinator that leaves nothing behind), and
-//! `mome-status` shows jobs.
+//! forwarding, and a coordinator that leaves nothing behind), `mome-status`
+//! shows jobs, `mome-ckpt` checkpoints a running job and `mome-restart`
+//! runs a job again from its last good checkpoint.
 //!
 //! Module map:
 //! - [`preflight`]: what must hold before a job starts (program, kernel, limits);
@@ -11,15 +12,21 @@
 //! - [`signals`]: signals as pollable events;
 //! - [`control`]: the control socket (server and client);
 //! - [`coordinator`]: the job's life, one event loop;
+//! - [`checkpoint`]: checkpoint coordination (stamps, commit, periodic);
+//! - [`pidns`]: pid pinning (mome-rankinit: a pid namespace per rank);
+//! - [`restart`]: choosing the stamp a job restarts from;
 //! - [`status`]: what mome-status shows;
 //! - [`os`]: thin wrappers over process and fd system calls.
 
+pub mod checkpoint;
 pub mod control;
 pub mod coordinator;
 pub mod jobdir;
 pub mod os;
 pub mod output;
+pub mod pidns;
 pub mod preflight;
+pub mod restart;
 pub mod signals;
 pub mod spawn;
 pub mod status;

@@ -6,7 +6,10 @@
 //! Children die with mome-run (PDEATHSIG = SIGKILL), the agent in a process
 //! group of its own and the ranks all together in another (so a Ctrl-C on
 //! the terminal reaches mome-run only, which decides what the job does).
+//! With pinned pids a rank is started through mome-rankinit (see
+//! [`crate::pidns`]), which keeps all of the above for the rank itself.
 
+use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
@@ -80,6 +83,8 @@ impl SpawnError {
 pub struct Install {
     pub agent: PathBuf,
     pub preload: PathBuf,
+    /// mome-rankinit, checked only when pids are to be pinned.
+    pub rankinit: PathBuf,
 }
 
 impl Install {
@@ -98,6 +103,8 @@ impl Install {
             Some(p) => PathBuf::from(p),
             None => own_dir()?.join(PRELOAD_LIB_NAME),
         };
+        let rankinit = crate::pidns::locate_rankinit(&own_dir()?);
+        let rankinit = std::path::absolute(&rankinit).unwrap_or(rankinit);
         let hint = |var: &str| {
             format!(" (build the whole workspace with `make`, or set {var} to where it is)")
         };
@@ -140,7 +147,11 @@ impl Install {
             });
         }
         let agent = std::path::absolute(&agent).unwrap_or(agent);
-        Ok(Install { agent, preload })
+        Ok(Install {
+            agent,
+            preload,
+            rankinit,
+        })
     }
 }
 
@@ -153,14 +164,16 @@ pub struct AgentChild {
     pub stdout: OwnedFd,
 }
 
-/// Starts `mome-agent --job-dir DIR --node K --nodes N --ranks a,b,...`
-/// with stderr into logs/agent-K.log.
+/// Starts `mome-agent --job-dir DIR --node K --nodes N --ranks a,b,...
+/// [EXTRA...]` with stderr into logs/agent-K.log (`extra`: `--restore S
+/// --ckpt-dir ROOT` for a restart).
 pub fn spawn_agent(
     install: &Install,
     job: &JobDir,
     node: u32,
     nodes: u32,
     ranks: &[u32],
+    extra: &[OsString],
 ) -> Result<AgentChild, SpawnError> {
     let log_path = job.agent_log(node);
     let log = crate::jobdir::open_private_log(&log_path).map_err(|e| SpawnError::Log {
@@ -184,6 +197,7 @@ pub fn spawn_agent(
         .arg(nodes.to_string())
         .arg("--ranks")
         .arg(rank_list)
+        .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
@@ -231,13 +245,25 @@ pub struct RankLaunch {
     /// The soft RLIMIT_NOFILE mome-run started with: mome-run raises its
     /// own for the ranks' pipes, the ranks get the original back.
     pub nofile_soft: u64,
+    /// mome-rankinit, when each rank runs in a pid namespace of its own at
+    /// pid `pidns::pinned_pid(rank)`.
+    pub rankinit: Option<PathBuf>,
+    /// The whole environment of the ranks (a restart gives them the
+    /// recorded one); None: mome-run's own.
+    pub env: Option<BTreeMap<String, String>>,
+    /// Set for every rank on top (MOME_CKPT_SIGNAL, MOME_RESTORE).
+    pub extra_env: Vec<(String, String)>,
 }
 
 /// A started rank and mome-run's ends of its pipes (none for output the
 /// rank writes straight to mome-run's own stdout/stderr).
 #[derive(Debug)]
 pub struct RankChild {
+    /// The child mome-run waits for: the rank, or its mome-rankinit relay,
+    /// which ends as the rank did.
     pub pid: i32,
+    /// With a pid namespace: the rank's pid inside it.
+    pub pinned: Option<i32>,
     pub stdin: Option<ChildStdin>,
     pub stdout: Option<OwnedFd>,
     pub stderr: Option<OwnedFd>,
@@ -263,16 +289,53 @@ pub fn spawn_rank(
     stdin: RankStdin,
     output: RankOutput,
 ) -> Result<RankChild, SpawnError> {
-    let mut cmd = Command::new(&launch.program);
-    if let Some(argv0) = launch.argv.first() {
-        cmd.arg0(argv0);
+    let existing_preload = match &launch.env {
+        Some(env) => env.get("LD_PRELOAD").map(OsString::from),
+        None => std::env::var_os("LD_PRELOAD"),
+    };
+    let preload = preload_value(&launch.preload, existing_preload.as_deref());
+    let pinned = launch
+        .rankinit
+        .as_ref()
+        .map(|_| crate::pidns::pinned_pid(rank));
+    let mut cmd = match (&launch.rankinit, pinned) {
+        (Some(rankinit), Some(pid)) => {
+            // mome-rankinit itself must not be preloaded: the value goes
+            // under another name, for the rank only.
+            let mut cmd = Command::new(rankinit);
+            cmd.arg("--pid")
+                .arg(pid.to_string())
+                .arg("--")
+                .arg(&launch.program)
+                .args(&launch.argv);
+            if launch.argv.is_empty() {
+                cmd.arg(&launch.program);
+            }
+            cmd.env_remove("LD_PRELOAD")
+                .env(crate::pidns::PRELOAD_VAR, &preload);
+            cmd
+        }
+        _ => {
+            let mut cmd = Command::new(&launch.program);
+            if let Some(argv0) = launch.argv.first() {
+                cmd.arg0(argv0);
+            }
+            cmd.args(launch.argv.iter().skip(1))
+                .env("LD_PRELOAD", &preload);
+            cmd
+        }
+    };
+    if let Some(env) = &launch.env {
+        cmd.env_clear().envs(env);
+        if pinned.is_some() {
+            cmd.env_remove("LD_PRELOAD")
+                .env(crate::pidns::PRELOAD_VAR, &preload);
+        } else {
+            cmd.env("LD_PRELOAD", &preload);
+        }
     }
-    cmd.args(launch.argv.iter().skip(1))
-        .current_dir(&launch.cwd)
-        .env(
-            "LD_PRELOAD",
-            preload_value(&launch.preload, std::env::var_os("LD_PRELOAD").as_deref()),
-        )
+    cmd.current_dir(&launch.cwd)
+        .envs(launch.extra_env.iter().map(|(k, v)| (k, v)))
         .env(env::RANK, rank.to_string())
         .env(env::NRANKS, launch.nranks.to_string())
         .env(env::NODE, launch.node.to_string())
@@ -310,6 +373,7 @@ pub fn spawn_rank(
     );
     Ok(RankChild {
         pid,
+        pinned,
         stdin: child.stdin.take(),
         stdout: child.stdout.take().map(OwnedFd::from),
         stderr: child.stderr.take().map(OwnedFd::from),
@@ -334,6 +398,19 @@ fn die_with_parent(cmd: &mut Command, nofile: Option<u64>) {
         // Only raw system calls here: this runs between fork and exec, where
         // allocating or locking could deadlock.
         if let Some(soft) = nofile {
+            // A rank gets stdin, stdout and stderr, nothing else mome-run
+            // inherited: a descriptor leaked by whatever started mome-run
+            // (a pipe of a shell or a CI runner) would otherwise make the
+            // rank uncheckpointable (a pipe to outside the job).
+            // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_close_range,
+                    3u32,
+                    u32::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC,
+                )
+            };
             // The job runs with ASLR disabled from its first launch, so that
             // a restart finds libraries and stacks at the same addresses.
             // SAFETY: personality(0xffffffff) only reads the persona.
@@ -372,7 +449,7 @@ fn die_with_parent(cmd: &mut Command, nofile: Option<u64>) {
         Ok(())
     };
     // SAFETY: the closure makes only async-signal-safe system calls
-    // (personality, getrlimit, setrlimit, prctl, getppid), allocates
+    // (close_range, personality, getrlimit, setrlimit, prctl, getppid), allocates
     // nothing and takes no lock, as required between fork and exec.
     unsafe {
         cmd.pre_exec(closure);

@@ -4,7 +4,8 @@
 //! A job's state comes from its status.json, except that a job whose
 //! coordinator (mome-run) is gone while the file still says running is
 //! `lost`; a live job is asked through its control socket, which knows
-//! more recent news than the file.
+//! more recent news than the file. A job's checkpoints come from the
+//! manifests of its store (what a restart could use).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -84,7 +85,8 @@ pub fn coordinator_alive(pid: i32) -> bool {
     let named = |s: &str| {
         Path::new(s.trim())
             .file_name()
-            .is_some_and(|n| n == "mome-run")
+            // comm is cut to 15 characters: "mome-restart" fits.
+            .is_some_and(|n| n == "mome-run" || n == "mome-restart")
     };
     let argv0 = crate::os::process_argv0(pid);
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
@@ -94,7 +96,10 @@ pub fn coordinator_alive(pid: i32) -> bool {
         return true;
     }
     argv0.as_deref().is_some_and(named)
-        || exe.is_some_and(|e| e.file_name().is_some_and(|n| n == "mome-run"))
+        || exe.is_some_and(|e| {
+            e.file_name()
+                .is_some_and(|n| n == "mome-run" || n == "mome-restart")
+        })
         || comm.as_deref().is_some_and(named)
 }
 
@@ -235,6 +240,76 @@ pub struct JobDetail {
     pub ranks: Vec<RankStatus>,
     pub agents: Vec<AgentStatus>,
     pub config: mome_protocol::Config,
+    /// 0 for the first run, one more at each restart.
+    pub incarnation: u32,
+    pub restored_from: Option<mome_protocol::ckpt::Stamp>,
+    pub pids_pinned: bool,
+    pub pids_note: Option<String>,
+    /// The store root.
+    pub checkpoint_dir: PathBuf,
+    /// Committed checkpoints in the store, oldest first.
+    pub checkpoints: Vec<CheckpointInfo>,
+    /// Why the checkpoints could not be listed.
+    pub checkpoints_error: Option<String>,
+}
+
+/// One committed checkpoint, from its manifest.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckpointInfo {
+    pub stamp: mome_protocol::ckpt::Stamp,
+    /// Commit time, RFC 3339.
+    pub created: String,
+    pub incarnation: u32,
+    pub parent: Option<mome_protocol::ckpt::Stamp>,
+    pub pause_us: u64,
+    pub commit_ms: u64,
+    pub bytes_written: u64,
+    pub pages: u64,
+    pub image_bytes: u64,
+    /// Bytes on disk the stamp needs (its files and older data it uses).
+    pub size: Option<u64>,
+    /// The manifest could not be read: why.
+    pub error: Option<String>,
+}
+
+/// The committed checkpoints of the store at `root`.
+pub fn list_checkpoints(root: &Path) -> Result<Vec<CheckpointInfo>, String> {
+    let stamps = match mome_store::list_committed(root) {
+        Ok(stamps) => stamps,
+        Err(e) if e.is_not_found() => return Ok(Vec::new()),
+        Err(e) => return Err(e.to_string()),
+    };
+    Ok(stamps
+        .into_iter()
+        .map(|stamp| match mome_store::read_manifest(root, stamp) {
+            Ok(m) => CheckpointInfo {
+                stamp,
+                created: m.created,
+                incarnation: m.incarnation,
+                parent: m.parent,
+                pause_us: m.pause_us,
+                commit_ms: m.commit_ms,
+                bytes_written: m.bytes_written,
+                pages: m.pages,
+                image_bytes: m.image_bytes,
+                size: mome_store::stamp_sizes(root, stamp).ok().map(|s| s.total()),
+                error: None,
+            },
+            Err(e) => CheckpointInfo {
+                stamp,
+                created: String::new(),
+                incarnation: 0,
+                parent: None,
+                pause_us: 0,
+                commit_ms: 0,
+                bytes_written: 0,
+                pages: 0,
+                image_bytes: 0,
+                size: None,
+                error: Some(e.to_string()),
+            },
+        })
+        .collect())
 }
 
 /// Reads job `id` of `home`, asking its control socket when it is live.
@@ -261,6 +336,11 @@ pub fn job_detail(
             Ok(ControlReply::Error { message }) => {
                 warning = Some(format!("the job's control socket refused the status request ({message}); showing status.json"));
             }
+            Ok(other) => {
+                warning = Some(format!(
+                    "the job's control socket answered {other:?} to a status request; showing status.json"
+                ));
+            }
             Err(e) => warning = Some(format!("{e}; showing status.json")),
         }
     }
@@ -285,6 +365,11 @@ fn detail_of(
         ),
         None => (None, None, None, None, Vec::new(), Vec::new()),
     };
+    let root = crate::coordinator::store_root(&spec.config, dir, &spec.cwd);
+    let (checkpoints, checkpoints_error) = match list_checkpoints(&root) {
+        Ok(list) => (list, None),
+        Err(e) => (Vec::new(), Some(e)),
+    };
     JobDetail {
         id: spec.id.clone(),
         state,
@@ -302,6 +387,13 @@ fn detail_of(
         ranks,
         agents,
         config: spec.config.clone(),
+        incarnation: spec.incarnation,
+        restored_from: spec.restored_from,
+        pids_pinned: spec.pids_pinned,
+        pids_note: spec.pids_note.clone(),
+        checkpoint_dir: root,
+        checkpoints,
+        checkpoints_error,
     }
 }
 
@@ -323,6 +415,28 @@ pub fn render_detail(d: &JobDetail) -> String {
             dash(d.coordinator_pid.map(|p| p.to_string())),
         ),
         ("job dir", d.job_dir.display().to_string()),
+        (
+            "incarnation",
+            match d.restored_from {
+                Some(s) => format!("{} (restored from stamp {s})", d.incarnation),
+                None => d.incarnation.to_string(),
+            },
+        ),
+        (
+            "pids",
+            if d.pids_pinned {
+                "pinned (100 + rank in each rank's pid namespace)".to_string()
+            } else {
+                format!(
+                    "not pinned{}",
+                    d.pids_note
+                        .as_deref()
+                        .map(|n| format!(" ({n})"))
+                        .unwrap_or_default()
+                )
+            },
+        ),
+        ("checkpoints", d.checkpoint_dir.display().to_string()),
     ];
     let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     let mut out = String::new();
@@ -351,7 +465,63 @@ pub fn render_detail(d: &JobDetail) -> String {
         .map(|a| [a.node.to_string(), pid(a.pid), a.state.to_string()])
         .collect();
     out.push_str(&render_table(&["NODE", "PID", "STATE"], &agents));
+    out.push('\n');
+    if let Some(e) = &d.checkpoints_error {
+        out.push_str(&format!("checkpoints cannot be listed: {e}\n"));
+    } else if d.checkpoints.is_empty() {
+        out.push_str("no checkpoints\n");
+    } else {
+        let rows: Vec<[String; 6]> = d
+            .checkpoints
+            .iter()
+            .map(|c| match &c.error {
+                Some(e) => [
+                    c.stamp.to_string(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    format!("unreadable: {e}"),
+                ],
+                None => [
+                    c.stamp.to_string(),
+                    c.created.clone(),
+                    format!("{:.1} ms", c.pause_us as f64 / 1000.0),
+                    human_bytes(c.bytes_written),
+                    c.size.map_or("-".into(), human_bytes),
+                    c.incarnation.to_string(),
+                ],
+            })
+            .collect();
+        out.push_str(&render_table(
+            &[
+                "STAMP",
+                "CREATED",
+                "PAUSE",
+                "WRITTEN",
+                "SIZE",
+                "INCARNATION",
+            ],
+            &rows,
+        ));
+    }
     out
+}
+
+/// `18.2 MB`, `512 B`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < UNITS.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 #[cfg(test)]
@@ -389,8 +559,13 @@ mod tests {
             exit_code: None,
             reason: None,
             ended: None,
+            incarnation: 0,
+            checkpoints: vec![],
+            checkpointing: None,
         };
         assert_eq!(shown_state(Some(&status)), ShownState::Lost);
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(18_200_000), "18.2 MB");
         assert_eq!(shown_state(None), ShownState::Unknown);
     }
 }

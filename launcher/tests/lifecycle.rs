@@ -26,7 +26,10 @@ wait
 #[test]
 fn sigterm_to_mome_run_ends_every_process_of_the_job() {
     let env = TestEnv::new();
-    let config = env.config(FAST);
+    // The ranks write the pids of their children: pids of mome-run's
+    // namespace only without pid namespaces (tests/pidns.rs has the
+    // namespaced version).
+    let config = env.config(&format!("{FAST}checkpoint:\n  pid_namespace: never\n"));
     let child = env
         .mome_run()
         .arg("--config")

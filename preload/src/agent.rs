@@ -104,6 +104,14 @@ impl Channel {
     pub fn send(&self, req: &RankRequest<'_>, pass_fd: Option<i32>) -> Result<(), AgentError> {
         let mut buf = [0u8; 512];
         let len = frame::encode(req, &mut buf).map_err(|_| AgentError::Malformed)?;
+        self.send_bytes(&buf[..len], pass_fd)
+    }
+
+    /// Sends an encoded frame.
+    pub fn send_bytes(&self, frame: &[u8], pass_fd: Option<i32>) -> Result<(), AgentError> {
+        let mut buf = [0u8; 512];
+        let len = frame.len().min(buf.len());
+        buf[..len].copy_from_slice(&frame[..len]);
         let mut sent = 0usize;
         while sent < len {
             let mut iov = libc::iovec {
@@ -150,8 +158,15 @@ impl Channel {
         Ok(())
     }
 
-    /// Waits for readability; `None` timeout waits forever.
-    fn wait_readable(&self, what: &'static str, timeout_ms: Option<u64>) -> Result<(), AgentError> {
+    /// Waits for readability; `None` timeout waits forever. With `mask`,
+    /// the wait runs with that signal mask (ppoll): how barriers and locks
+    /// let a checkpoint in while they wait, and only then.
+    fn wait_readable(
+        &self,
+        what: &'static str,
+        timeout_ms: Option<u64>,
+        mask: Option<u64>,
+    ) -> Result<(), AgentError> {
         let deadline = timeout_ms.map(|t| crate::sys::now_ms() + t);
         loop {
             let wait = match deadline {
@@ -172,8 +187,42 @@ impl Channel {
                 events: libc::POLLIN,
                 revents: 0,
             };
-            // SAFETY: poll on one pollfd we own.
-            let rc = unsafe { libc::poll(&mut pfd, 1, wait) };
+            let rc = match mask {
+                // SAFETY: poll on one pollfd we own.
+                None => unsafe { libc::poll(&mut pfd, 1, wait) },
+                Some(m) => {
+                    let ts = libc::timespec {
+                        tv_sec: (wait.max(0) / 1000) as i64,
+                        tv_nsec: ((wait.max(0) % 1000) * 1_000_000) as i64,
+                    };
+                    let tsp = if wait < 0 { 0 } else { &ts as *const _ as u64 };
+                    // SAFETY: raw ppoll with one pollfd, an optional
+                    // timespec and an 8-byte mask, all ours.
+                    unsafe {
+                        crate::ckpt::raw::syscall6(
+                            libc::SYS_ppoll,
+                            [
+                                &mut pfd as *mut _ as u64,
+                                1,
+                                tsp,
+                                &m as *const u64 as u64,
+                                8,
+                                0,
+                            ],
+                        )
+                    }
+                    .try_into()
+                    .map(|r: i32| {
+                        if r < 0 {
+                            crate::sys::set_errno(-r);
+                            -1
+                        } else {
+                            r
+                        }
+                    })
+                    .unwrap_or(-1)
+                }
+            };
             if rc > 0 {
                 return Ok(());
             }
@@ -193,10 +242,11 @@ impl Channel {
         what: &'static str,
         timeout_ms: Option<u64>,
         got_fd: &mut Option<i32>,
+        mask: Option<u64>,
     ) -> Result<(), AgentError> {
         let mut done = 0;
         while done < out.len() {
-            self.wait_readable(what, timeout_ms)?;
+            self.wait_readable(what, timeout_ms, mask)?;
             let mut iov = libc::iovec {
                 // SAFETY: within `out`.
                 iov_base: unsafe { out.as_mut_ptr().add(done) }.cast(),
@@ -252,17 +302,28 @@ impl Channel {
         what: &'static str,
         forever: bool,
     ) -> Result<(AgentReply<'a>, Option<i32>), AgentError> {
+        self.recv_masked(buf, what, forever, None)
+    }
+
+    /// `recv`, waiting with signal mask `mask` (see `wait_readable`).
+    pub fn recv_masked<'a>(
+        &self,
+        buf: &'a mut [u8; REPLY_BUF],
+        what: &'static str,
+        forever: bool,
+        mask: Option<u64>,
+    ) -> Result<(AgentReply<'a>, Option<i32>), AgentError> {
         let timeout = if forever { None } else { Some(self.timeout_ms) };
         let mut fd = None;
         let mut head = [0u8; frame::HEADER];
         let r = self
-            .read_exact(&mut head, what, timeout, &mut fd)
+            .read_exact(&mut head, what, timeout, &mut fd, mask)
             .and_then(|_| {
                 let len = frame::body_len(head).map_err(|_| AgentError::Malformed)?;
                 if len > buf.len() {
                     return Err(AgentError::Malformed);
                 }
-                self.read_exact(&mut buf[..len], what, timeout, &mut fd)?;
+                self.read_exact(&mut buf[..len], what, timeout, &mut fd, mask)?;
                 Ok(len)
             });
         let len = match r {

@@ -12,17 +12,33 @@ use mome_protocol::PROTOCOL_VERSION;
 
 use crate::agent::{Channel, REPLY_BUF};
 use crate::state::{self, Mode};
-use crate::{report, segments, sys};
+use crate::{ckpt, report, segments, sys};
 
 static LAST_BARRIER: AtomicU64 = AtomicU64::new(0);
 
 const MOME_WEAK: i32 = 2;
 
 /// Calls the agent on the sync channel, connecting it first if needed.
+///
+/// The checkpoint signal is blocked throughout, except while waiting for
+/// the reply: a checkpoint then finds the request sent (SYNC_PHASE 1, its
+/// bytes kept) and a restored rank sends it again on its new connection.
 fn sync_call(
-    req: &RankRequest<'_>,
+    req: impl FnOnce(u64) -> RankRequest<'static>,
     what: &'static str,
     f: impl FnOnce(AgentReply<'_>) -> i32,
+) -> i32 {
+    let mask = ckpt::block();
+    let r = sync_call_blocked(req, what, f, mask);
+    ckpt::unblock(mask);
+    r
+}
+
+fn sync_call_blocked(
+    req: impl FnOnce(u64) -> RankRequest<'static>,
+    what: &'static str,
+    f: impl FnOnce(AgentReply<'_>) -> i32,
+    mask: u64,
 ) -> i32 {
     let Some(info) = state::info() else {
         return libc::ENOTCONN;
@@ -46,6 +62,7 @@ fn sync_call(
             pid: info.pid,
             channel: ChannelKind::Sync,
             jobid: info.jobid,
+            restoring: false,
         };
         let mut buf = [0u8; REPLY_BUF];
         match ch.call(&hello, None, &mut buf, "Hello (sync)", false) {
@@ -63,11 +80,27 @@ fn sync_call(
                 return libc::EIO;
             }
         }
+        state::SYNC_FD.store(ch.fd(), Ordering::Relaxed);
         *guard = Some(ch);
     }
     let ch = guard.as_ref().expect("connected above");
+    let seq = ckpt::SYNC_SEQ.fetch_add(1, Ordering::Relaxed) + 1;
+    // SAFETY: the request buffer is only written here, with the sync lock
+    // held and the checkpoint signal blocked.
+    let frame = unsafe { &mut *core::ptr::addr_of_mut!(ckpt::SYNC_REQUEST) };
+    let Ok(len) = mome_protocol::frame::encode(&req(seq), frame) else {
+        return libc::EINVAL;
+    };
+    ckpt::SYNC_REQUEST_LEN.store(len as u32, Ordering::Relaxed);
+    if let Err(e) = ch.send_bytes(&frame[..len], None) {
+        report!("rank {}: {} failed: {}", info.rank, what, e);
+        return libc::EIO;
+    }
+    ckpt::SYNC_PHASE.store(1, Ordering::Release);
     let mut buf = [0u8; REPLY_BUF];
-    match ch.call(req, None, &mut buf, what, true) {
+    let got = ch.recv_masked(&mut buf, what, true, Some(ckpt::wait_mask(mask)));
+    ckpt::SYNC_PHASE.store(0, Ordering::Release);
+    match got {
         Ok((AgentReply::Error { code, message }, _)) => {
             report!("rank {}: {} refused: {}", info.rank, what, message);
             code.errno()
@@ -88,13 +121,17 @@ pub extern "C" fn mome_barrier() -> i32 {
         LAST_BARRIER.fetch_add(1, Ordering::Relaxed);
         return 0;
     }
-    sync_call(&RankRequest::Barrier, "Barrier", |r| match r {
-        AgentReply::BarrierDone { date } => {
-            LAST_BARRIER.store(date, Ordering::Relaxed);
-            0
-        }
-        _ => libc::EIO,
-    })
+    sync_call(
+        |seq| RankRequest::Barrier { seq },
+        "Barrier",
+        |r| match r {
+            AgentReply::BarrierDone { date } => {
+                LAST_BARRIER.store(date, Ordering::Relaxed);
+                0
+            }
+            _ => libc::EIO,
+        },
+    )
 }
 
 #[no_mangle]
@@ -107,10 +144,14 @@ pub extern "C" fn mome_lock(id: u64) -> i32 {
     if state::mode() == Mode::Native {
         return 0;
     }
-    sync_call(&RankRequest::Lock { id }, "Lock", |r| match r {
-        AgentReply::Ok => 0,
-        _ => libc::EIO,
-    })
+    sync_call(
+        move |seq| RankRequest::Lock { id, seq },
+        "Lock",
+        |r| match r {
+            AgentReply::Ok => 0,
+            _ => libc::EIO,
+        },
+    )
 }
 
 #[no_mangle]
@@ -118,10 +159,14 @@ pub extern "C" fn mome_unlock(id: u64) -> i32 {
     if state::mode() == Mode::Native {
         return 0;
     }
-    sync_call(&RankRequest::Unlock { id }, "Unlock", |r| match r {
-        AgentReply::Ok => 0,
-        _ => libc::EIO,
-    })
+    sync_call(
+        move |seq| RankRequest::Unlock { id, seq },
+        "Unlock",
+        |r| match r {
+            AgentReply::Ok => 0,
+            _ => libc::EIO,
+        },
+    )
 }
 
 #[no_mangle]

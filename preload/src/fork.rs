@@ -30,6 +30,9 @@ extern "C" fn prepare() {
     if !matches!(m, Mode::Rank | Mode::Detached) {
         return;
     }
+    // A checkpoint between prepare and parent/child would find the agent
+    // channel taken: the signal waits until the fork is done.
+    FORK_MASK.store(crate::ckpt::block(), Ordering::Relaxed);
     malloc::lock_for_fork();
     PAGES.lock_for_fork();
     if m == Mode::Rank {
@@ -57,6 +60,7 @@ extern "C" fn parent() {
     }
     PAGES.force_unlock();
     malloc::unlock_after_fork();
+    crate::ckpt::unblock(FORK_MASK.load(Ordering::Relaxed));
 }
 
 extern "C" fn child() {
@@ -81,7 +85,11 @@ extern "C" fn child() {
         PAGES.lock().set_source(HeapSource::Local);
         state::set_mode(Mode::Detached);
     }
+    crate::ckpt::unblock(FORK_MASK.load(Ordering::Relaxed));
 }
+
+/// Signal mask before `prepare` blocked the checkpoint signal.
+static FORK_MASK: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
 fn snapshot_heaps() {
     let Some(info) = state::info() else { return };

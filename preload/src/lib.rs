@@ -10,11 +10,13 @@
 //! Files: `state` (modes, start-up), `agent` (the rank's sockets),
 //! `bootstrap` (allocations before start-up), `pages` (page runs of heaps),
 //! `malloc`, `mmap`, `segments` (shm and shared segments), `api` (mome.h),
+//! `ckpt` (checkpoint and restore of the rank's private state),
 //! `fork`, `native` (glibc's definitions), `lock`, `sys` (raw syscalls).
 
 pub mod agent;
 pub mod api;
 pub mod bootstrap;
+pub mod ckpt;
 pub mod fork;
 pub mod lock;
 pub mod malloc;
@@ -22,6 +24,7 @@ pub mod mmap;
 pub mod native;
 pub mod pages;
 pub mod segments;
+pub mod signals;
 pub mod state;
 pub mod sys;
 

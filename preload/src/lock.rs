@@ -41,6 +41,15 @@ impl<T> FutexLock<T> {
         Guard { lock: self }
     }
 
+    /// The lock if it is free, without waiting (for the checkpoint signal
+    /// handler, which must not wait for the code it interrupted).
+    pub fn try_lock(&self) -> Option<Guard<'_, T>> {
+        self.state
+            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+            .then_some(Guard { lock: self })
+    }
+
     #[cold]
     fn lock_contended(&self) {
         let mut spins = 0;

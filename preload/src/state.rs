@@ -9,7 +9,7 @@
 //! - `Detached`: a child the rank forked; it keeps a private copy of the
 //!   rank's heaps and allocates from its own private window.
 
-use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicI32, AtomicU64, AtomicU8, Ordering};
 
 use mome_protocol::layout::{WindowLayout, Zone, HEAP_SIZE};
 use mome_protocol::rank::{AgentReply, Channel as ChannelKind, RankRequest};
@@ -91,6 +91,10 @@ pub fn info() -> Option<&'static RankInfo> {
 /// Memory channel (heaps, segments) and sync channel (barriers, locks).
 pub static MEM: FutexLock<Option<Channel>> = FutexLock::new(None);
 pub static SYNC: FutexLock<Option<Channel>> = FutexLock::new(None);
+/// Their descriptors, readable without the locks (the checkpoint handler
+/// must not wait for a lock the code it interrupted holds).
+pub static MEM_FD: AtomicI32 = AtomicI32::new(-1);
+pub static SYNC_FD: AtomicI32 = AtomicI32::new(-1);
 
 /// Sends a memory-channel request; returns the reply through `f`.
 pub fn mem_call<R>(
@@ -99,12 +103,16 @@ pub fn mem_call<R>(
     what: &'static str,
     f: impl FnOnce(Result<AgentReply<'_>, AgentError>) -> R,
 ) -> R {
+    // A request and its reply are never split by a checkpoint.
+    let mask = crate::ckpt::block();
     let guard = MEM.lock();
     let Some(ch) = guard.as_ref() else {
+        drop(guard);
+        crate::ckpt::unblock(mask);
         return f(Err(AgentError::Closed));
     };
     let mut buf = [0u8; REPLY_BUF];
-    match ch.call(req, pass_fd, &mut buf, what, false) {
+    let r = match ch.call(req, pass_fd, &mut buf, what, false) {
         Ok((reply, fd)) => {
             if let Some(fd) = fd {
                 sys::close(fd);
@@ -112,7 +120,10 @@ pub fn mem_call<R>(
             f(Ok(reply))
         }
         Err(e) => f(Err(e)),
-    }
+    };
+    drop(guard);
+    crate::ckpt::unblock(mask);
+    r
 }
 
 pub fn agent_alloc_heaps(count: u32) -> Option<u32> {
@@ -182,6 +193,41 @@ pub fn init() {
     }) as u32;
     let jobid = sys::getenv(c"MOME_JOBID").unwrap_or("");
     let timeout_ms = parse_u64(sys::getenv(c"MOME_AGENT_TIMEOUT_MS")).unwrap_or(30_000);
+    if sys::getenv(c"MOME_RESTORE").is_some() {
+        // The rank's first process and what it execs (same pid) restore;
+        // anything it forks meanwhile runs natively.
+        match parse_u64(sys::getenv(c"MOME_RESTORE_PID")) {
+            Some(p) if p != pid as u64 => {
+                enter_native();
+                return;
+            }
+            Some(_) => {}
+            None => {
+                let mut pid_text = sys::StackBuf::<24>::new();
+                let _ = core::fmt::Write::write_fmt(&mut pid_text, format_args!("{pid}\0"));
+                // SAFETY: both strings are NUL-terminated.
+                unsafe {
+                    libc::setenv(
+                        c"MOME_RESTORE_PID".as_ptr(),
+                        pid_text.as_bytes().as_ptr().cast(),
+                        1,
+                    )
+                };
+            }
+        }
+        let _wrapper = crate::ckpt::restore::run(
+            crate::ckpt::restore::Start {
+                rank,
+                pid,
+                jobid,
+                socket,
+                timeout_ms,
+            },
+            |layout, memfd| map_window(rank, layout, memfd),
+        );
+        enter_native_keeping_preload();
+        return;
+    }
 
     let ch = Channel::connect(socket, timeout_ms).unwrap_or_else(|e| {
         fatal(format_args!(
@@ -194,6 +240,7 @@ pub fn init() {
         pid,
         channel: ChannelKind::Memory,
         jobid,
+        restoring: false,
     };
     let mut buf = [0u8; REPLY_BUF];
     let (welcome, memfd) = match ch.call(&hello, None, &mut buf, "Hello", false) {
@@ -274,6 +321,7 @@ pub fn init() {
     // The agent holds the dirty-tracking userfaultfd now; keeping ours
     // would only keep the context alive if the agent died.
     sys::close(private_uffd);
+    register_pagemap(&ch, rank);
     let shared_uffd = shared_uffd.map_or(-1, agent::move_high);
 
     // SAFETY: single-threaded start-up; INFO is not read before the mode
@@ -293,6 +341,7 @@ pub fn init() {
             timeout_ms,
         });
     }
+    MEM_FD.store(ch.fd(), Ordering::Relaxed);
     *MEM.lock() = Some(ch);
 
     let heaps = layout.private_heaps();
@@ -324,9 +373,47 @@ pub fn init() {
         )
     };
     crate::fork::install();
+    crate::ckpt::install();
 }
 
-fn map_window(rank: u32, layout: &WindowLayout, memfd: i32) {
+/// Hands `/proc/self/pagemap` to the agent, which scans it for the pages
+/// this rank wrote since the last checkpoint.
+pub fn register_pagemap(ch: &Channel, rank: u32) {
+    // SAFETY: open of a constant path.
+    let fd = unsafe {
+        libc::open(
+            c"/proc/self/pagemap".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        fatal(format_args!(
+            "rank {rank}: cannot open /proc/self/pagemap (errno {})",
+            sys::errno()
+        ));
+    }
+    let mut buf = [0u8; REPLY_BUF];
+    let r = ch.call(
+        &RankRequest::RegisterPagemap,
+        Some(fd),
+        &mut buf,
+        "RegisterPagemap",
+        false,
+    );
+    sys::close(fd);
+    match r {
+        Ok((AgentReply::Ok, _)) => {}
+        Ok((AgentReply::Error { message, .. }, _)) => fatal(format_args!(
+            "rank {rank}: the agent refused its pagemap: {message}"
+        )),
+        Ok(_) => fatal(format_args!(
+            "rank {rank}: unexpected answer to RegisterPagemap"
+        )),
+        Err(e) => fatal(format_args!("rank {rank}: registering its pagemap: {e}")),
+    }
+}
+
+pub fn map_window(rank: u32, layout: &WindowLayout, memfd: i32) {
     let flags = libc::MAP_SHARED | libc::MAP_FIXED_NOREPLACE | libc::MAP_NORESERVE;
     match sys::mmap(
         layout.base,
@@ -364,7 +451,7 @@ fn zone_name(zone: Zone) -> &'static str {
     }
 }
 
-fn make_uffd(rank: u32, what: &str, features: u64, (start, len): (u64, u64), mode: u64) -> i32 {
+pub fn make_uffd(rank: u32, what: &str, features: u64, (start, len): (u64, u64), mode: u64) -> i32 {
     let uffd = Uffd::open(libc::O_CLOEXEC | libc::O_NONBLOCK).unwrap_or_else(|e| {
         fatal(format_args!(
             "rank {rank}: {e} (mome-run's preflight says what to change)"
@@ -382,6 +469,15 @@ fn make_uffd(rank: u32, what: &str, features: u64, (start, len): (u64, u64), mod
     }
     use std::os::fd::IntoRawFd;
     uffd.into_owned_fd().into_raw_fd()
+}
+
+/// Native mode for a wrapper process of a restored rank: the program it
+/// execs must load the library again, so LD_PRELOAD stays.
+fn enter_native_keeping_preload() {
+    if !native::resolve() {
+        fatal(format_args!("cannot find glibc's malloc (dlsym RTLD_NEXT)"));
+    }
+    set_mode(Mode::Native);
 }
 
 fn enter_native() {

@@ -95,10 +95,7 @@ pub enum AgentEvent {
     },
     /// The checkpoint cannot be taken: ranks were resumed (or never
     /// stopped), nothing of `stamp` is to be used.
-    Failed {
-        stamp: Stamp,
-        reason: String,
-    },
+    Failed { stamp: Stamp, reason: String },
     /// A restored rank finished restoring its private state and runs again.
     RankRestored {
         rank: u32,
@@ -107,9 +104,7 @@ pub enum AgentEvent {
     },
     /// A restored page could not be read from the store (corrupt or
     /// missing data): the job cannot go on from this stamp.
-    RestoreError {
-        reason: String,
-    },
+    RestoreError { reason: String },
 }
 
 /// Files of a checkpoint store (`--ckpt-dir`, default `<jobdir>/ckpt`).

@@ -71,7 +71,14 @@ mod tests {
                 pid: 42,
                 channel: Channel::Sync,
                 jobid: "20261122-0000-abcd",
+                restoring: true,
             },
+            RankRequest::CkptParked {
+                entered_ns: 5,
+                image_addr: 0x2000_0000_0000,
+                image_len: 4096,
+            },
+            RankRequest::Barrier { seq: 9 },
             RankRequest::RegisterUffd { zone: Zone::Shared },
             RankRequest::SegmentOpen {
                 name: "/shm-x",
@@ -98,7 +105,7 @@ mod tests {
     #[test]
     fn rejects_garbage_and_truncation() {
         let mut buf = [0u8; 64];
-        let n = encode(&RankRequest::Lock { id: 7 }, &mut buf).unwrap();
+        let n = encode(&RankRequest::Lock { id: 7, seq: 1 }, &mut buf).unwrap();
         assert!(decode::<RankRequest>(&buf[HEADER..n - 1]).is_err());
         assert!(decode::<RankRequest>(&[0xff, 0xff, 0xff]).is_err());
         let mut long = buf[HEADER..n].to_vec();

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::ckpt::Stamp;
 use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
@@ -155,7 +156,7 @@ pub fn write_private_atomic(path: &Path, data: &[u8]) -> Result<(), JobError> {
 }
 
 /// What was launched: enough to relaunch it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct JobSpec {
     pub id: String,
     /// Absolute path of the executable that was started.
@@ -168,7 +169,27 @@ pub struct JobSpec {
     pub nodes: u32,
     /// Start time, RFC 3339.
     pub started: String,
+    /// The effective configuration; `checkpoint.dir` is the resolved store
+    /// root (absolute) once mome-run has started the job.
     pub config: Config,
+    /// Whether each rank runs in a pid namespace of its own at a pinned pid
+    /// (`100 + rank`), the same after a restart.
+    #[serde(default)]
+    pub pids_pinned: bool,
+    /// Why pids are not pinned (checkpoint.pid_namespace, or what the
+    /// probe found).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_note: Option<String>,
+    /// xxh3-64 of the file `command` when the job was launched: a restart
+    /// refuses a program that changed since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binary_xxh3: Option<u64>,
+    /// 0 for the first run, then one more at each mome-restart.
+    #[serde(default)]
+    pub incarnation: u32,
+    /// The stamp this incarnation was restored from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<Stamp>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -269,20 +290,92 @@ pub struct JobStatus {
     pub reason: Option<String>,
     /// End time, RFC 3339.
     pub ended: Option<String>,
+    /// The incarnation running (0: first run; see [`JobSpec::incarnation`]).
+    #[serde(default)]
+    pub incarnation: u32,
+    /// Checkpoints committed by this incarnation, oldest first (pruned
+    /// stamps included: this is a history, the store holds what is kept).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checkpoints: Vec<CheckpointDone>,
+    /// The checkpoint in progress, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpointing: Option<Stamp>,
 }
 
 /// Requests on the control socket: one JSON object per line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "lowercase")]
+#[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum ControlRequest {
+    /// Answered by one `Status` reply.
     Status,
+    /// Take a checkpoint now. Answered by any number of `CkptProgress`
+    /// lines, then one `Checkpoint` (committed) or `Error` line.
+    Checkpoint {
+        /// Give up (and abort the checkpoint) after this long; default
+        /// checkpoint.timeout of the job.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+    },
+}
+
+/// Replies on the control socket: one JSON object per line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum ControlReply {
+    Status(JobStatus),
+    /// Progress of the checkpoint requested on this connection.
+    CkptProgress(CkptProgress),
+    /// The checkpoint requested on this connection is committed.
+    Checkpoint(CheckpointDone),
+    Error {
+        message: String,
+    },
+}
+
+impl ControlReply {
+    /// Whether this line ends the answer to a request (progress does not).
+    pub fn is_final(&self) -> bool {
+        !matches!(self, ControlReply::CkptProgress(_))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "reply", rename_all = "lowercase")]
-pub enum ControlReply {
-    Status(JobStatus),
-    Error { message: String },
+pub struct CkptProgress {
+    pub stamp: Stamp,
+    /// "precopy", "pause", "write", "sync" (the agent's phases), then
+    /// "commit" for the manifest.
+    pub phase: String,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// A committed checkpoint, as the coordinator measured it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointDone {
+    pub stamp: Stamp,
+    /// Commit time, RFC 3339.
+    pub created: String,
+    /// The previous committed stamp the increment was taken against.
+    pub parent: Option<Stamp>,
+    /// Longest time a rank was stopped, microseconds.
+    pub pause_us: u64,
+    /// Pages copied while the ranks were stopped / before, in pre-copy.
+    pub pause_pages: u64,
+    pub precopy_pages: u64,
+    /// From the request to the commit (manifest written), milliseconds.
+    pub commit_ms: u64,
+    /// Of which writing the manifest and pruning, milliseconds.
+    pub manifest_ms: u64,
+    /// Bytes written to the store (all nodes, data + indexes).
+    pub bytes_written: u64,
+    /// Pages in this increment (all nodes).
+    pub pages: u64,
+    /// Private image bytes of the ranks (uncompressed).
+    pub image_bytes: u64,
+    /// Committed stamps in the store after pruning.
+    pub kept: Vec<Stamp>,
+    /// Requested on the control socket (false: periodic).
+    pub requested: bool,
 }
 
 /// A new job id: UTC date and time, then 4 random hex digits, e.g.
@@ -352,9 +445,63 @@ mod tests {
             exit_code: None,
             reason: None,
             ended: None,
+            incarnation: 0,
+            checkpoints: vec![],
+            checkpointing: None,
         };
         let j = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<JobStatus>(&j).unwrap(), s);
         assert_eq!(ProcessState::Killed(9).to_string(), "killed(SIGKILL)");
+        // A status.json written before checkpoints existed still reads.
+        let old = j
+            .replace(",\"incarnation\":0", "")
+            .replace(",\"checkpoints\":[]", "");
+        assert_eq!(serde_json::from_str::<JobStatus>(&old).unwrap(), s);
+    }
+
+    #[test]
+    fn control_lines() {
+        let req: ControlRequest = serde_json::from_str(r#"{"cmd":"checkpoint"}"#).unwrap();
+        assert_eq!(req, ControlRequest::Checkpoint { timeout_ms: None });
+        assert_eq!(
+            serde_json::to_string(&req).unwrap(),
+            r#"{"cmd":"checkpoint"}"#
+        );
+        let req: ControlRequest =
+            serde_json::from_str(r#"{"cmd":"checkpoint","timeout_ms":5}"#).unwrap();
+        assert_eq!(
+            req,
+            ControlRequest::Checkpoint {
+                timeout_ms: Some(5)
+            }
+        );
+        assert_eq!(
+            serde_json::from_str::<ControlRequest>(r#"{"cmd":"status"}"#).unwrap(),
+            ControlRequest::Status
+        );
+        let progress = ControlReply::CkptProgress(CkptProgress {
+            stamp: 3,
+            phase: "write".into(),
+            done_bytes: 1,
+            total_bytes: 2,
+        });
+        let line = serde_json::to_string(&progress).unwrap();
+        assert!(
+            line.starts_with(r#"{"reply":"ckpt_progress","stamp":3"#),
+            "{line}"
+        );
+        assert_eq!(
+            serde_json::from_str::<ControlReply>(&line).unwrap(),
+            progress
+        );
+        assert!(!progress.is_final());
+        let error = ControlReply::Error {
+            message: "no".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&error).unwrap(),
+            r#"{"reply":"error","message":"no"}"#
+        );
+        assert!(error.is_final());
     }
 }

@@ -216,3 +216,177 @@ pub fn native(program: &Path, args: &[&str], stdin: Option<&Path>) -> Output {
     };
     c.output().unwrap()
 }
+
+pub fn mome_ckpt() -> PathBuf {
+    must_exist(bin_dir().join("mome-ckpt"))
+}
+
+pub fn mome_restart() -> PathBuf {
+    must_exist(bin_dir().join("mome-restart"))
+}
+
+/// A job started in the background, its stdout and stderr going to files,
+/// so that a test can checkpoint it, kill it and restart it.
+pub struct BackgroundJob {
+    pub child: std::process::Child,
+    pub id: String,
+    pub out: PathBuf,
+    pub err: PathBuf,
+}
+
+impl Home {
+    /// Starts `mome-run ARGS...` (or `mome-restart` when `restart`) in the
+    /// background; returns once the job id is known.
+    pub fn start(&self, args: &[&str], tag: &str) -> BackgroundJob {
+        let out = self.path().join(format!("{tag}.out"));
+        let err = self.path().join(format!("{tag}.err"));
+        let idfile = self.path().join(format!("{tag}.id"));
+        let mut c = Command::new(mome_run());
+        c.arg("--jobid-file").arg(&idfile).args(args);
+        let child = self.spawn_logged(c, &out, &err);
+        let id = wait_for(
+            || {
+                std::fs::read_to_string(&idfile)
+                    .ok()
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+            },
+            20,
+            "the job id file",
+        );
+        BackgroundJob {
+            child,
+            id,
+            out,
+            err,
+        }
+    }
+
+    /// `mome-restart ARGS...` in the background.
+    pub fn start_restart(&self, id: &str, extra: &[&str], tag: &str) -> BackgroundJob {
+        let out = self.path().join(format!("{tag}.out"));
+        let err = self.path().join(format!("{tag}.err"));
+        let mut c = Command::new(mome_restart());
+        c.arg(id).args(extra);
+        let child = self.spawn_logged(c, &out, &err);
+        BackgroundJob {
+            child,
+            id: id.to_string(),
+            out,
+            err,
+        }
+    }
+
+    fn spawn_logged(&self, mut c: Command, out: &Path, err: &Path) -> std::process::Child {
+        c.env("MOME_HOME", self.path())
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(out).unwrap())
+            .stderr(std::fs::File::create(err).unwrap());
+        // Its own process group, so that the test can kill the whole job.
+        std::os::unix::process::CommandExt::process_group(&mut c, 0);
+        c.spawn().unwrap()
+    }
+
+    /// `mome-ckpt ID --json`; the parsed JSON on success, the whole output
+    /// as the error otherwise.
+    pub fn ckpt(&self, id: &str) -> Result<serde_json::Value, String> {
+        let o = Command::new(mome_ckpt())
+            .arg(id)
+            .arg("--json")
+            .env("MOME_HOME", self.path())
+            .output()
+            .unwrap();
+        if !o.status.success() {
+            return Err(format!("{:?}\n{}\n{}", o.status, stdout(&o), stderr(&o)));
+        }
+        serde_json::from_str(stdout(&o).trim())
+            .map_err(|e| format!("bad JSON from mome-ckpt ({e}): {}", stdout(&o)))
+    }
+
+    /// `mome-restart ID ARGS...` in the foreground.
+    pub fn restart(&self, id: &str, extra: &[&str]) -> Output {
+        Command::new(mome_restart())
+            .arg(id)
+            .args(extra)
+            .env("MOME_HOME", self.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+}
+
+impl BackgroundJob {
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    /// Waits until the job's stdout has a line containing `text`.
+    pub fn wait_output(&self, text: &str, secs: u64) {
+        wait_for(
+            || self.stdout().contains(text).then_some(()),
+            secs,
+            &format!("{text:?} in the job's output"),
+        );
+    }
+
+    /// Kills mome-run and everything of the job with SIGKILL, the way a
+    /// crash would, and waits for mome-run.
+    pub fn kill9(&mut self, home: &Home) {
+        // The ranks and the agent first (each is in its own process group),
+        // then mome-run itself.
+        let status = home.path().join("jobs").join(&self.id).join("status.json");
+        if let Ok(text) = std::fs::read_to_string(status) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                for list in ["ranks", "agents"] {
+                    for p in v[list].as_array().cloned().unwrap_or_default() {
+                        if let Some(pid) = p["pid"].as_i64() {
+                            // SAFETY: kill has no memory-safety preconditions.
+                            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                        }
+                    }
+                }
+            }
+        }
+        // SAFETY: as above; negative pid: mome-run's process group.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+
+    pub fn wait(&mut self, secs: u64) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "job {} did not end within {secs} s\nstdout:\n{}\nstderr:\n{}",
+                    self.id,
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// Polls `f` every 10 ms for up to `secs` seconds.
+pub fn wait_for<T>(mut f: impl FnMut() -> Option<T>, secs: u64, what: &str) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

@@ -32,6 +32,15 @@ pub mod mode {
     pub const MINOR: u64 = 1 << 2;
 }
 
+/// Mode bits of UFFDIO_COPY.
+pub mod copy_mode {
+    /// Do not wake the threads waiting on the range.
+    pub const DONTWAKE: u64 = 1 << 0;
+    /// Install the page write-protected (uffd-wp set): with async
+    /// write-protect it counts as clean until written.
+    pub const WP: u64 = 1 << 1;
+}
+
 /// Bits of the `ioctls` masks the kernel returns, by ioctl number.
 pub mod ioctl_bit {
     pub const REGISTER: u64 = 1 << 0x00;
@@ -361,11 +370,23 @@ impl Uffd {
     /// Copies `len` bytes from `src` (in this process) to `dst` (in the
     /// process that registered the range) and wakes the faulting threads.
     pub fn copy(&self, dst: u64, src: *const u8, len: u64) -> Result<Filled, UffdError> {
+        self.copy_with_mode(dst, src, len, 0)
+    }
+
+    /// [`Uffd::copy`] with [`copy_mode`] bits, e.g. `copy_mode::WP` to
+    /// install the pages write-protected.
+    pub fn copy_with_mode(
+        &self,
+        dst: u64,
+        src: *const u8,
+        len: u64,
+        mode: u64,
+    ) -> Result<Filled, UffdError> {
         let mut copy = UffdioCopy {
             dst,
             src: src as u64,
             len,
-            mode: 0,
+            mode,
             copy: 0,
         };
         // SAFETY: UFFDIO_COPY takes a `struct uffdio_copy`; the kernel reads

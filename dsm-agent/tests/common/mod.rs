@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use mome_protocol::config::ByteSize;
@@ -33,6 +33,8 @@ pub struct Agent {
     pub job: JobDir,
     pub child: Child,
     pub stdin: Option<ChildStdin>,
+    /// The agent's events, after the ready line.
+    pub stdout: BufReader<ChildStdout>,
     pub log_path: PathBuf,
     pub layout: WindowLayout,
 }
@@ -44,28 +46,39 @@ impl Agent {
     }
 
     pub fn start_in(home: tempfile::TempDir, nranks: u32, local: &str) -> Agent {
+        Self::start_with(home, nranks, local, &[])
+    }
+
+    /// Starts an agent with extra arguments (e.g. `--restore`), in `home`
+    /// (job.yaml is written again, the log appended to).
+    pub fn start_with(home: tempfile::TempDir, nranks: u32, local: &str, extra: &[&str]) -> Agent {
         let job = write_job(home.path(), nranks);
         let log_path = home.path().join("agent.log");
-        let log = std::fs::File::create(&log_path).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_mome-agent"))
             .arg("--job-dir")
             .arg(&job.path)
             .args(["--node", "0", "--nodes", "1", "--ranks", local])
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
             .unwrap();
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        stdout.read_line(&mut line).unwrap();
         let stdin = child.stdin.take();
         let agent = Agent {
             home,
             job,
             child,
             stdin,
+            stdout,
             log_path,
             layout: test_config().layout(),
         };
@@ -76,6 +89,39 @@ impl Agent {
             agent.log()
         );
         agent
+    }
+
+    /// Sends one command line on the agent's stdin.
+    pub fn command(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin.write_all(line.as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Next event line from the agent's stdout, as JSON (blocks; the agent
+    /// writes every event it has, and the test times out otherwise).
+    pub fn event(&mut self) -> serde_json::Value {
+        let mut line = String::new();
+        let n = self.stdout.read_line(&mut line).unwrap();
+        assert!(n > 0, "agent stdout closed; log:\n{}", self.log());
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad event {line:?}: {e}"))
+    }
+
+    /// Events until one named `name` (skipping progress), which is returned.
+    pub fn event_named(&mut self, name: &str) -> serde_json::Value {
+        loop {
+            let e = self.event();
+            if e["event"] == name {
+                return e;
+            }
+            assert_eq!(
+                e["event"],
+                "progress",
+                "waiting for {name}: {e}; log:\n{}",
+                self.log()
+            );
+        }
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -147,9 +193,22 @@ pub fn write_job(home: &std::path::Path, nranks: u32) -> JobDir {
         nodes: 1,
         started: mome_protocol::job::now_rfc3339(),
         config: test_config(),
+        pids_pinned: false,
+        pids_note: None,
+        binary_xxh3: None,
+        incarnation: 0,
+        restored_from: None,
     };
     job.write_spec(&spec).unwrap();
     job
+}
+
+/// A sync-channel request, numbered when sent.
+#[derive(Debug, Clone, Copy)]
+pub enum SyncReq {
+    Barrier,
+    Lock(u64),
+    Unlock(u64),
 }
 
 /// A reply, owned.
@@ -173,6 +232,13 @@ pub enum Got {
     },
     BarrierDone {
         date: u64,
+    },
+    Resume {
+        stamp: u64,
+    },
+    Image {
+        addr: u64,
+        len: u64,
     },
     Error(ErrorCode, String),
     /// The agent closed the connection.
@@ -207,6 +273,8 @@ fn own(reply: AgentReply<'_>) -> Got {
         AgentReply::Heaps { first, count } => Got::Heaps { first, count },
         AgentReply::Segment { id, addr, size } => Got::Segment { id, addr, size },
         AgentReply::BarrierDone { date } => Got::BarrierDone { date },
+        AgentReply::Resume { stamp } => Got::Resume { stamp },
+        AgentReply::Image { addr, len } => Got::Image { addr, len },
         AgentReply::Error { code, message } => Got::Error(code, message.to_string()),
     }
 }
@@ -219,6 +287,8 @@ pub struct Rank {
     /// The node memfd, on the memory channel.
     pub memfd: Option<OwnedFd>,
     pub welcome: Got,
+    /// Sequence number of the last sync request sent.
+    pub seq: u64,
 }
 
 impl Rank {
@@ -247,17 +317,44 @@ impl Rank {
             fds: Vec::new(),
             memfd: None,
             welcome: Got::Nothing,
+            seq: 0,
         }
     }
 
     pub fn hello(&mut self, rank: u32, channel: Channel, jobid: &str, protocol: u32) -> Got {
+        self.hello_as(rank, channel, jobid, protocol, false)
+    }
+
+    pub fn hello_as(
+        &mut self,
+        rank: u32,
+        channel: Channel,
+        jobid: &str,
+        protocol: u32,
+        restoring: bool,
+    ) -> Got {
         self.call(&RankRequest::Hello {
             protocol,
             rank,
             pid: std::process::id() as i32,
             channel,
             jobid,
+            restoring,
         })
+    }
+
+    /// Connects as a rank being restored from a checkpoint.
+    pub fn connect_restoring(agent: &Agent, rank: u32, channel: Channel) -> Rank {
+        let mut r = Rank::raw(agent);
+        let got = r.hello_as(rank, channel, JOB_ID, PROTOCOL_VERSION, true);
+        assert!(
+            matches!(got, Got::Welcome { .. }),
+            "{got:?}; log:\n{}",
+            agent.log()
+        );
+        r.welcome = got;
+        r.memfd = r.fds.pop();
+        r
     }
 
     pub fn send(&mut self, req: &RankRequest<'_>) {
@@ -280,6 +377,22 @@ impl Rank {
         )
         .unwrap();
         assert_eq!(sent, n);
+    }
+
+    /// Sends a sync request with the next sequence number.
+    pub fn send_sync(&mut self, kind: SyncReq) {
+        self.seq += 1;
+        let seq = self.seq;
+        self.send(&match kind {
+            SyncReq::Barrier => RankRequest::Barrier { seq },
+            SyncReq::Lock(id) => RankRequest::Lock { id, seq },
+            SyncReq::Unlock(id) => RankRequest::Unlock { id, seq },
+        });
+    }
+
+    pub fn call_sync(&mut self, kind: SyncReq) -> Got {
+        self.send_sync(kind);
+        self.recv()
     }
 
     pub fn call(&mut self, req: &RankRequest<'_>) -> Got {

@@ -4,8 +4,10 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+use std::time::Duration;
+
 use clap::Parser;
-use mome_launcher::coordinator::{self, RunOptions};
+use mome_launcher::coordinator::{self, parse_duration_arg, CkptOverrides, RunOptions};
 use mome_protocol::Config;
 
 const AFTER_HELP: &str = "\
@@ -14,6 +16,9 @@ Examples:
   mome-run -n 2 --no-prefix ./app -v    options after PROGRAM go to the program
   mome-run --config job.yaml -n 8 python3 solver.py
   mome-run --jobid-file id.txt ./app && mome-status $(cat id.txt)
+  mome-run -n 4 --ckpt-interval 10min --keep 3 ./solver
+                                        a checkpoint every 10 minutes, 3 kept
+  mome-ckpt <id>; mome-restart <id>     checkpoint now; restart after a crash
 
 The job:
   mome-run prints `mome: job <id>` on stderr, keeps the job in
@@ -27,6 +32,16 @@ The job:
   When a rank fails, the others are ended the same way. Nothing of the
   job (ranks, their children, the agent) outlives mome-run.
 
+Checkpoints:
+  `mome-ckpt <id>` (or --ckpt-interval) saves the job to the checkpoint
+  store (--ckpt-dir, default $MOME_HOME/jobs/<id>/ckpt), keeping the
+  newest --keep stamps; `mome-restart <id>` runs it again from the newest
+  good one. A failed periodic checkpoint prints
+  `mome: checkpoint N failed: reason` and the job goes on. With
+  checkpoint.pid_namespace auto (default) or always, each rank runs in a
+  pid namespace of its own at pid 100+rank, the same after a restart
+  (mome-status shows the pids seen from outside).
+
 Exit status:
   0 when every rank exited 0; else the first failing rank's exit status, or
   128+N for a rank killed by signal N (128+N too when mome-run was
@@ -38,6 +53,7 @@ Environment:
   MOME_HOME         where job directories live (default ~/.mome)
   MOME_AGENT_BIN    mome-agent to use (default: next to mome-run)
   MOME_PRELOAD_LIB  libmome_preload.so to inject (default: next to mome-run)
+  MOME_RANKINIT_BIN mome-rankinit to use (default: next to mome-run)
 
 Status of jobs: mome-status [JOBID]";
 
@@ -67,6 +83,21 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     jobid_file: Option<PathBuf>,
 
+    /// Take a checkpoint every DURATION (e.g. 60s, 10min; 0: none), same as
+    /// checkpoint.interval.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    ckpt_interval: Option<Duration>,
+
+    /// Committed checkpoints kept (older ones are deleted), same as
+    /// checkpoint.keep.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    keep: Option<u32>,
+
+    /// Checkpoint store (default: the job directory's ckpt/), same as
+    /// checkpoint.dir.
+    #[arg(long, value_name = "DIR")]
+    ckpt_dir: Option<PathBuf>,
+
     /// The program, then its arguments (passed as they are, even those
     /// starting with `-`).
     #[arg(value_name = "PROGRAM [ARGS]", required = true, num_args = 1.., trailing_var_arg = true,
@@ -76,7 +107,7 @@ struct Cli {
 
 fn main() {
     let cli = Cli::parse();
-    let config = match &cli.config {
+    let mut config = match &cli.config {
         None => Config::default(),
         Some(path) => match Config::load(path) {
             Ok(config) => config,
@@ -86,6 +117,12 @@ fn main() {
             }
         },
     };
+    CkptOverrides {
+        dir: cli.ckpt_dir,
+        keep: cli.keep,
+        interval: cli.ckpt_interval,
+    }
+    .apply(&mut config);
     let mut command = cli.command.into_iter();
     let program = command.next().expect("clap requires PROGRAM");
     let code = coordinator::run(RunOptions {
@@ -96,6 +133,7 @@ fn main() {
         jobid_file: cli.jobid_file,
         program,
         args: command.collect(),
+        restart: None,
     });
     std::process::exit(code);
 }

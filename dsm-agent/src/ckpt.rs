@@ -1,0 +1,831 @@
+//! The checkpoint engine: the agent side of `Checkpoint`, `Commit` and
+//! `Abort` (see docs/checkpoint.md), and what sessions tell it (which rank
+//! is which session, its pagemap, parking and refusals).
+//!
+//! A checkpoint of stamp S:
+//! 1. pre-copy rounds while ranks run: scan every rank's pagemap (which
+//!    re-arms write protection on what it reports), copy those pages from
+//!    the memfd into the [`Snapshot`]. Without a base (first checkpoint of a
+//!    fresh job) the first round takes every data page of the memfd instead.
+//! 2. the pause: signal every rank, wait until each has parked
+//!    (`CkptParked`), scan again, copy what was re-dirtied, find which
+//!    punched pages are holes now (removed; only the agent punches the
+//!    memfd, see `memfd`), take the tables, resume the ranks (`Resume{S}`).
+//! 3. in the background, write the increment with the store; the new index
+//!    is pending until `Commit{S}` makes it the base.
+//!
+//! Pages re-armed by a scan are reported by no later scan: when a
+//! checkpoint fails or is aborted, the pages it copied are kept as "carry"
+//! and go into the next increment.
+//!
+//! Only one checkpoint runs at a time, write included. Locks: `shared` (the
+//! session registry and the pause) and `engine` are never held together,
+//! nor across an await; the agent's tables are locked one at a time.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mome_protocol::ckpt::{AgentCommand, AgentEvent, Stamp};
+use mome_protocol::layout::{HEAP_SIZE, PAGE_SIZE};
+use mome_protocol::rank::Channel;
+use mome_store::{IncrementInput, NodeIndex, RankImage};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::agent::{lock, Agent, SessionId};
+use crate::dirty;
+use crate::snapshot::{data_runs, data_within, Runs, Snapshot};
+use crate::tables::{placeholder_rank, TablesState};
+
+/// Write progress is reported every this many bytes.
+const PROGRESS_STEP: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CkptError {
+    #[error("checkpoint {0} in progress")]
+    Busy(Stamp),
+    #[error(
+        "the restore of stamp {0} is still filling the window; checkpoint again once it is done"
+    )]
+    Restoring(Stamp),
+    #[error("stamp {stamp} is not newer than the base stamp {base}")]
+    OldStamp { stamp: Stamp, base: Stamp },
+    #[error("rank {0} has not registered its pagemap: its dirty pages cannot be tracked")]
+    NoPagemap(u32),
+    #[error("dirty scan of rank {rank}: {source}")]
+    Scan {
+        rank: u32,
+        source: dirty::DirtyError,
+    },
+    #[error("{0}")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error("cannot signal rank {rank} (pid {pid}) with signal {signal}: {errno}")]
+    Signal {
+        rank: u32,
+        pid: i32,
+        signal: i32,
+        errno: nix::errno::Errno,
+    },
+    #[error("rank {rank} refused: {reason}")]
+    Refused { rank: u32, reason: String },
+    #[error("rank {0} exited during the checkpoint")]
+    Gone(u32),
+    #[error("{} did not reach the checkpoint within {}", ranks_text(.ranks), humantime_ms(*.timeout))]
+    ParkTimeout { ranks: Vec<u32>, timeout: Duration },
+    #[error("{0}")]
+    Tables(#[from] crate::tables::TablesError),
+    #[error("cannot write the increment: {0}")]
+    Store(#[from] mome_store::StoreError),
+    #[error("checkpoint task failed: {0}")]
+    Task(String),
+}
+
+fn ranks_text(ranks: &[u32]) -> String {
+    match ranks {
+        [r] => format!("rank {r}"),
+        _ => format!(
+            "ranks {}",
+            ranks
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+fn humantime_ms(d: Duration) -> String {
+    if d.as_millis().is_multiple_of(1000) {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// What the engine hears from sessions during a pause.
+#[derive(Debug)]
+enum PauseEvent {
+    Parked,
+    Refused(u32, String),
+    Gone(u32),
+}
+
+#[derive(Debug)]
+struct Parked {
+    entered_ns: u64,
+    image: RankImage,
+    resume: oneshot::Sender<Stamp>,
+}
+
+#[derive(Debug)]
+struct Pause {
+    expected: BTreeSet<u32>,
+    parked: BTreeMap<u32, Parked>,
+    tx: mpsc::UnboundedSender<PauseEvent>,
+}
+
+#[derive(Debug)]
+struct MemorySession {
+    session: SessionId,
+    pid: i32,
+    pagemap: Option<Arc<OwnedFd>>,
+}
+
+/// What sessions and the engine share.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Rank of every live session.
+    ranks: HashMap<SessionId, u32>,
+    /// The memory session of each connected rank (the last one to connect).
+    memory: BTreeMap<u32, MemorySession>,
+    pause: Option<Pause>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    stamp: Stamp,
+    index: Arc<NodeIndex>,
+    pages: Runs,
+}
+
+#[derive(Debug, Default)]
+struct EngineState {
+    busy: Option<Stamp>,
+    /// Last committed index (or the restored one).
+    base: Option<Arc<NodeIndex>>,
+    /// Durable, waiting for Commit or Abort.
+    pending: Option<Pending>,
+    /// Pages re-armed by scans of checkpoints that did not make it.
+    carry: Runs,
+}
+
+#[derive(Debug)]
+pub struct Ckpt {
+    signal: i32,
+    shared: Mutex<Shared>,
+    engine: Mutex<EngineState>,
+}
+
+/// One checkpoint's parameters and the engine state it starts from.
+#[derive(Debug)]
+struct Job {
+    stamp: Stamp,
+    store: PathBuf,
+    fsync: bool,
+    precopy_rounds: u32,
+    park_timeout: Duration,
+    started: Instant,
+    base: Option<Arc<NodeIndex>>,
+    carry: Runs,
+}
+
+/// What the pause produced.
+struct Captured {
+    snap: Snapshot,
+    /// Pages that became holes.
+    removed: Runs,
+    tables: Vec<u8>,
+    images: Vec<RankImage>,
+    pause_us: u64,
+    pause_pages: u64,
+    precopy_pages: u64,
+}
+
+impl Ckpt {
+    /// `signal` brings ranks to the checkpoint; `base` is the restored
+    /// index, if any.
+    pub fn new(signal: i32, base: Option<Arc<NodeIndex>>) -> Ckpt {
+        Ckpt {
+            signal,
+            shared: Mutex::new(Shared::default()),
+            engine: Mutex::new(EngineState {
+                base,
+                ..EngineState::default()
+            }),
+        }
+    }
+
+    /// A session of `rank` started; `pid` is its peer pid (agent's pid
+    /// namespace), used to signal the rank.
+    pub fn session_started(&self, id: SessionId, rank: u32, channel: Channel, pid: i32) {
+        let mut s = lock(&self.shared);
+        s.ranks.insert(id, rank);
+        if channel == Channel::Memory {
+            s.memory.insert(
+                rank,
+                MemorySession {
+                    session: id,
+                    pid,
+                    pagemap: None,
+                },
+            );
+        }
+    }
+
+    pub fn set_pagemap(&self, rank: u32, id: SessionId, fd: OwnedFd) {
+        let mut s = lock(&self.shared);
+        if let Some(m) = s.memory.get_mut(&rank).filter(|m| m.session == id) {
+            m.pagemap = Some(Arc::new(fd));
+        }
+    }
+
+    /// A session ended. A rank whose memory session ends during a pause
+    /// fails the checkpoint.
+    pub fn session_ended(&self, id: SessionId, rank: u32) {
+        let mut s = lock(&self.shared);
+        s.ranks.remove(&id);
+        if s.memory.get(&rank).is_some_and(|m| m.session == id) {
+            s.memory.remove(&rank);
+            if let Some(p) = &mut s.pause {
+                if p.expected.contains(&rank) {
+                    p.parked.remove(&rank);
+                    let _ = p.tx.send(PauseEvent::Gone(rank));
+                }
+            }
+        }
+    }
+
+    /// Rank of a session (or of a restored rank's placeholder).
+    pub fn rank_of(&self, id: SessionId) -> Option<u32> {
+        placeholder_rank(id).or_else(|| lock(&self.shared).ranks.get(&id).copied())
+    }
+
+    /// `rank` parked in its checkpoint handler. `None`: no checkpoint is
+    /// waiting for it, resume at once; otherwise the receiver gets the
+    /// stamp (0 when the checkpoint failed) when the pause ends.
+    pub fn park(
+        &self,
+        rank: u32,
+        entered_ns: u64,
+        image_addr: u64,
+        image_len: u64,
+    ) -> Option<oneshot::Receiver<Stamp>> {
+        let mut s = lock(&self.shared);
+        let p = s.pause.as_mut().filter(|p| p.expected.contains(&rank))?;
+        let (tx, rx) = oneshot::channel();
+        p.parked.insert(
+            rank,
+            Parked {
+                entered_ns,
+                image: RankImage {
+                    rank,
+                    addr: image_addr,
+                    len: image_len,
+                },
+                resume: tx,
+            },
+        );
+        let _ = p.tx.send(PauseEvent::Parked);
+        Some(rx)
+    }
+
+    /// `rank` refuses the checkpoint.
+    pub fn refuse(&self, rank: u32, reason: &str) {
+        let s = lock(&self.shared);
+        match &s.pause {
+            Some(p) if p.expected.contains(&rank) => {
+                let _ = p.tx.send(PauseEvent::Refused(rank, reason.to_string()));
+            }
+            _ => log!("rank {rank} refused a checkpoint that is not in progress: {reason}"),
+        }
+    }
+
+    /// Resumes every parked rank with `stamp`; returns the longest pause
+    /// (µs) and the images of the parked ranks.
+    fn end_pause(&self, stamp: Stamp) -> (u64, Vec<RankImage>) {
+        let Some(pause) = lock(&self.shared).pause.take() else {
+            return (0, Vec::new());
+        };
+        let now = monotonic_ns();
+        let mut longest = 0;
+        let mut images = Vec::new();
+        for (_, p) in pause.parked {
+            longest = longest.max(now.saturating_sub(p.entered_ns) / 1000);
+            images.push(p.image);
+            // A rank gone meanwhile has dropped its receiver.
+            let _ = p.resume.send(stamp);
+        }
+        (longest, images)
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(t) => t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64,
+        Err(_) => 0,
+    }
+}
+
+/// Handles one coordinator command. Checkpoints run in their own task.
+pub fn command(agent: &Arc<Agent>, cmd: AgentCommand) {
+    match cmd {
+        AgentCommand::Checkpoint {
+            stamp,
+            store,
+            fsync,
+            precopy_rounds,
+            park_timeout_ms,
+        } => {
+            let started = Instant::now();
+            let job = match start(agent, stamp) {
+                Ok((base, carry)) => Job {
+                    stamp,
+                    store,
+                    fsync,
+                    precopy_rounds,
+                    park_timeout: Duration::from_millis(park_timeout_ms),
+                    started,
+                    base,
+                    carry,
+                },
+                Err(e) => {
+                    log!("checkpoint {stamp} refused: {e}");
+                    agent.events.send(AgentEvent::Failed {
+                        stamp,
+                        reason: e.to_string(),
+                    });
+                    return;
+                }
+            };
+            tokio::spawn(run(agent.clone(), job));
+        }
+        AgentCommand::Commit { stamp } => {
+            let mut e = lock(&agent.ckpt.engine);
+            match e.pending.take() {
+                Some(p) if p.stamp == stamp => {
+                    log!("checkpoint {stamp} committed: it is the base of the next increment");
+                    e.base = Some(p.index);
+                }
+                other => {
+                    log!(
+                        "commit of stamp {stamp}, which is not the pending checkpoint ({}); ignored",
+                        other.as_ref().map_or("none".into(), |p| p.stamp.to_string())
+                    );
+                    e.pending = other;
+                }
+            }
+        }
+        AgentCommand::Abort { stamp } => {
+            let mut e = lock(&agent.ckpt.engine);
+            match e.pending.take() {
+                Some(p) if p.stamp == stamp => {
+                    log!(
+                        "checkpoint {stamp} aborted: its {} pages go into the next increment",
+                        p.pages.pages()
+                    );
+                    e.carry = e.carry.union(&p.pages);
+                }
+                other => {
+                    log!("abort of stamp {stamp}, which is not the pending checkpoint; ignored");
+                    e.pending = other;
+                }
+            }
+        }
+    }
+}
+
+/// Checks that a checkpoint may start and marks the engine busy; returns
+/// the base and the carry it takes over.
+fn start(agent: &Agent, stamp: Stamp) -> Result<(Option<Arc<NodeIndex>>, Runs), CkptError> {
+    if let Some(r) = agent.restore.as_ref().filter(|r| !r.filled()) {
+        return Err(CkptError::Restoring(r.stamp));
+    }
+    let mut e = lock(&agent.ckpt.engine);
+    if let Some(busy) = e.busy {
+        return Err(CkptError::Busy(busy));
+    }
+    if let Some(base) = e.base.as_ref().filter(|b| b.stamp >= stamp) {
+        return Err(CkptError::OldStamp {
+            stamp,
+            base: base.stamp,
+        });
+    }
+    if let Some(p) = e.pending.take() {
+        // The coordinator went on without Commit or Abort: the pending
+        // stamp counts as aborted (the next increment contains its pages).
+        log!(
+            "checkpoint {} was neither committed nor aborted before checkpoint {stamp}: treating it as aborted",
+            p.stamp
+        );
+        e.carry = e.carry.union(&p.pages);
+    }
+    e.busy = Some(stamp);
+    Ok((e.base.clone(), std::mem::take(&mut e.carry)))
+}
+
+/// One checkpoint, from pre-copy to durability.
+async fn run(agent: Arc<Agent>, job: Job) {
+    let stamp = job.stamp;
+    log!(
+        "checkpoint {stamp}: {} pre-copy rounds, base {}",
+        job.precopy_rounds,
+        job.base
+            .as_ref()
+            .map_or("none (full)".into(), |b| b.stamp.to_string())
+    );
+    let captured = match capture(&agent, &job).await {
+        Ok(c) => c,
+        Err((e, copied)) => {
+            log!("checkpoint {stamp} failed: {e}");
+            finish(&agent, None, job.carry.union(&copied));
+            agent.events.send(AgentEvent::Failed {
+                stamp,
+                reason: e.to_string(),
+            });
+            return;
+        }
+    };
+    log!(
+        "checkpoint {stamp}: ranks resumed after {} us ({} pages in the pause, {} in pre-copy)",
+        captured.pause_us,
+        captured.pause_pages,
+        captured.precopy_pages
+    );
+    agent.events.send(AgentEvent::Paused {
+        stamp,
+        pause_us: captured.pause_us,
+        pause_pages: captured.pause_pages,
+        precopy_pages: captured.precopy_pages,
+    });
+    let writer = agent.clone();
+    let carry = job.carry.clone();
+    let written = tokio::task::spawn_blocking(move || write(&writer, &job, captured)).await;
+    match written {
+        Ok(Ok((index, pages, event))) => {
+            finish(
+                &agent,
+                Some(Pending {
+                    stamp,
+                    index: Arc::new(index),
+                    pages,
+                }),
+                Runs::new(),
+            );
+            agent.events.send(event);
+        }
+        Ok(Err((e, pages))) => {
+            log!("checkpoint {stamp} failed: {e}");
+            finish(&agent, None, pages);
+            agent.events.send(AgentEvent::Failed {
+                stamp,
+                reason: e.to_string(),
+            });
+        }
+        Err(e) => {
+            finish(&agent, None, carry);
+            agent.events.send(AgentEvent::Failed {
+                stamp,
+                reason: CkptError::Task(e.to_string()).to_string(),
+            });
+        }
+    }
+}
+
+/// The checkpoint is over: the engine is free again.
+fn finish(agent: &Agent, pending: Option<Pending>, carry: Runs) {
+    let mut e = lock(&agent.ckpt.engine);
+    e.busy = None;
+    e.carry = e.carry.union(&carry);
+    if pending.is_some() {
+        e.pending = pending;
+    }
+}
+
+/// A rank taking part in the checkpoint.
+#[derive(Debug, Clone)]
+struct Member {
+    rank: u32,
+    pid: i32,
+    pagemap: Arc<OwnedFd>,
+}
+
+/// Pre-copy and pause. On failure, the pages copied so far (re-armed, so
+/// to be carried) come with the error.
+async fn capture(agent: &Arc<Agent>, job: &Job) -> Result<Captured, (CkptError, Runs)> {
+    let members = members(agent).map_err(|e| (e, Runs::new()))?;
+    let full = job.base.is_none();
+    let mut snap = Snapshot::new();
+    let mut precopy_pages = 0;
+    // Pages to copy besides what the next scan reports: the carry, and on a
+    // full checkpoint every data page of the memfd.
+    let mut extra = Some(job.carry.clone());
+    for round in 0..job.precopy_rounds {
+        let (a, m, e) = (agent.clone(), members.clone(), extra.take());
+        let (s, result) = blocking(snap, move |snap| copy_round(&a, &m, snap, e, full)).await;
+        snap = s;
+        let copied = result.map_err(|e| (e, snap.runs()))?;
+        precopy_pages += copied;
+        log!(
+            "checkpoint {}: pre-copy round {} copied {copied} pages",
+            job.stamp,
+            round + 1
+        );
+        agent.events.send(AgentEvent::Progress {
+            stamp: job.stamp,
+            phase: "precopy".into(),
+            done_bytes: precopy_pages * PAGE_SIZE,
+            total_bytes: precopy_pages * PAGE_SIZE,
+        });
+    }
+    if let Err(e) = park(agent, job, &members).await {
+        agent.ckpt.end_pause(0);
+        return Err((e, snap.runs()));
+    }
+    // Every rank is parked: the window and the tables hold still.
+    let a = agent.clone();
+    let parked_at = Instant::now();
+    let stamp = job.stamp;
+    let (snap, result) = blocking(snap, move |snap| {
+        let t0 = Instant::now();
+        // Punched pages: holes now (removed) unless written again, or
+        // partly zeroed by the kernel (copied again).
+        let punched = Runs::from_ranges(a.memory.take_punched());
+        // Every data page was taken already unless no pre-copy round ran.
+        let full = full && extra.is_some();
+        let extra = extra.unwrap_or_default().union(&punched);
+        let copied = copy_round(&a, &members, snap, Some(extra), full)?;
+        let t1 = Instant::now();
+        // Holes can only come from punches: the rest of the snapshot still
+        // holds data.
+        let removed = punched.subtract(&data_within(a.memory.as_fd(), &punched)?);
+        let rank_of = |id| a.ckpt.rank_of(id);
+        let tables = TablesState::capture(&a, &rank_of).encode()?;
+        log!(
+            "checkpoint {stamp}: pause work: scan + copy of {copied} pages {} us, holes + tables {} us",
+            (t1 - t0).as_micros(),
+            t1.elapsed().as_micros()
+        );
+        Ok((copied, tables, removed))
+    })
+    .await;
+    log!(
+        "checkpoint {stamp}: {} us from the last rank parked to resume",
+        parked_at.elapsed().as_micros()
+    );
+    let outcome = result.map_err(|e| (e, snap.runs()));
+    let stamp = if outcome.is_ok() { job.stamp } else { 0 };
+    let (pause_us, mut images) = agent.ckpt.end_pause(stamp);
+    let (pause_pages, tables, removed) = outcome?;
+    images.sort_by_key(|i| i.rank);
+    Ok(Captured {
+        snap,
+        removed,
+        tables,
+        images,
+        pause_us,
+        pause_pages,
+        precopy_pages,
+    })
+}
+
+/// Runs `f` on the snapshot in a blocking thread and gives the snapshot
+/// back with the result (also when the thread failed: then empty).
+async fn blocking<T: Send + 'static>(
+    snap: Snapshot,
+    f: impl FnOnce(&mut Snapshot) -> Result<T, CkptError> + Send + 'static,
+) -> (Snapshot, Result<T, CkptError>) {
+    let joined = tokio::task::spawn_blocking(move || {
+        let mut snap = snap;
+        let r = f(&mut snap);
+        (snap, r)
+    })
+    .await;
+    match joined {
+        Ok(pair) => pair,
+        Err(e) => (Snapshot::new(), Err(CkptError::Task(e.to_string()))),
+    }
+}
+
+/// The connected ranks, each with its pagemap.
+fn members(agent: &Agent) -> Result<Vec<Member>, CkptError> {
+    let s = lock(&agent.ckpt.shared);
+    for r in agent
+        .id
+        .local_ranks
+        .iter()
+        .filter(|r| !s.memory.contains_key(r))
+    {
+        log!("rank {r} is not connected: not part of the checkpoint");
+    }
+    s.memory
+        .iter()
+        .map(|(&rank, m)| match &m.pagemap {
+            Some(p) => Ok(Member {
+                rank,
+                pid: m.pid,
+                pagemap: p.clone(),
+            }),
+            None => Err(CkptError::NoPagemap(rank)),
+        })
+        .collect()
+}
+
+/// Scans every member (re-arming protection), then copies what the scans
+/// reported plus `extra` (and every data page when `full`). Returns the
+/// pages copied.
+///
+/// Only the window in use is scanned (heaps in use, taken segment slots): a
+/// scan installs write-protect markers, and so page tables, on every page
+/// of its range, which over a mostly empty 1 TiB window would cost GiBs. A
+/// range scanned for the first time reports all its mapped pages, and
+/// unpopulated pages count as written too: what is copied is cut to the
+/// memfd's data, since a hole reads as zeros and needs no copy.
+fn copy_round(
+    agent: &Agent,
+    members: &[Member],
+    snap: &mut Snapshot,
+    extra: Option<Runs>,
+    full: bool,
+) -> Result<u64, CkptError> {
+    let layout = agent.id.layout;
+    let ranges = in_use(agent);
+    let mut dirty = Vec::new();
+    for m in members {
+        for r in ranges.ranges() {
+            let (start, end) = (
+                layout.base + r.start * PAGE_SIZE,
+                layout.base + r.end * PAGE_SIZE,
+            );
+            dirty::scan(m.pagemap.as_fd(), &layout, start..end, &mut dirty).map_err(|source| {
+                CkptError::Scan {
+                    rank: m.rank,
+                    source,
+                }
+            })?;
+        }
+    }
+    let mut set = Runs::from_ranges(dirty);
+    if let Some(extra) = extra {
+        set = set.union(&extra);
+        if full {
+            // After the scan: a page written from now on is reported by
+            // the next scan, so nothing falls between the two.
+            set = set.union(&data_runs(agent.memory.as_fd(), layout.size)?);
+        }
+    }
+    let set = data_within(agent.memory.as_fd(), &set)?;
+    snap.copy_from(agent.memory.as_fd(), &set)?;
+    Ok(set.pages())
+}
+
+/// Pages of the window in use: heaps owned by some session and the
+/// reservations of taken segment slots.
+fn in_use(agent: &Agent) -> Runs {
+    let layout = agent.id.layout;
+    let page = |addr: u64| (addr - layout.base) / PAGE_SIZE;
+    let heap_pages = HEAP_SIZE / PAGE_SIZE;
+    let mut ranges: Vec<std::ops::Range<u64>> = lock(&agent.heaps)
+        .used_runs()
+        .into_iter()
+        .map(|r| {
+            let first = page(layout.heap_addr(r.start));
+            first..first + u64::from(r.end - r.start) * heap_pages
+        })
+        .collect();
+    let slots = lock(&agent.segments).taken_slots();
+    for slot in slots {
+        let first = page(layout.segment_addr(slot));
+        ranges.push(first..first + layout.segment_reserve / PAGE_SIZE);
+    }
+    Runs::from_ranges(ranges)
+}
+
+/// Signals every member and waits until all have parked.
+async fn park(agent: &Agent, job: &Job, members: &[Member]) -> Result<(), CkptError> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    {
+        let mut s = lock(&agent.ckpt.shared);
+        let expected: BTreeSet<u32> = members.iter().map(|m| m.rank).collect();
+        // A rank whose session ended since `members` was taken.
+        if let Some(r) = expected.iter().find(|r| !s.memory.contains_key(r)) {
+            return Err(CkptError::Gone(*r));
+        }
+        s.pause = Some(Pause {
+            expected,
+            parked: BTreeMap::new(),
+            tx,
+        });
+    }
+    let signal = agent.ckpt.signal;
+    for m in members {
+        // SAFETY: kill(2) with a pid and a signal number has no memory
+        // effects on this process; the pid is the rank's (SO_PEERCRED of
+        // its live connection), in this process's pid namespace.
+        if unsafe { libc::kill(m.pid, signal) } != 0 {
+            return Err(CkptError::Signal {
+                rank: m.rank,
+                pid: m.pid,
+                signal,
+                errno: nix::errno::Errno::last(),
+            });
+        }
+    }
+    let deadline = tokio::time::Instant::now() + job.park_timeout;
+    loop {
+        {
+            let s = lock(&agent.ckpt.shared);
+            if let Some(p) = &s.pause {
+                if p.parked.len() == p.expected.len() {
+                    return Ok(());
+                }
+            }
+        }
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(PauseEvent::Parked)) => {}
+            Ok(Some(PauseEvent::Refused(rank, reason))) => {
+                return Err(CkptError::Refused { rank, reason })
+            }
+            Ok(Some(PauseEvent::Gone(rank))) => return Err(CkptError::Gone(rank)),
+            // The sender lives in the pause, which only this task removes.
+            Ok(None) => return Err(CkptError::Task("pause channel closed".into())),
+            Err(_) => {
+                let s = lock(&agent.ckpt.shared);
+                let ranks = s
+                    .pause
+                    .as_ref()
+                    .map(|p| {
+                        p.expected
+                            .iter()
+                            .filter(|r| !p.parked.contains_key(r))
+                            .copied()
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                return Err(CkptError::ParkTimeout {
+                    ranks,
+                    timeout: job.park_timeout,
+                });
+            }
+        }
+    }
+}
+
+/// Writes the increment (blocking). Returns the new index, the pages of
+/// the increment (for the carry if it is aborted) and the `Durable` event;
+/// on failure the error and the pages to carry.
+fn write(
+    agent: &Agent,
+    job: &Job,
+    c: Captured,
+) -> Result<(NodeIndex, Runs, AgentEvent), (CkptError, Runs)> {
+    // Holes can only come from punches (`removed`, found in the pause):
+    // the rest of the snapshot is the increment.
+    let pages = c.snap.runs().subtract(&c.removed);
+    // What to look at again if this increment is not committed.
+    let copied = pages.union(&c.removed);
+    let removed = c.removed;
+    let image_bytes = c.images.iter().map(|i| i.len).sum();
+    let total = pages.pages() * PAGE_SIZE;
+    let mut next_report = PROGRESS_STEP;
+    let mut progress = |done: u64| {
+        if done >= next_report {
+            next_report = done + PROGRESS_STEP;
+            agent.events.send(AgentEvent::Progress {
+                stamp: job.stamp,
+                phase: "write".into(),
+                done_bytes: done,
+                total_bytes: total,
+            });
+        }
+    };
+    let input = IncrementInput {
+        root: &job.store,
+        node: agent.id.node,
+        stamp: job.stamp,
+        base: job.base.as_deref(),
+        removed: removed.ranges(),
+        tables: c.tables,
+        images: c.images,
+        fsync: job.fsync,
+    };
+    let snap = &c.snap;
+    let iter = pages
+        .iter()
+        .filter_map(|p| snap.get(p).map(|bytes| (p, bytes)));
+    let (index, summary) = mome_store::write_increment(input, iter, &mut progress)
+        .map_err(|e| (e.into(), copied.clone()))?;
+    let elapsed_us = job.started.elapsed().as_micros() as u64;
+    log!(
+        "checkpoint {}: durable, {} pages ({} zero, {} removed), {} bytes written, {} ms from the command",
+        job.stamp,
+        summary.pages,
+        summary.zero_pages,
+        removed.pages(),
+        summary.bytes_written,
+        elapsed_us / 1000
+    );
+    let event = AgentEvent::Durable {
+        stamp: job.stamp,
+        node: summary.index.node,
+        index: summary.index.index,
+        index_len: summary.index.len,
+        index_xxh3: summary.index.xxh3,
+        pages: summary.pages,
+        bytes_written: summary.bytes_written,
+        image_bytes,
+        elapsed_us,
+    };
+    Ok((index, copied, event))
+}

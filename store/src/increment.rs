@@ -1,0 +1,295 @@
+//! Writing one node's increment for a stamp: the pages dirtied since the
+//! base stamp go, grouped in blocks, into a new pages file, then the node
+//! index of the stamp (the base's index overlaid with what changed) is saved
+//! next to it.
+//!
+//! Order on disk, which is what makes a crash harmless: pages file written
+//! (and fsync'ed), then the index written atomically (tmp, fsync, rename,
+//! directory fsync). The stamp only exists once the launcher writes its
+//! manifest, after every node reported its index.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use mome_protocol::ckpt::{files, Stamp};
+
+use crate::block::{self, BlockRef, BLOCK_PAGES, PAGES_HEADER_LEN, PAGE_SIZE};
+use crate::error::StoreError;
+use crate::fsutil;
+use crate::index::{IndexRef, NodeIndex, RankImage};
+
+/// Size of the write buffer of a pages file: large writes, few syscalls.
+const WRITE_BUFFER: usize = 8 << 20;
+
+/// What [`write_increment`] needs besides the pages.
+#[derive(Debug)]
+pub struct IncrementInput<'a> {
+    /// Store root.
+    pub root: &'a Path,
+    pub node: u32,
+    /// The stamp being written; larger than the base's.
+    pub stamp: Stamp,
+    /// Index of the last committed stamp, `None` for a full checkpoint.
+    pub base: Option<&'a NodeIndex>,
+    /// Page ranges (half-open, page numbers) that became zero (holes)
+    /// since the base. Applied before the pages: a page both removed and
+    /// given in `pages` takes the given content.
+    pub removed: &'a [Range<u64>],
+    /// The agent's tables, stored as is in the index.
+    pub tables: Vec<u8>,
+    /// Where each local rank's private image is.
+    pub images: Vec<RankImage>,
+    /// fsync the pages file, the index and the directory.
+    pub fsync: bool,
+}
+
+/// What [`write_increment`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncrementSummary {
+    /// The saved index, to send to the launcher (`Durable`) for the
+    /// manifest.
+    pub index: IndexRef,
+    /// Pages given to `write_increment` (zero pages included).
+    pub pages: u64,
+    /// Of those, pages that were all zero (not stored).
+    pub zero_pages: u64,
+    /// Length of the pages file (0 when no page needed storing, in which
+    /// case no pages file is created).
+    pub data_bytes_written: u64,
+    /// Pages file plus index file.
+    pub bytes_written: u64,
+}
+
+/// True when the page is all zero. Compares 64-byte chunks OR-ed together so
+/// the compiler can vectorize, and stops at the first non-zero chunk (most
+/// data pages stop in the first chunk).
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(64).all(|chunk| {
+        chunk.chunks_exact(8).fold(0u64, |acc, w| {
+            acc | u64::from_ne_bytes(w.try_into().unwrap())
+        }) == 0
+    })
+}
+
+/// The pages file being written, created on the first block.
+struct PagesWriter {
+    path: PathBuf,
+    node: u32,
+    stamp: Stamp,
+    out: Option<BufWriter<File>>,
+    offset: u64,
+    /// Reused compression buffer.
+    compressed: Vec<u8>,
+}
+
+impl PagesWriter {
+    /// Compresses and appends one block of pages (`raw` is whole pages).
+    fn append(&mut self, raw: &[u8]) -> Result<BlockRef, StoreError> {
+        if self.out.is_none() {
+            let file = File::create(&self.path).map_err(StoreError::io("create", &self.path))?;
+            let mut out = BufWriter::with_capacity(WRITE_BUFFER, file);
+            out.write_all(&block::pages_header(self.node, self.stamp))
+                .map_err(StoreError::io("write", &self.path))?;
+            self.out = Some(out);
+            self.offset = PAGES_HEADER_LEN;
+        }
+        let out = self.out.as_mut().expect("opened above");
+        let compressed = block::compress(raw, &mut self.compressed);
+        let stored = if compressed {
+            &self.compressed[..]
+        } else {
+            raw
+        };
+        out.write_all(stored)
+            .map_err(StoreError::io("write", &self.path))?;
+        let block = BlockRef {
+            file: self.stamp,
+            offset: self.offset,
+            // A block is at most 64 pages (256 KiB).
+            clen: stored.len() as u32,
+            npages: (raw.len() / PAGE_SIZE) as u32,
+            xxh3: xxhash_rust::xxh3::xxh3_64(raw),
+            raw: !compressed,
+        };
+        self.offset += stored.len() as u64;
+        Ok(block)
+    }
+
+    /// Flushes (and syncs) the file; returns its length.
+    fn finish(self, fsync: bool) -> Result<u64, StoreError> {
+        let Some(out) = self.out else {
+            return Ok(0);
+        };
+        let file = out
+            .into_inner()
+            .map_err(|e| StoreError::io("write", &self.path)(e.into_error()))?;
+        if fsync {
+            file.sync_all()
+                .map_err(StoreError::io("fsync", &self.path))?;
+        }
+        Ok(self.offset)
+    }
+}
+
+/// Stores the gathered run `run` (whole pages, maybe none) as one block
+/// mapped at page `first`.
+fn flush_run(
+    index: &mut NodeIndex,
+    writer: &mut PagesWriter,
+    run: &[u8],
+    first: u64,
+) -> Result<(), StoreError> {
+    if !run.is_empty() {
+        let block = writer.append(run)?;
+        index.insert(first, block);
+    }
+    Ok(())
+}
+
+/// Writes the increment of `input.stamp` for `input.node` and its index.
+///
+/// `pages` yields (page number, 4096 bytes) in strictly ascending page
+/// order: every page dirtied since the base (a page that is all zero is
+/// recorded as zero, not stored). Runs of consecutive non-zero pages are
+/// stored in blocks of up to 64 pages. The new index is the base (or an
+/// empty index) with `removed` cleared and the new blocks overlaid.
+///
+/// `progress` is called after each block with the bytes of pages consumed
+/// so far (4096 per page, zero pages included).
+///
+/// Files: `pages_file(root, node, stamp)` (only when some page is stored),
+/// then `index_file(root, node, stamp)`; with `fsync`, the pages file is
+/// synced before the index is written, and the index is synced and renamed
+/// into place, and the node directory synced. On error, files of the stamp
+/// may be left behind; they are harmless (no manifest refers to them) and
+/// the next prune deletes them.
+pub fn write_increment<'p>(
+    input: IncrementInput<'_>,
+    pages: impl Iterator<Item = (u64, &'p [u8])>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<(NodeIndex, IncrementSummary), StoreError> {
+    let IncrementInput {
+        root,
+        node,
+        stamp,
+        base,
+        removed,
+        tables,
+        images,
+        fsync,
+    } = input;
+    let mut index = match base {
+        Some(base) => {
+            if base.node != node {
+                return Err(StoreError::InvalidInput(format!(
+                    "base index is of node {}, increment of node {node}",
+                    base.node
+                )));
+            }
+            if base.stamp >= stamp {
+                return Err(StoreError::InvalidInput(format!(
+                    "base stamp {} is not older than stamp {stamp}",
+                    base.stamp
+                )));
+            }
+            base.clone()
+        }
+        None => NodeIndex::empty(node),
+    };
+    if stamp == 0 {
+        return Err(StoreError::InvalidInput("stamp 0 is reserved".into()));
+    }
+    index.stamp = stamp;
+    index.tables = tables;
+    index.images = images;
+    for r in removed {
+        index.clear(r.clone());
+    }
+
+    let dir = files::node_dir(root, node);
+    fsutil::create_dir(&dir, fsync)?;
+    let mut writer = PagesWriter {
+        path: files::pages_file(root, node, stamp),
+        node,
+        stamp,
+        out: None,
+        offset: 0,
+        compressed: Vec::new(),
+    };
+
+    // The run being gathered: pages `run_first..run_first + run_len`,
+    // copied contiguously into `run`.
+    let mut run = vec![0u8; BLOCK_PAGES as usize * PAGE_SIZE];
+    let mut run_first = 0u64;
+    let mut run_len = 0u32;
+    let mut next_page: Option<u64> = None;
+    let (mut npages, mut zero_pages) = (0u64, 0u64);
+
+    for (page, data) in pages {
+        if data.len() != PAGE_SIZE {
+            return Err(StoreError::InvalidInput(format!(
+                "page {page} has {} bytes, not {PAGE_SIZE}",
+                data.len()
+            )));
+        }
+        if next_page.is_some_and(|next| page < next) {
+            return Err(StoreError::InvalidInput(format!(
+                "page {page} comes after page {}: pages must be in ascending order",
+                next_page.unwrap() - 1
+            )));
+        }
+        next_page = Some(page + 1);
+        let zero = is_zero(data);
+        // The run ends at a gap, a zero page or when the block is full.
+        if run_len > 0 && (zero || page != run_first + u64::from(run_len) || run_len == BLOCK_PAGES)
+        {
+            flush_run(
+                &mut index,
+                &mut writer,
+                &run[..run_len as usize * PAGE_SIZE],
+                run_first,
+            )?;
+            run_len = 0;
+            progress(npages * PAGE_SIZE as u64);
+        }
+        npages += 1;
+        if zero {
+            zero_pages += 1;
+            index.clear(page..page + 1);
+            continue;
+        }
+        if run_len == 0 {
+            run_first = page;
+        }
+        let at = run_len as usize * PAGE_SIZE;
+        run[at..at + PAGE_SIZE].copy_from_slice(data);
+        run_len += 1;
+    }
+    flush_run(
+        &mut index,
+        &mut writer,
+        &run[..run_len as usize * PAGE_SIZE],
+        run_first,
+    )?;
+    progress(npages * PAGE_SIZE as u64);
+
+    let data_bytes = writer.finish(fsync)?;
+    index.compact();
+    let index_path = files::index_file(root, node, stamp);
+    let (len, xxh3) = index.save(&index_path, fsync)?;
+    let summary = IncrementSummary {
+        index: IndexRef {
+            node,
+            index: files::index_file(Path::new(""), node, stamp),
+            len,
+            xxh3,
+        },
+        pages: npages,
+        zero_pages,
+        data_bytes_written: data_bytes,
+        bytes_written: data_bytes + len,
+    };
+    Ok((index, summary))
+}
