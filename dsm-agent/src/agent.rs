@@ -63,6 +63,11 @@ pub struct Agent {
     /// The checkpoint being restored (`--restore`).
     pub restore: Option<Arc<Restore>>,
     pub started: Instant,
+    /// Window pages that ranks also map outside the window (MomeMMap with
+    /// MAP_FIXED, e.g. a Fortran common block), by session: writes through
+    /// such an alias are not seen by the window's dirty tracking, so every
+    /// checkpoint copies these pages (first page, page count).
+    pub alias_pages: Mutex<std::collections::BTreeMap<(SessionId, u64), (u64, u64)>>,
 }
 
 impl Agent {
@@ -105,6 +110,7 @@ impl Agent {
             events,
             restore,
             started: Instant::now(),
+            alias_pages: Mutex::new(std::collections::BTreeMap::new()),
         })
     }
 

@@ -657,6 +657,13 @@ fn copy_round(
         }
     }
     let mut set = Runs::from_ranges(dirty);
+    let aliased = Runs::from_ranges(
+        lock(&agent.alias_pages)
+            .values()
+            .map(|&(first, count)| first..first + count)
+            .collect(),
+    );
+    set = set.union(&aliased);
     if let Some(extra) = extra {
         set = set.union(&extra);
         if full {

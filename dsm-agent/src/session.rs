@@ -677,6 +677,10 @@ impl Session {
                     len,
                     window_addr,
                 });
+                lock(&self.agent.alias_pages).insert(
+                    (self.id, addr),
+                    ((window_addr - layout.base) / PAGE_SIZE, len / PAGE_SIZE),
+                );
                 Reply::Ok
             }
             // The caller routes the other requests elsewhere.
@@ -793,6 +797,7 @@ impl Session {
         }
         self.agent.ckpt.session_ended(self.id, self.rank);
         let agent = &*self.agent;
+        lock(&agent.alias_pages).retain(|(id, _), _| *id != self.id);
         if self.restoring && !self.restored {
             // A wrapper of the restored program (a script's interpreter, a
             // launcher) that exec'd it, or a restore that failed: what the

@@ -169,7 +169,7 @@ fn cell_two_ranks() {
 
 #[test]
 fn pcg_two_ranks() {
-    check_restarted_app("pcg", &["256", "4000"], 2, 400);
+    check_restarted_app("pcg", &["384", "4000"], 2, 500);
 }
 
 #[test]

@@ -319,7 +319,10 @@ fn region_of(
 ) -> Result<(), Refusal> {
     let deleted = m.path.ends_with(b" (deleted)");
     let file = m.path.first() == Some(&b'/');
-    let k = if m.path == b"[stack]" {
+    let alias = m.shared && m.path.starts_with(b"/memfd:mome-node-");
+    let k = if alias {
+        kind::ALIAS
+    } else if m.path == b"[stack]" {
         kind::STACK
     } else if m.path == b"[heap]" {
         kind::HEAP
@@ -330,7 +333,7 @@ fn region_of(
     } else {
         kind::ANON
     };
-    if m.shared && (k != kind::FILE_SHARED || deleted) {
+    if m.shared && !alias && (k != kind::FILE_SHARED || deleted) {
         let (path, len) = copy_text(m.path);
         return Err(Refusal::SharedMapping {
             start: m.start,
@@ -339,6 +342,7 @@ fn region_of(
         });
     }
     let npages = (m.end - m.start) / 4096;
+    let file = file && !alias;
     let (path_off, path_len) = if file { b.push_string(m.path)? } else { (0, 0) };
     let (mut file_size, mut file_mtime) = (0u64, 0i64);
     if k == kind::FILE || k == kind::FILE_SHARED {
@@ -369,7 +373,7 @@ fn region_of(
         saved_pages: 0,
     };
     let readable = m.prot & libc::PROT_READ as u32 != 0;
-    if k != kind::FILE_SHARED && readable {
+    if k != kind::FILE_SHARED && k != kind::ALIAS && readable {
         let bitmap_bytes = npages.div_ceil(8) as usize;
         let bitmap_bytes = bitmap_bytes.next_multiple_of(8);
         if b.bitmaps + bitmap_bytes > image::BITMAPS_CAP {

@@ -112,6 +112,9 @@ pub mod kind {
     /// A shared mapping of a file: mapped again, nothing saved (the data is
     /// in the file).
     pub const FILE_SHARED: u32 = 4;
+    /// A view of the node's memory file outside the window (MomeMMap with
+    /// MAP_FIXED): mapped again on the new memfd, its data is in the window.
+    pub const ALIAS: u32 = 5;
 }
 
 #[repr(C)]

@@ -185,6 +185,7 @@ pub fn run(s: Start<'_>, map_window: impl FnOnce(&WindowLayout, i32)) -> Passthr
         return Passthrough;
     }
     check_files(h, addr, rank);
+    restore_aliases(h, addr, &layout, &ch, rank);
     move_vdso(h, rank);
 
     let sync_fd = if h.sync_fd >= 0 {
@@ -211,6 +212,41 @@ pub fn run(s: Start<'_>, map_window: impl FnOnce(&WindowLayout, i32)) -> Passthr
     // SAFETY: the top of the image run is a TAIL_STACK-byte area of our own
     // heaps, untouched by the image; `rebuild` never returns.
     unsafe { context::mome_call_on_stack(top, rebuild, &plan as *const Plan as u64) }
+}
+
+/// Views of the window outside it (Fortran common blocks): their pages are
+/// fetched now through the window (the view itself is not registered with
+/// the userfaultfd), and the agent learns of them again.
+fn restore_aliases(h: &Header, base: u64, layout: &WindowLayout, ch: &Channel, rank: u32) {
+    // SAFETY: the image is complete (checked by the caller).
+    let regions = unsafe { h.regions(base as *const u8) };
+    for r in regions.iter().filter(|r| r.kind == kind::ALIAS) {
+        let window_addr = layout.base + r.file_offset;
+        let len = r.end - r.start;
+        if !layout.contains_range(window_addr, len) {
+            fatal(format_args!(
+                "rank {rank}: the image has a view at {:#x} of memory outside the window",
+                r.start
+            ));
+        }
+        let mut p = window_addr;
+        while p < window_addr + len {
+            // SAFETY: a window page: the read makes the agent fill it.
+            unsafe { core::ptr::read_volatile(p as *const u8) };
+            p += 4096;
+        }
+        call_ok(
+            ch,
+            &RankRequest::AliasMapped {
+                addr: r.start,
+                len,
+                window_addr,
+            },
+            None,
+            "AliasMapped",
+            rank,
+        );
+    }
 }
 
 /// Every library and mapped file must be the one that was checkpointed.
@@ -399,7 +435,16 @@ extern "C" fn rebuild(plan_addr: u64) -> ! {
     // SAFETY: the image is complete.
     let regions = unsafe { h.regions(base) };
     for r in regions {
-        restore_region(h, base, r, maps, pagemap as i32, pm_area, pm_len);
+        restore_region(
+            h,
+            base,
+            plan.memfd,
+            r,
+            maps,
+            pagemap as i32,
+            pm_area,
+            pm_len,
+        );
     }
     // SAFETY: raw close.
     unsafe { sys(libc::SYS_close, pagemap as u64, 0, 0) };
@@ -458,9 +503,11 @@ fn same_mapping(maps: &[u8], r: &Region) -> bool {
     false
 }
 
+#[allow(clippy::too_many_arguments)]
 fn restore_region(
     h: &Header,
     base: *const u8,
+    memfd: i32,
     r: &Region,
     maps: &[u8],
     pagemap: i32,
@@ -477,6 +524,17 @@ fn restore_region(
         // process had here, which is what the program expects.
         unsafe {
             let res = match r.kind {
+                kind::ALIAS => syscall6(
+                    libc::SYS_mmap,
+                    [
+                        r.start,
+                        len,
+                        prot,
+                        (libc::MAP_SHARED | libc::MAP_FIXED) as u64,
+                        memfd as u64,
+                        r.file_offset,
+                    ],
+                ),
                 kind::FILE | kind::FILE_SHARED => {
                     let p = cstr(h.string(base, r.path_off, r.path_len), &mut path);
                     let shared = r.kind == kind::FILE_SHARED;
@@ -524,11 +582,15 @@ fn restore_region(
                 die(b"mome: restore: cannot map a region of the checkpointed process again\n");
             }
         }
-    } else if r.kind != kind::FILE_SHARED && prot != rw && r.saved_pages > 0 {
+    } else if r.kind != kind::FILE_SHARED
+        && r.kind != kind::ALIAS
+        && prot != rw
+        && r.saved_pages > 0
+    {
         // SAFETY: temporary write access to a mapping being restored.
         unsafe { sys(libc::SYS_mprotect, r.start, len, rw) };
     }
-    if r.kind != kind::FILE_SHARED && r.bitmap_off != 0 {
+    if r.kind != kind::FILE_SHARED && r.kind != kind::ALIAS && r.bitmap_off != 0 {
         // SAFETY: bitmap and data offsets come from this image.
         let bitmap = unsafe { base.add(r.bitmap_off as usize) };
         let npages = len / 4096;
@@ -582,7 +644,8 @@ fn restore_region(
             done += n;
         }
     }
-    if r.kind != kind::FILE_SHARED && prot != rw && (r.saved_pages > 0 || !present) {
+    let own_prot = r.kind == kind::FILE_SHARED || r.kind == kind::ALIAS;
+    if !own_prot && prot != rw && (r.saved_pages > 0 || !present) {
         // SAFETY: the protection the old process had.
         unsafe { sys(libc::SYS_mprotect, r.start, len, prot) };
     }
