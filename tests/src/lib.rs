@@ -186,6 +186,10 @@ pub fn probe(name: &str) -> PathBuf {
             .tempdir()
             .unwrap()
     });
+    // Tests of one binary run in parallel threads: one compiles, the others
+    // wait for it (they must never run a half-written executable).
+    static COMPILING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = COMPILING.lock().unwrap_or_else(|e| e.into_inner());
     let exe = dir.path().join(name);
     if !exe.exists() {
         let src = workspace().join("tests/c").join(format!("{name}.c"));

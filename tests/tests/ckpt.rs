@@ -256,3 +256,167 @@ fn long_sort() {
     let input = scratch_file("sort.in", &text);
     check_restarted_program("sort", &["--parallel=1", input.to_str().unwrap()], 250);
 }
+
+fn refused(mode: &str, expect: &str) {
+    let home = Home::new();
+    let probe = probe("ckpt_refusal_probe");
+    let mut job = home.start(&[probe.to_str().unwrap(), mode, "60"], mode);
+    job.wait_output("step 3\n", 30);
+    let err = home
+        .ckpt(&job.id)
+        .expect_err("a checkpoint of this rank must be refused");
+    assert!(
+        err.contains(expect),
+        "refusal does not say {expect:?}:\n{err}"
+    );
+    // The job goes on and ends normally.
+    let status = job.wait(60);
+    assert!(status.success(), "{}", job.stderr());
+    assert!(job.stdout().contains("done"));
+    home.assert_nothing_left();
+}
+
+#[test]
+fn a_rank_with_threads_is_refused_clearly() {
+    refused("thread", "threads");
+}
+
+#[test]
+fn a_rank_with_a_pipe_is_refused_clearly() {
+    refused("pipe", "pipe");
+}
+
+#[test]
+fn restart_refuses_a_changed_binary_and_a_missing_stamp() {
+    let home = Home::new();
+    let copy = home.path().join("counter-copy");
+    std::fs::copy(app("counter"), &copy).unwrap();
+    let mut job = home.start(&[copy.to_str().unwrap(), "200", "20"], "first");
+    job.wait_output("step 3 ", 30);
+    home.ckpt(&job.id).unwrap();
+    job.kill9(&home);
+
+    let missing = home.restart(&job.id, &["--stamp", "42"]);
+    assert!(!missing.status.success());
+    assert!(stderr(&missing).contains("42"), "{}", stderr(&missing));
+
+    let mut bytes = std::fs::read(&copy).unwrap();
+    bytes.push(0);
+    std::fs::write(&copy, bytes).unwrap();
+    let changed = home.restart(&job.id, &[]);
+    assert!(!changed.status.success());
+    assert!(stderr(&changed).contains("changed"), "{}", stderr(&changed));
+
+    let unknown = std::process::Command::new(mome_ckpt())
+        .arg("20000101-000000-dead")
+        .env("MOME_HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(!unknown.status.success());
+    assert!(
+        stderr(&unknown).contains("20000101-000000-dead"),
+        "{}",
+        stderr(&unknown)
+    );
+}
+
+#[test]
+fn second_checkpoint_is_incremental() {
+    let home = Home::new();
+    let counter = app("counter");
+    let mut job = home.start(&[counter.to_str().unwrap(), "400", "20"], "first");
+    job.wait_output("step 3 ", 30);
+    let first = home.ckpt(&job.id).unwrap();
+    job.wait_output("step 8 ", 30);
+    let second = home.ckpt(&job.id).unwrap();
+    job.kill9(&home);
+    let (b1, b2) = (
+        first["bytes_written"].as_u64().unwrap(),
+        second["bytes_written"].as_u64().unwrap(),
+    );
+    assert!(
+        b2 < b1,
+        "the second checkpoint wrote {b2} bytes, the first {b1}"
+    );
+    assert_eq!(second["parent"], first["stamp"], "{second}");
+}
+
+/// Kills something (mome-ckpt, the agent, a rank, mome-run) at a random
+/// moment of a checkpoint, 20 times; after each, the store's committed
+/// stamps all verify and the job restarts from the newest one. The job
+/// finally ends with the uninterrupted run's result.
+#[test]
+fn kills_during_checkpoints_never_corrupt_recovery() {
+    let home = Home::new();
+    let counter = app("counter");
+    let args = ["400", "10"];
+    let native = native_out("counter", &args);
+    let mut job = home.start(&[counter.to_str().unwrap(), args[0], args[1]], "run0");
+    job.wait_output("step 3 ", 30);
+    home.ckpt(&job.id).unwrap();
+    let id = job.id.clone();
+    let root = home.path().join("jobs").join(&id).join("ckpt");
+    let mut seed: u64 = 0x9e3779b97f4a7c15;
+    let mut restarts = 0;
+    for round in 0..20 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = Duration::from_micros(seed % 40_000);
+        let target = round % 4;
+        let mut ckpt = std::process::Command::new(mome_ckpt())
+            .arg(&id)
+            .arg("--json")
+            .env("MOME_HOME", home.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        let status: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(home.path().join("jobs").join(&id).join("status.json"))
+                .unwrap(),
+        )
+        .unwrap();
+        let pid_of = |list: &str| status[list][0]["pid"].as_i64().map(|p| p as i32);
+        let victim = match target {
+            0 => Some(ckpt.id() as i32),
+            1 => pid_of("agents"),
+            2 => pid_of("ranks"),
+            _ => Some(job.child.id() as i32),
+        };
+        if let Some(pid) = victim {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = ckpt.wait();
+        if target == 0 {
+            continue;
+        }
+        // The job is going down (its agent, a rank or mome-run died).
+        job.kill9(&home);
+        let committed = mome_store::list_committed(&root).unwrap();
+        assert!(!committed.is_empty());
+        for s in &committed {
+            mome_store::verify(&root, *s, mome_store::VerifyLevel::Full).unwrap_or_else(|e| {
+                panic!("round {round}: committed stamp {s} does not verify: {e}")
+            });
+        }
+        restarts += 1;
+        job = home.start_restart(&id, &[], &format!("run{}", round + 1));
+        job.wait_output("step", 60);
+    }
+    let status = job.wait(120);
+    assert!(
+        status.success(),
+        "last incarnation failed:\n{}",
+        job.stderr()
+    );
+    let last = job.stdout();
+    assert!(
+        native.ends_with(&last),
+        "last incarnation's output is not the end of the uninterrupted run:\n{last}"
+    );
+    assert_eq!(checksum_line(&last), checksum_line(&native));
+    eprintln!("20 kills during checkpoints, {restarts} restarts: all recovered");
+}

@@ -528,14 +528,7 @@ fn write_image(
         h.version = image::VERSION;
         h.nregions = nregions as u32;
         h.nfds = nfds as u32;
-        h.complete = if sys::getenv(c"MOME_DEBUG_CKPT").is_some() {
-            2
-        } else {
-            1
-        };
-        if h.complete == 2 {
-            super::restore::debug_words(ctx.rsp);
-        }
+        h.complete = 1;
         h.total_len = total;
         h.run_bytes = run_len;
         h.ctx = *ctx;

@@ -132,19 +132,6 @@ extern "C" fn on_signal(_sig: i32, _info: *mut libc::siginfo_t, _uctx: *mut libc
     let saved_errno = sys::errno();
     take_checkpoint(now_ns());
     sys::set_errno(saved_errno);
-    if sys::getenv(c"MOME_DEBUG_CKPT").is_some() {
-        // SAFETY: the kernel passes a valid ucontext to an SA_SIGINFO handler.
-        let uc = unsafe { &*(_uctx as *const libc::ucontext_t) };
-        let ret = unsafe { *((&_sig as *const i32 as u64 & !0xf) as *const u64) };
-        report!(
-            "ckpt handler returning: rip {:#x} rsp {:#x} rax {:#x} uctx {:p} ret? {:#x} frame[-1]",
-            uc.uc_mcontext.gregs[libc::REG_RIP as usize],
-            uc.uc_mcontext.gregs[libc::REG_RSP as usize],
-            uc.uc_mcontext.gregs[libc::REG_RAX as usize],
-            _uctx,
-            ret
-        );
-    }
 }
 
 pub fn now_ns() -> u64 {

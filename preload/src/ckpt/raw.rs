@@ -94,7 +94,7 @@ pub unsafe fn put_if_changed(dst: *mut u8, src: *const u8, len: usize) {
         let n = (len - done).min(4096);
         // SAFETY: within the ranges the caller vouched for.
         unsafe {
-            if differs(dst.add(done), src.add(done), n & !7) || n % 8 != 0 {
+            if differs(dst.add(done), src.add(done), n & !7) || !n.is_multiple_of(8) {
                 copy(dst.add(done), src.add(done), n);
             }
         }

@@ -325,28 +325,8 @@ fn die(msg: &[u8]) -> ! {
         sys(libc::SYS_write, 2, msg.as_ptr() as u64, msg.len() as u64);
         sys(libc::SYS_exit_group, 125, 0, 0);
     }
-    loop {}
-}
-
-/// Debug aid: prints 16 words from `at` with raw writes.
-pub fn debug_words(at: u64) {
-    let mut buf = [0u8; 16 * 17 + 2];
-    let mut n = 0;
-    for i in 0..16u64 {
-        // SAFETY: debug read of the restored stack.
-        let w = unsafe { *((at + i * 8) as *const u64) };
-        for k in (0..16).rev() {
-            let d = ((w >> (k * 4)) & 0xf) as u8;
-            buf[n] = if d < 10 { b'0' + d } else { b'a' + d - 10 };
-            n += 1;
-        }
-        buf[n] = b' ';
-        n += 1;
-    }
-    buf[n] = b'\n';
-    n += 1;
-    // SAFETY: raw write of our buffer.
-    unsafe { sys(libc::SYS_write, 2, buf.as_ptr() as u64, n as u64) };
+    // SAFETY: exit_group does not return.
+    unsafe { core::hint::unreachable_unchecked() }
 }
 
 fn cstr(src: &[u8], out: &mut [u8; image::PATH_MAX]) -> u64 {
@@ -482,9 +462,6 @@ extern "C" fn rebuild(plan_addr: u64) -> ! {
             ],
         )
     };
-    if h.complete == 2 {
-        debug_words(h.ctx.rsp);
-    }
     // SAFETY: the stack the context refers to is restored.
     unsafe { context::mome_ctx_resume(&h.ctx) }
 }
