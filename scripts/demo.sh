@@ -1,36 +1,59 @@
 #!/usr/bin/env bash
-# make demo: run a 4-rank job on the DSM and show that it computes what a
-# native single-process run computes.
-#
-# Checkpoint / kill / restart joins this demo with mome-ckpt and mome-restart
-# (issue 3); until then it shows a job, its shared memory and mome-status.
+# make demo: run a 4-rank job on the DSM, checkpoint it while it runs, kill
+# it with SIGKILL, restart it from the checkpoint, and show that the result
+# is what an uninterrupted native run computes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${MOME_BIN_DIR:-$PWD/target/release}
 APPS=${MOME_APPS_DIR:-$PWD/test-apps/build}
 export MOME_HOME=${MOME_HOME:-$(mktemp -d /tmp/mome-demo.XXXXXX)}
-idfile=$(mktemp)
-trap 'rm -f "$idfile"' EXIT
+work=$(mktemp -d /tmp/mome-demo-work.XXXXXX)
+job_pid=
+cleanup() {
+  if [ -n "$job_pid" ]; then kill -9 -- "-$job_pid" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+ARGS=(1024 2500)
 
-echo "== native, one process: jacobi 512 100"
-native=$("$APPS/jacobi" 512 100 | grep '^checksum')
+echo "== native, one process: jacobi ${ARGS[*]}"
+native=$("$APPS/jacobi" "${ARGS[@]}" | grep '^checksum')
 echo "$native"
 
 echo
-echo "== mome-run -n 4: the grid lives in a shared segment of the DSM window"
-"$BIN/mome-run" -n 4 --jobid-file "$idfile" "$APPS/jacobi" 512 100 | tee /tmp/mome-demo-out.$$
-id=$(cat "$idfile")
-mome=$(grep -o 'checksum .*' /tmp/mome-demo-out.$$ | tail -1)
-rm -f /tmp/mome-demo-out.$$
+echo "== mome-run -n 4 jacobi ${ARGS[*]} (the grid lives in a shared segment of the DSM window)"
+setsid "$BIN/mome-run" -n 4 --jobid-file "$work/id" "$APPS/jacobi" "${ARGS[@]}" \
+  >"$work/first.out" 2>"$work/first.err" </dev/null &
+job_pid=$!
+for _ in $(seq 100); do [ -s "$work/id" ] && break; sleep 0.05; done
+id=$(cat "$work/id")
+echo "job $id started"
+sleep 1
 
 echo
-echo "== mome-status $id"
-"$BIN/mome-status" "$id"
+echo "== mome-ckpt $id   (the ranks pause only while re-dirtied pages are copied)"
+"$BIN/mome-ckpt" "$id"
+
+echo
+echo "== kill -9 the whole job (ranks, agent, mome-run), as a crash would"
+for pid in $("$BIN/mome-status" --json "$id" | python3 -c 'import json,sys; s=json.load(sys.stdin); print(" ".join(str(p["pid"]) for p in s["ranks"]+s["agents"] if p.get("pid")))'); do
+  kill -9 "$pid" 2>/dev/null || true
+done
+kill -9 -- "-$job_pid" 2>/dev/null || true
+wait "$job_pid" 2>/dev/null || true
+job_pid=
+echo "killed; mome-status says:"
+"$BIN/mome-status" "$id" | head -20
+
+echo
+echo "== mome-restart $id   (pages come back lazily from the checkpoint)"
+"$BIN/mome-restart" "$id" | tee "$work/restart.out"
+mome=$(grep -o 'checksum .*' "$work/restart.out" | tail -1)
 
 echo
 if [ "$native" = "$mome" ]; then
-  echo "demo: OK — 4 ranks under mome computed the native result ($mome)"
+  echo "demo: OK — checkpointed, killed and restarted, 4 ranks under mome computed the native result ($mome)"
 else
-  echo "demo: MISMATCH — native '$native', mome '$mome'" >&2
+  echo "demo: MISMATCH — native '$native', restarted mome '$mome'" >&2
   exit 1
 fi

@@ -691,12 +691,35 @@ fn in_use(agent: &Agent) -> Runs {
             first..first + u64::from(r.end - r.start) * heap_pages
         })
         .collect();
-    let slots = lock(&agent.segments).taken_slots();
-    for slot in slots {
-        let first = page(layout.segment_addr(slot));
-        ranges.push(first..first + layout.segment_reserve / PAGE_SIZE);
+    let slots = lock(&agent.segments).taken_slot_sizes();
+    for (slot, size) in slots {
+        // The segment's size, not its whole reservation (16 GiB by
+        // default): scanning costs ~1 ms per GiB of range, per rank. Pages
+        // written past the size (no SIGBUS in the window) are found by a
+        // SEEK_DATA probe, and then the whole reservation is scanned.
+        let start = layout.segment_addr(slot);
+        let used = size.next_multiple_of(HEAP_SIZE).min(layout.segment_reserve);
+        let data_past = used < layout.segment_reserve
+            && next_data(agent.memory.as_fd(), layout.file_offset(start + used))
+                .is_some_and(|off| off < layout.file_offset(start) + layout.segment_reserve);
+        let len = if data_past { layout.segment_reserve } else { used.max(PAGE_SIZE) };
+        let first = page(start);
+        ranges.push(first..first + len / PAGE_SIZE);
     }
     Runs::from_ranges(ranges)
+}
+
+/// Offset of the first data byte of the memfd at or after `from`.
+fn next_data(fd: std::os::fd::BorrowedFd<'_>, from: u64) -> Option<u64> {
+    // SAFETY: lseek on a descriptor we hold; no memory is involved.
+    let r = unsafe {
+        libc::lseek(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            from as libc::off_t,
+            libc::SEEK_DATA,
+        )
+    };
+    (r >= 0).then_some(r as u64)
 }
 
 /// Signals every member and waits until all have parked.

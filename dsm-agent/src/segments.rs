@@ -265,11 +265,15 @@ impl SegmentTable {
     }
 
     /// Slots holding a segment.
-    pub fn taken_slots(&self) -> Vec<u32> {
-        (0..self.slots.len() as u32)
-            .filter(|&i| self.slots[i as usize].is_some())
+    /// Taken slots with their segment's size.
+    pub fn taken_slot_sizes(&self) -> Vec<(u32, u64)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i as u32, s.size)))
             .collect()
     }
+
 
     /// The segment uses of `from` become `to`'s (a restored rank's
     /// placeholder handing them to its new memory session).
