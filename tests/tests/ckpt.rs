@@ -420,3 +420,33 @@ fn kills_during_checkpoints_never_corrupt_recovery() {
     assert_eq!(checksum_line(&last), checksum_line(&native));
     eprintln!("20 kills during checkpoints, {restarts} restarts: all recovered");
 }
+
+/// Open files (offset, append), cwd, rlimits, signal handler and mask, pid
+/// and tid, clocks (vdso) all survive a checkpoint, SIGKILL and restart.
+#[test]
+fn private_state_survives_a_restart() {
+    let home = Home::new();
+    let dir = home.path().join("work");
+    std::fs::create_dir_all(&dir).unwrap();
+    let input: String = (0..200).map(|i| format!("line {i:04}\n")).collect();
+    std::fs::write(dir.join("input"), &input).unwrap();
+    let probe = probe("state_probe");
+    let mut job = home.start(&[probe.to_str().unwrap(), dir.to_str().unwrap(), "120"], "first");
+    job.wait_output("read line 0010", 30);
+    home.ckpt(&job.id).unwrap();
+    job.kill9(&home);
+    let before = job.stdout();
+    let out = home.restart(&job.id, &[]);
+    assert_ok(&out, "restart");
+    let after = stdout(&out);
+    assert!(after.contains("state OK"), "{after}\n{}", stderr(&out));
+    // The input is read on from where the checkpoint was: the lines after
+    // the restart follow one another up to line 0119.
+    let first = after.lines().next().unwrap();
+    assert!(first.starts_with("read line "), "{first}");
+    assert!(before.contains(first) || first > before.lines().last().unwrap_or(""));
+    assert!(after.contains("read line 0119"));
+    // The log file holds each line at least once, in order, ending at 0119.
+    let log = std::fs::read_to_string(dir.join("log")).unwrap();
+    assert!(log.ends_with("line 0119\n"), "{log}");
+}
