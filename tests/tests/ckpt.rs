@@ -450,3 +450,32 @@ fn private_state_survives_a_restart() {
     let log = std::fs::read_to_string(dir.join("log")).unwrap();
     assert!(log.ends_with("line 0119\n"), "{log}");
 }
+
+/// `--ckpt-interval` checkpoints the job periodically, `--keep 2` keeps the
+/// newest two stamps, and a restart (after the job ended normally) is
+/// refused only when there is nothing to restart from.
+#[test]
+fn periodic_checkpoints_keep_the_newest() {
+    let home = Home::new();
+    let counter = app("counter");
+    let o = home.run(&[
+        "--ckpt-interval",
+        "300ms",
+        "--keep",
+        "2",
+        counter.to_str().unwrap(),
+        "150",
+        "20",
+    ]);
+    assert_ok(&o, "mome-run with periodic checkpoints");
+    let id = home.jobs().pop().unwrap();
+    let root = home.path().join("jobs").join(&id).join("ckpt");
+    let stamps = mome_store::list_committed(&root).unwrap();
+    assert_eq!(stamps.len(), 2, "kept stamps: {stamps:?}\n{}", stderr(&o));
+    assert!(stamps[1] >= 3, "too few periodic checkpoints: {stamps:?}");
+    for s in stamps {
+        mome_store::verify(&root, s, mome_store::VerifyLevel::Full).unwrap();
+    }
+    let status = home.status(&["--json", &id]);
+    assert!(stdout(&status).contains("checkpoints"), "{}", stdout(&status));
+}
