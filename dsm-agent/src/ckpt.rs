@@ -702,7 +702,11 @@ fn in_use(agent: &Agent) -> Runs {
         let data_past = used < layout.segment_reserve
             && next_data(agent.memory.as_fd(), layout.file_offset(start + used))
                 .is_some_and(|off| off < layout.file_offset(start) + layout.segment_reserve);
-        let len = if data_past { layout.segment_reserve } else { used.max(PAGE_SIZE) };
+        let len = if data_past {
+            layout.segment_reserve
+        } else {
+            used.max(PAGE_SIZE)
+        };
         let first = page(start);
         ranges.push(first..first + len / PAGE_SIZE);
     }
@@ -834,16 +838,18 @@ fn write(
     let iter = pages
         .iter()
         .filter_map(|p| snap.get(p).map(|bytes| (p, bytes)));
+    let write_started = Instant::now();
     let (index, summary) = mome_store::write_increment(input, iter, &mut progress)
         .map_err(|e| (e.into(), copied.clone()))?;
     let elapsed_us = job.started.elapsed().as_micros() as u64;
     log!(
-        "checkpoint {}: durable, {} pages ({} zero, {} removed), {} bytes written, {} ms from the command",
+        "checkpoint {}: durable, {} pages ({} zero, {} removed), {} bytes written in {} ms ({} ms from the command)",
         job.stamp,
         summary.pages,
         summary.zero_pages,
         removed.pages(),
         summary.bytes_written,
+        write_started.elapsed().as_millis(),
         elapsed_us / 1000
     );
     let event = AgentEvent::Durable {

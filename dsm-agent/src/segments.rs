@@ -274,7 +274,6 @@ impl SegmentTable {
             .collect()
     }
 
-
     /// The segment uses of `from` become `to`'s (a restored rank's
     /// placeholder handing them to its new memory session).
     pub fn reassign(&mut self, from: SessionId, to: SessionId) -> usize {

@@ -137,11 +137,27 @@ pub(crate) fn check_pages_header(
     Ok(())
 }
 
+/// Bytes compressed first to tell whether a block is worth compressing.
+const PROBE_LEN: usize = 4096;
+
 /// Compresses `raw` (whole pages) into `out`, which is resized as needed and
 /// reused between calls. Returns true when `out` holds lz4 data, false when
 /// the block does not compress and should be stored raw (`out` is then
 /// meaningless).
 pub(crate) fn compress(raw: &[u8], out: &mut Vec<u8>) -> bool {
+    // Incompressible data (random, already compressed, most floating-point
+    // arrays) costs lz4 several times what storing it does: a block whose
+    // first page does not shrink by an eighth is stored raw.
+    if raw.len() > PROBE_LEN {
+        let max = lz4_flex::block::get_maximum_output_size(PROBE_LEN);
+        if out.len() < max {
+            out.resize(max, 0);
+        }
+        match lz4_flex::block::compress_into(&raw[..PROBE_LEN], out) {
+            Ok(n) if n < PROBE_LEN - PROBE_LEN / 8 => {}
+            _ => return false,
+        }
+    }
     let max = lz4_flex::block::get_maximum_output_size(raw.len());
     if out.len() < max {
         out.resize(max, 0);

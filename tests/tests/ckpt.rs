@@ -431,7 +431,10 @@ fn private_state_survives_a_restart() {
     let input: String = (0..200).map(|i| format!("line {i:04}\n")).collect();
     std::fs::write(dir.join("input"), &input).unwrap();
     let probe = probe("state_probe");
-    let mut job = home.start(&[probe.to_str().unwrap(), dir.to_str().unwrap(), "120"], "first");
+    let mut job = home.start(
+        &[probe.to_str().unwrap(), dir.to_str().unwrap(), "120"],
+        "first",
+    );
     job.wait_output("read line 0010", 30);
     home.ckpt(&job.id).unwrap();
     job.kill9(&home);
@@ -477,5 +480,9 @@ fn periodic_checkpoints_keep_the_newest() {
         mome_store::verify(&root, s, mome_store::VerifyLevel::Full).unwrap();
     }
     let status = home.status(&["--json", &id]);
-    assert!(stdout(&status).contains("checkpoints"), "{}", stdout(&status));
+    assert!(
+        stdout(&status).contains("checkpoints"),
+        "{}",
+        stdout(&status)
+    );
 }
