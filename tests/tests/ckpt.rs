@@ -486,3 +486,35 @@ fn periodic_checkpoints_keep_the_newest() {
         stdout(&status)
     );
 }
+
+/// A damaged newest stamp is rejected with the reason, and the restart
+/// uses the one before it.
+#[test]
+fn restart_skips_a_damaged_stamp_and_says_why() {
+    let home = Home::new();
+    let counter = app("counter");
+    let native = native_out("counter", &["200", "20"]);
+    let mut job = home.start(&[counter.to_str().unwrap(), "200", "20"], "first");
+    job.wait_output("step 3 ", 30);
+    home.ckpt(&job.id).unwrap();
+    job.wait_output("step 8 ", 30);
+    let second = home.ckpt(&job.id).unwrap();
+    job.kill9(&home);
+    let s2 = second["stamp"].as_u64().unwrap();
+    let index = home
+        .path()
+        .join("jobs")
+        .join(&job.id)
+        .join("ckpt/node-0")
+        .join(format!("{s2:08}.index"));
+    let mut bytes = std::fs::read(&index).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&index, bytes).unwrap();
+    let out = home.restart(&job.id, &[]);
+    assert_ok(&out, "restart from the older stamp");
+    let err = stderr(&out);
+    assert!(err.contains(&format!("stamp {s2} rejected")), "{err}");
+    assert!(err.contains(&format!("from stamp {}", s2 - 1)), "{err}");
+    assert!(native.ends_with(&stdout(&out)));
+}
