@@ -29,7 +29,10 @@ int main(int argc, char **argv)
     size_t bytes = (size_t)atol(argv[1]) << 20;
     long percent = atol(argv[2]), rounds = atol(argv[3]), round_ms = atol(argv[4]);
     size_t words = bytes / 8, page_words = 512, pages = words / page_words;
-    uint64_t *mem = malloc(bytes);
+    uint64_t *mem = NULL;
+    /* Page aligned, so that rewriting a page dirties one page, not two. */
+    if (posix_memalign((void **)&mem, 4096, bytes) != 0)
+        mem = NULL;
     if (!mem) {
         perror("malloc");
         return 1;

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # make bench: run the benchmarks and record them in bench/RESULTS.md.
+#   bench/run.py   overhead vs native of every test app and python3, launch time
+#   bench/ckpt.py  checkpoint pause, commit, bytes, restart, image overhead
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec python3 bench/run.py "$@"
+python3 bench/run.py "$@"
+python3 bench/ckpt.py

@@ -311,6 +311,10 @@ impl Ckpt {
     }
 }
 
+/// Pre-copy stops when a round copied at most this many pages (8 MiB,
+/// about a millisecond of copying in the pause).
+const PAUSE_PAGES_GOAL: u64 = 2048;
+
 fn monotonic_ns() -> u64 {
     match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
         Ok(t) => t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64,
@@ -522,12 +526,18 @@ async fn capture(agent: &Arc<Agent>, job: &Job) -> Result<Captured, (CkptError, 
             job.stamp,
             round + 1
         );
+        // Iterative pre-copy: stop as soon as a round found little to copy
+        // (what the pause will copy is about what the next round would).
+        let converged = round > 0 && copied <= PAUSE_PAGES_GOAL;
         agent.events.send(AgentEvent::Progress {
             stamp: job.stamp,
             phase: "precopy".into(),
             done_bytes: precopy_pages * PAGE_SIZE,
             total_bytes: precopy_pages * PAGE_SIZE,
         });
+        if converged {
+            break;
+        }
     }
     if let Err(e) = park(agent, job, &members).await {
         agent.ckpt.end_pause(0);

@@ -53,7 +53,8 @@ pub struct CheckpointConfig {
     pub keep: u32,
     /// Periodic checkpoints; 0 (the default) for none.
     pub interval: Span,
-    /// Pre-copy rounds before the pause.
+    /// Most pre-copy rounds before the pause (fewer when a round finds
+    /// little left to copy).
     pub precopy_rounds: u32,
     /// How long ranks get to reach the checkpoint (park), before the
     /// checkpoint is abandoned.
@@ -83,7 +84,7 @@ impl Default for CheckpointConfig {
             fsync: true,
             keep: 2,
             interval: Span(Duration::ZERO),
-            precopy_rounds: 2,
+            precopy_rounds: 6,
             park_timeout: Span(Duration::from_secs(10)),
             timeout: Span(Duration::from_secs(600)),
             // SIGRTMAX - 2 on Linux/glibc (SIGRTMAX is 64).

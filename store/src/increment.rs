@@ -89,10 +89,16 @@ struct PagesWriter {
     batch_data: Vec<u8>,
     /// One reused output buffer per block of a batch.
     outputs: Vec<Vec<u8>>,
+    fsync: bool,
+    /// Offset up to which write-back was started.
+    synced: u64,
 }
 
 /// Blocks compressed together: 32 blocks of up to 256 KiB.
 const BATCH_BLOCKS: usize = 32;
+
+/// Bytes written between two starts of write-back (with fsync).
+const SYNC_STEP: u64 = 32 << 20;
 
 fn workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
@@ -173,6 +179,23 @@ impl PagesWriter {
         }
         self.batch.clear();
         self.batch_data.clear();
+        if self.fsync && self.offset - self.synced >= SYNC_STEP {
+            // Start writing back what is written so far while the next
+            // batches are compressed: the final fsync then has little left.
+            out.flush().map_err(StoreError::io("write", &self.path))?;
+            let fd = std::os::fd::AsRawFd::as_raw_fd(out.get_ref());
+            // SAFETY: sync_file_range on a descriptor we own; it only
+            // starts write-back of the given range.
+            unsafe {
+                libc::sync_file_range(
+                    fd,
+                    self.synced as libc::off64_t,
+                    (self.offset - self.synced) as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                )
+            };
+            self.synced = self.offset;
+        }
         Ok(())
     }
 
@@ -279,6 +302,8 @@ pub fn write_increment<'p>(
         batch: Vec::with_capacity(BATCH_BLOCKS),
         batch_data: Vec::with_capacity(BATCH_BLOCKS * BLOCK_PAGES as usize * PAGE_SIZE),
         outputs: Vec::new(),
+        fsync,
+        synced: 0,
     };
 
     // The run being gathered: pages `run_first..run_first + run_len`,
