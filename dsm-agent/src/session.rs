@@ -733,6 +733,43 @@ impl Session {
     /// A restoring rank's window userfaultfd (MISSING | WP): its faults
     /// are served from the restored checkpoint. A duplicate is kept with
     /// the other private userfaultfds for as long as the session lives.
+    /// Registers MISSING | WP on the heaps and segment slots in use (what a
+    /// restored checkpoint can hold data in) on a restoring rank's window
+    /// userfaultfd. UFFDIO_REGISTER acts on the userfaultfd's own process.
+    fn register_restored_ranges(&self, fd: &OwnedFd) -> Result<(), String> {
+        let layout = self.agent.id.layout;
+        let mut ranges: Vec<(u64, u64)> = lock(&self.agent.heaps)
+            .used_runs()
+            .iter()
+            .map(|r| {
+                (
+                    layout.heap_addr(r.start),
+                    u64::from(r.end - r.start) * HEAP_SIZE,
+                )
+            })
+            .collect();
+        for (slot, _) in lock(&self.agent.segments).taken_slot_sizes() {
+            ranges.push((layout.segment_addr(slot), layout.segment_reserve));
+        }
+        // SAFETY: the descriptor stays owned by `fd`; ManuallyDrop keeps this
+        // borrowed view from closing it.
+        let uffd = std::mem::ManuallyDrop::new(unsafe {
+            mome_uffd::Uffd::from_raw_fd(std::os::fd::AsRawFd::as_raw_fd(fd))
+        });
+        for (start, len) in &ranges {
+            uffd.register(*start, *len, mome_uffd::mode::MISSING | mome_uffd::mode::WP)
+                .map_err(|e| {
+                    format!("cannot register the restored range {start:#x}+{len:#x}: {e}")
+                })?;
+        }
+        log!(
+            "session {}: {} restored ranges served by the agent",
+            self.label,
+            ranges.len()
+        );
+        Ok(())
+    }
+
     fn serve_restore(&mut self, fd: OwnedFd) -> Reply {
         let Some(restore) = self.agent.restore.clone() else {
             return Reply::error(ErrorCode::Invalid, "no checkpoint is being restored");
@@ -746,6 +783,14 @@ impl Session {
                 )
             }
         };
+        // The rank registered its window for write protection only: pages
+        // it touches for the first time after the restart (fresh heaps) are
+        // plain shmem faults. Only the part of the window the checkpoint
+        // held data in (heaps and segments in use) is served by the agent.
+        if let Err(e) = self.register_restored_ranges(&fd) {
+            log!("session {}: {e}", self.label);
+            return Reply::error(ErrorCode::Invalid, e);
+        }
         let agent = Arc::downgrade(&self.agent);
         // The rank owning the heap of a page, if the page is a heap page.
         let owner_of = Arc::new(move |page: u64| {

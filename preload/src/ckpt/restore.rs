@@ -114,8 +114,9 @@ pub fn run(s: Start<'_>, map_window: impl FnOnce(&WindowLayout, i32)) -> Passthr
     };
     map_window(&layout, memfd);
 
-    // Missing pages come from the checkpoint store through the agent; the
-    // same userfaultfd tracks dirty pages (async write-protect) as before.
+    // The same userfaultfd tracks dirty pages (async write-protect) as
+    // before; the agent adds MISSING mode on the heaps and segments the
+    // checkpoint held, whose pages it then serves from the store.
     let uffd = crate::state::make_uffd(
         rank,
         "restored",
@@ -124,7 +125,7 @@ pub fn run(s: Start<'_>, map_window: impl FnOnce(&WindowLayout, i32)) -> Passthr
             | feature::WP_ASYNC
             | feature::WP_UNPOPULATED,
         (layout.base, layout.size),
-        uffd_mode::MISSING | uffd_mode::WP,
+        uffd_mode::WP,
     );
     call_ok(
         &ch,
