@@ -193,10 +193,18 @@ fn seek(fd: BorrowedFd<'_>, offset: u64, whence: libc::c_int) -> Result<u64, Sna
     Ok(r as u64)
 }
 
+/// Pages per chunk of a snapshot (64 MiB).
+const CHUNK_PAGES: usize = 16384;
+
 /// Copies of pages, by page number.
+///
+/// Stored in fixed chunks that are never moved: a growing Vec would copy
+/// the whole buffer when it reallocates (milliseconds per GiB, possibly
+/// inside the pause), and chunks from `vec![0; n]` come zeroed by the
+/// kernel (calloc of fresh pages) instead of by a memset.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    data: Vec<u8>,
+    chunks: Vec<Box<[u8]>>,
     slots: HashMap<u64, u32>,
 }
 
@@ -212,7 +220,8 @@ impl Snapshot {
 
     pub fn get(&self, page: u64) -> Option<&[u8]> {
         let slot = *self.slots.get(&page)? as usize;
-        Some(&self.data[slot * PAGE..(slot + 1) * PAGE])
+        let (chunk, at) = (slot / CHUNK_PAGES, (slot % CHUNK_PAGES) * PAGE);
+        Some(&self.chunks[chunk][at..at + PAGE])
     }
 
     /// The pages held, as runs.
@@ -239,7 +248,8 @@ impl Snapshot {
             match &mut run {
                 Some((first, first_slot, count))
                     if *first + *count == page
-                        && u64::from(*first_slot) + *count == u64::from(slot) =>
+                        && u64::from(*first_slot) + *count == u64::from(slot)
+                        && slot as usize % CHUNK_PAGES != 0 =>
                 {
                     *count += 1
                 }
@@ -262,9 +272,10 @@ impl Snapshot {
             return Ok(s);
         }
         let slot = u32::try_from(self.slots.len()).map_err(|_| SnapshotError::Full(self.len()))?;
-        // Grows by doubling (amortized), zero-filled: the pread that follows
-        // overwrites the slot anyway.
-        self.data.resize((slot as usize + 1) * PAGE, 0);
+        if slot as usize / CHUNK_PAGES == self.chunks.len() {
+            self.chunks
+                .push(vec![0u8; CHUNK_PAGES * PAGE].into_boxed_slice());
+        }
         self.slots.insert(page, slot);
         Ok(slot)
     }
@@ -276,8 +287,12 @@ impl Snapshot {
         slot: u32,
         count: u64,
     ) -> Result<(), SnapshotError> {
-        let start = slot as usize * PAGE;
-        let buf = &mut self.data[start..start + count as usize * PAGE];
+        // Runs never cross a chunk boundary (see copy_from).
+        let (chunk, at) = (
+            slot as usize / CHUNK_PAGES,
+            (slot as usize % CHUNK_PAGES) * PAGE,
+        );
+        let buf = &mut self.chunks[chunk][at..at + count as usize * PAGE];
         let mut done = 0usize;
         while done < buf.len() {
             let offset = (first * PAGE_SIZE) as i64 + done as i64;
