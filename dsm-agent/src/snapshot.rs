@@ -249,7 +249,7 @@ impl Snapshot {
                 Some((first, first_slot, count))
                     if *first + *count == page
                         && u64::from(*first_slot) + *count == u64::from(slot)
-                        && slot as usize % CHUNK_PAGES != 0 =>
+                        && !(slot as usize).is_multiple_of(CHUNK_PAGES) =>
                 {
                     *count += 1
                 }
