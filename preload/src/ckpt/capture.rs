@@ -346,6 +346,7 @@ fn region_of(
     let (path_off, path_len) = if file { b.push_string(m.path)? } else { (0, 0) };
     let (mut file_size, mut file_mtime) = (0u64, 0i64);
     if k == kind::FILE || k == kind::FILE_SHARED {
+        // SAFETY: libc::stat is plain data; all zeroes is a valid value.
         let mut st: libc::stat = unsafe { core::mem::zeroed() };
         let mut cpath = [0u8; image::PATH_MAX];
         let n = m.path.len().min(image::PATH_MAX - 1);
