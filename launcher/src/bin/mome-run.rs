@@ -25,7 +25,9 @@ The job:
   $MOME_HOME/jobs/<id>/ (job.yaml, status.json, logs/), forwards each rank's
   stdout and stderr as it comes (tagged [rank] by line; untagged output, with
   one rank or --no-prefix, goes straight to mome-run's own stdout/stderr),
-  and gives rank 0 its stdin (the others read /dev/null). Ranks run with
+  and gives rank 0 its stdin (the others read /dev/null); other descriptors
+  mome-run inherited are not passed on (a pipe to outside the job would make
+  the ranks uncheckpointable). Ranks run with
   ASLR disabled, and see MOME_RANK, MOME_NRANKS, MOME_NODE and MOME_JOBID.
   Ctrl-C (or SIGTERM, SIGHUP, SIGQUIT) goes to the ranks, which get
   job.kill_grace to exit before SIGKILL; a second Ctrl-C kills at once.
