@@ -253,130 +253,188 @@ pub fn write_increment<'p>(
     pages: impl Iterator<Item = (u64, &'p [u8])>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<(NodeIndex, IncrementSummary), StoreError> {
-    let IncrementInput {
-        root,
-        node,
-        stamp,
-        base,
-        removed,
-        tables,
-        images,
-        fsync,
-    } = input;
-    let mut index = match base {
-        Some(base) => {
-            if base.node != node {
-                return Err(StoreError::InvalidInput(format!(
-                    "base index is of node {}, increment of node {node}",
-                    base.node
-                )));
+    let mut w = IncrementWriter::new(input.root, input.node, input.stamp, input.base, input.fsync)?;
+    w.clear(input.removed);
+    w.append(pages, progress)?;
+    w.finish(input.tables, input.images)
+}
+
+/// An increment written in several parts: what `write_increment` does, for
+/// a caller that has the pages in several sets (the agent's pre-copy
+/// rounds, written while the next round copies). A page appended again
+/// replaces its earlier copy in the index (the earlier block stays in the
+/// pages file, unreferenced); `clear` makes pages zero.
+pub struct IncrementWriter {
+    root: PathBuf,
+    node: u32,
+    stamp: Stamp,
+    fsync: bool,
+    index: NodeIndex,
+    writer: PagesWriter,
+    run: Vec<u8>,
+    npages: u64,
+    zero_pages: u64,
+}
+
+impl IncrementWriter {
+    /// Starts the increment of `stamp` for `node` over `base` (or an empty
+    /// index).
+    pub fn new(
+        root: &Path,
+        node: u32,
+        stamp: Stamp,
+        base: Option<&NodeIndex>,
+        fsync: bool,
+    ) -> Result<IncrementWriter, StoreError> {
+        let mut index = match base {
+            Some(base) => {
+                if base.node != node {
+                    return Err(StoreError::InvalidInput(format!(
+                        "base index is of node {}, increment of node {node}",
+                        base.node
+                    )));
+                }
+                if base.stamp >= stamp {
+                    return Err(StoreError::InvalidInput(format!(
+                        "base stamp {} is not older than stamp {stamp}",
+                        base.stamp
+                    )));
+                }
+                base.clone()
             }
-            if base.stamp >= stamp {
-                return Err(StoreError::InvalidInput(format!(
-                    "base stamp {} is not older than stamp {stamp}",
-                    base.stamp
-                )));
-            }
-            base.clone()
+            None => NodeIndex::empty(node),
+        };
+        if stamp == 0 {
+            return Err(StoreError::InvalidInput("stamp 0 is reserved".into()));
         }
-        None => NodeIndex::empty(node),
-    };
-    if stamp == 0 {
-        return Err(StoreError::InvalidInput("stamp 0 is reserved".into()));
-    }
-    index.stamp = stamp;
-    index.tables = tables;
-    index.images = images;
-    for r in removed {
-        index.clear(r.clone());
-    }
-
-    let dir = files::node_dir(root, node);
-    fsutil::create_dir(&dir, fsync)?;
-    let mut writer = PagesWriter {
-        path: files::pages_file(root, node, stamp),
-        node,
-        stamp,
-        out: None,
-        offset: 0,
-        batch: Vec::with_capacity(BATCH_BLOCKS),
-        batch_data: Vec::with_capacity(BATCH_BLOCKS * BLOCK_PAGES as usize * PAGE_SIZE),
-        outputs: Vec::new(),
-        fsync,
-        synced: 0,
-    };
-
-    // The run being gathered: pages `run_first..run_first + run_len`,
-    // copied contiguously into `run`.
-    let mut run = vec![0u8; BLOCK_PAGES as usize * PAGE_SIZE];
-    let mut run_first = 0u64;
-    let mut run_len = 0u32;
-    let mut next_page: Option<u64> = None;
-    let (mut npages, mut zero_pages) = (0u64, 0u64);
-
-    for (page, data) in pages {
-        if data.len() != PAGE_SIZE {
-            return Err(StoreError::InvalidInput(format!(
-                "page {page} has {} bytes, not {PAGE_SIZE}",
-                data.len()
-            )));
-        }
-        if next_page.is_some_and(|next| page < next) {
-            return Err(StoreError::InvalidInput(format!(
-                "page {page} comes after page {}: pages must be in ascending order",
-                next_page.unwrap() - 1
-            )));
-        }
-        next_page = Some(page + 1);
-        let zero = is_zero(data);
-        // The run ends at a gap, a zero page or when the block is full.
-        if run_len > 0 && (zero || page != run_first + u64::from(run_len) || run_len == BLOCK_PAGES)
-        {
-            flush_run(
-                &mut index,
-                &mut writer,
-                &run[..run_len as usize * PAGE_SIZE],
-                run_first,
-            )?;
-            run_len = 0;
-            progress(npages * PAGE_SIZE as u64);
-        }
-        npages += 1;
-        if zero {
-            zero_pages += 1;
-            index.clear(page..page + 1);
-            continue;
-        }
-        if run_len == 0 {
-            run_first = page;
-        }
-        let at = run_len as usize * PAGE_SIZE;
-        run[at..at + PAGE_SIZE].copy_from_slice(data);
-        run_len += 1;
-    }
-    flush_run(
-        &mut index,
-        &mut writer,
-        &run[..run_len as usize * PAGE_SIZE],
-        run_first,
-    )?;
-    progress(npages * PAGE_SIZE as u64);
-
-    let data_bytes = writer.finish(&mut index, fsync)?;
-    index.compact();
-    let index_path = files::index_file(root, node, stamp);
-    let (len, xxh3) = index.save(&index_path, fsync)?;
-    let summary = IncrementSummary {
-        index: IndexRef {
+        index.stamp = stamp;
+        let dir = files::node_dir(root, node);
+        fsutil::create_dir(&dir, fsync)?;
+        Ok(IncrementWriter {
+            root: root.to_path_buf(),
             node,
-            index: files::index_file(Path::new(""), node, stamp),
-            len,
-            xxh3,
-        },
-        pages: npages,
-        zero_pages,
-        data_bytes_written: data_bytes,
-        bytes_written: data_bytes + len,
-    };
-    Ok((index, summary))
+            stamp,
+            fsync,
+            index,
+            writer: PagesWriter {
+                path: files::pages_file(root, node, stamp),
+                node,
+                stamp,
+                out: None,
+                offset: 0,
+                batch: Vec::with_capacity(BATCH_BLOCKS),
+                batch_data: Vec::with_capacity(BATCH_BLOCKS * BLOCK_PAGES as usize * PAGE_SIZE),
+                outputs: Vec::new(),
+                fsync,
+                synced: 0,
+            },
+            run: vec![0u8; BLOCK_PAGES as usize * PAGE_SIZE],
+            npages: 0,
+            zero_pages: 0,
+        })
+    }
+
+    /// Makes `ranges` of pages zero (holes) in the index.
+    pub fn clear(&mut self, ranges: &[Range<u64>]) {
+        for r in ranges {
+            self.index.clear(r.clone());
+        }
+    }
+
+    /// Stores `pages` (strictly ascending within this call; each 4096
+    /// bytes), replacing earlier copies. `progress` gets the bytes of pages
+    /// consumed by this call so far.
+    pub fn append<'p>(
+        &mut self,
+        pages: impl Iterator<Item = (u64, &'p [u8])>,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<(), StoreError> {
+        let mut run_first = 0u64;
+        let mut run_len = 0u32;
+        let mut next_page: Option<u64> = None;
+        let mut done = 0u64;
+        for (page, data) in pages {
+            if data.len() != PAGE_SIZE {
+                return Err(StoreError::InvalidInput(format!(
+                    "page {page} has {} bytes, not {PAGE_SIZE}",
+                    data.len()
+                )));
+            }
+            if next_page.is_some_and(|next| page < next) {
+                return Err(StoreError::InvalidInput(format!(
+                    "page {page} comes after page {}: pages must be in ascending order",
+                    next_page.unwrap() - 1
+                )));
+            }
+            next_page = Some(page + 1);
+            let zero = is_zero(data);
+            // The run ends at a gap, a zero page or when the block is full.
+            if run_len > 0
+                && (zero || page != run_first + u64::from(run_len) || run_len == BLOCK_PAGES)
+            {
+                flush_run(
+                    &mut self.index,
+                    &mut self.writer,
+                    &self.run[..run_len as usize * PAGE_SIZE],
+                    run_first,
+                )?;
+                run_len = 0;
+                progress(done * PAGE_SIZE as u64);
+            }
+            done += 1;
+            self.npages += 1;
+            if zero {
+                self.zero_pages += 1;
+                self.index.clear(page..page + 1);
+                continue;
+            }
+            if run_len == 0 {
+                run_first = page;
+            }
+            let at = run_len as usize * PAGE_SIZE;
+            self.run[at..at + PAGE_SIZE].copy_from_slice(data);
+            run_len += 1;
+        }
+        flush_run(
+            &mut self.index,
+            &mut self.writer,
+            &self.run[..run_len as usize * PAGE_SIZE],
+            run_first,
+        )?;
+        // Every block of this call is in the index before the next call
+        // can clear or replace one of its pages.
+        self.writer.store_batch(&mut self.index)?;
+        progress(done * PAGE_SIZE as u64);
+        Ok(())
+    }
+
+    /// Syncs the pages file, then writes the index (with the agent's
+    /// `tables` and the ranks' `images`).
+    pub fn finish(
+        mut self,
+        tables: Vec<u8>,
+        images: Vec<RankImage>,
+    ) -> Result<(NodeIndex, IncrementSummary), StoreError> {
+        let (root, node, stamp, fsync) = (self.root, self.node, self.stamp, self.fsync);
+        let data_bytes = self.writer.finish(&mut self.index, fsync)?;
+        let mut index = self.index;
+        index.tables = tables;
+        index.images = images;
+        index.compact();
+        let index_path = files::index_file(&root, node, stamp);
+        let (len, xxh3) = index.save(&index_path, fsync)?;
+        let summary = IncrementSummary {
+            index: IndexRef {
+                node,
+                index: files::index_file(Path::new(""), node, stamp),
+                len,
+                xxh3,
+            },
+            pages: self.npages,
+            zero_pages: self.zero_pages,
+            data_bytes_written: data_bytes,
+            bytes_written: data_bytes + len,
+        };
+        Ok((index, summary))
+    }
 }

@@ -74,7 +74,7 @@ mod verify;
 
 pub use block::{BlockReader, BlockRef, BLOCK_PAGES, PAGES_HEADER_LEN, PAGE_SIZE};
 pub use error::StoreError;
-pub use increment::{write_increment, IncrementInput, IncrementSummary};
+pub use increment::{write_increment, IncrementInput, IncrementSummary, IncrementWriter};
 pub use index::{IndexRef, NodeIndex, RankImage};
 pub use manifest::{commit_manifest, list_committed, next_stamp, read_manifest, Manifest};
 pub use prune::{prune, stamp_sizes, PruneSummary, StampSizes};

@@ -512,3 +512,35 @@ fn shared_types_are_send_sync() {
     check::<NodeIndex>();
     check::<StoreError>();
 }
+
+/// Pages appended in several sets: a later copy replaces an earlier one, a
+/// zero page and `clear` make pages zero, whatever set they were in.
+#[test]
+fn increment_in_several_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let fill = |b: u8| vec![b; PAGE_SIZE];
+    let (a, b, zero) = (fill(1), fill(2), fill(0));
+    let mut w = IncrementWriter::new(root, 0, 1, None, false).unwrap();
+    let first: Vec<(u64, &[u8])> = vec![(1, &a), (2, &a), (3, &a), (10, &a)];
+    w.append(first.into_iter(), &mut |_| {}).unwrap();
+    let second: Vec<(u64, &[u8])> = vec![(2, &b), (3, &zero)];
+    w.append(second.into_iter(), &mut |_| {}).unwrap();
+    w.clear(&[1..2]);
+    let (index, summary) = w.finish(Vec::new(), Vec::new()).unwrap();
+    assert_eq!(summary.pages, 6);
+    let reader = BlockReader::new(root, 0);
+    let page_of = |p: u64| {
+        index.lookup(p).map(|(block, i)| {
+            let mut out = Vec::new();
+            reader.read_block(block, &mut out).unwrap();
+            out[i as usize * PAGE_SIZE..(i as usize + 1) * PAGE_SIZE].to_vec()
+        })
+    };
+    assert_eq!(page_of(1), None);
+    assert_eq!(page_of(2), Some(b.clone()));
+    assert_eq!(page_of(3), None);
+    assert_eq!(page_of(10), Some(a.clone()));
+    let loaded = NodeIndex::load(&root.join(&summary.index.index)).unwrap();
+    assert_eq!(loaded.page_count(), 2);
+}
