@@ -526,7 +526,8 @@ fn increment_in_several_appends() {
     w.append(first.into_iter(), &mut |_| {}).unwrap();
     let second: Vec<(u64, &[u8])> = vec![(2, &b), (3, &zero)];
     w.append(second.into_iter(), &mut |_| {}).unwrap();
-    w.clear(&[1..2]);
+    let first_page = std::ops::Range { start: 1, end: 2 };
+    w.clear(std::slice::from_ref(&first_page));
     let (index, summary) = w.finish(Vec::new(), Vec::new()).unwrap();
     assert_eq!(summary.pages, 6);
     let reader = BlockReader::new(root, 0);
