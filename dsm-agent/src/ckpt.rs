@@ -59,6 +59,8 @@ pub enum CkptError {
         rank: u32,
         source: dirty::DirtyError,
     },
+    #[error("rank {0} ended during the checkpoint")]
+    RankEnded(u32),
     #[error("{0}")]
     Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("cannot signal rank {rank} (pid {pid}) with signal {signal}: {errno}")]
@@ -659,9 +661,21 @@ fn copy_round(
                 layout.base + r.end * PAGE_SIZE,
             );
             dirty::scan(m.pagemap.as_fd(), &layout, start..end, &mut dirty).map_err(|source| {
-                CkptError::Scan {
-                    rank: m.rank,
-                    source,
+                // ESRCH: the process of the pagemap is gone.
+                let gone = matches!(
+                    &source,
+                    dirty::DirtyError::Scan {
+                        source: mome_uffd::UffdError::Os { errno, .. },
+                        ..
+                    } if errno.0 == libc::ESRCH
+                );
+                if gone {
+                    CkptError::RankEnded(m.rank)
+                } else {
+                    CkptError::Scan {
+                        rank: m.rank,
+                        source,
+                    }
                 }
             })?;
         }
