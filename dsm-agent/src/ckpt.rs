@@ -327,6 +327,9 @@ fn monotonic_ns() -> u64 {
 /// Handles one coordinator command. Checkpoints run in their own task.
 pub fn command(agent: &Arc<Agent>, cmd: AgentCommand) {
     match cmd {
+        AgentCommand::Peers { .. } => {
+            log!("Peers command for a single-node agent ignored");
+        }
         AgentCommand::Checkpoint {
             stamp,
             store,

@@ -327,6 +327,8 @@ fn request_name(req: &RankRequest<'_>) -> &'static str {
         RankRequest::Barrier { .. } => "Barrier",
         RankRequest::Lock { .. } => "Lock",
         RankRequest::Unlock { .. } => "Unlock",
+        RankRequest::TryLock { .. } => "TryLock",
+        RankRequest::KeyedBarrier { .. } => "KeyedBarrier",
     }
 }
 
@@ -335,9 +337,11 @@ fn request_name(req: &RankRequest<'_>) -> &'static str {
 fn channel_of(req: &RankRequest<'_>) -> Option<Channel> {
     match req {
         RankRequest::Hello { .. } => None,
-        RankRequest::Barrier { .. } | RankRequest::Lock { .. } | RankRequest::Unlock { .. } => {
-            Some(Channel::Sync)
-        }
+        RankRequest::Barrier { .. }
+        | RankRequest::Lock { .. }
+        | RankRequest::Unlock { .. }
+        | RankRequest::TryLock { .. }
+        | RankRequest::KeyedBarrier { .. } => Some(Channel::Sync),
         _ => Some(Channel::Memory),
     }
 }

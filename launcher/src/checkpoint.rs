@@ -362,7 +362,10 @@ impl Checkpointer {
                 // harmlessly, and keeps one way of ending a checkpoint.
                 self.fail(&format!("node {node}: {reason}"), true)
             }
-            AgentEvent::RankRestored { .. } | AgentEvent::RestoreError { .. } => Vec::new(),
+            AgentEvent::RankRestored { .. }
+            | AgentEvent::RestoreError { .. }
+            | AgentEvent::MeshReady { .. }
+            | AgentEvent::NodeFailed { .. } => Vec::new(),
         }
     }
 
@@ -531,7 +534,10 @@ fn event_stamp(event: &AgentEvent) -> Option<Stamp> {
         | AgentEvent::Paused { stamp, .. }
         | AgentEvent::Durable { stamp, .. }
         | AgentEvent::Failed { stamp, .. } => Some(*stamp),
-        AgentEvent::RankRestored { .. } | AgentEvent::RestoreError { .. } => None,
+        AgentEvent::RankRestored { .. }
+        | AgentEvent::RestoreError { .. }
+        | AgentEvent::MeshReady { .. }
+        | AgentEvent::NodeFailed { .. } => None,
     }
 }
 

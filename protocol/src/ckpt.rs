@@ -49,6 +49,13 @@ pub enum AgentCommand {
     Abort {
         stamp: Stamp,
     },
+    /// Multi-node jobs: the peer addresses of every agent of the job, by node
+    /// number (this agent's own included), sent once every agent printed its
+    /// `ready <addr>` line. The agent connects to its peers and answers
+    /// `MeshReady` once it is connected to all of them.
+    Peers {
+        addrs: Vec<String>,
+    },
 }
 
 /// Agent -> coordinator, one JSON object per line on the agent's stdout.
@@ -105,6 +112,16 @@ pub enum AgentEvent {
     /// A restored page could not be read from the store (corrupt or
     /// missing data): the job cannot go on from this stamp.
     RestoreError { reason: String },
+    /// Multi-node jobs: this agent is connected to every other agent (each
+    /// proved the job's secret); its ranks may start.
+    MeshReady {
+        /// Microseconds from `Peers` to the last connection.
+        elapsed_us: u64,
+    },
+    /// Multi-node jobs: node `node` is considered dead (heartbeats stopped,
+    /// its connection broke, or it did not answer a request in time). The
+    /// job cannot go on; `reason` says what was seen.
+    NodeFailed { node: u32, reason: String },
 }
 
 /// Files of a checkpoint store (`--ckpt-dir`, default `<jobdir>/ckpt`).

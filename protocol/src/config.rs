@@ -40,6 +40,60 @@ pub struct Config {
     pub job: JobConfig,
     pub output: OutputConfig,
     pub checkpoint: CheckpointConfig,
+    pub nodes: NodesConfig,
+}
+
+/// How ranks are placed on nodes and how the node agents talk to each other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodesConfig {
+    /// Rank placement over `--nodes K`: block (ranks 0..N/K on node 0, ...)
+    /// or cyclic (rank r on node r mod K). `mome-run --placement` too.
+    pub placement: Placement,
+    /// Address agents listen on for their peers (port 0: any free port).
+    pub listen: String,
+    /// How often an agent tells each peer it is alive.
+    pub heartbeat_interval: Span,
+    /// A peer silent for this long is declared failed, and the job ends.
+    pub heartbeat_timeout: Span,
+    /// How long an agent waits for a peer to answer a page or sync request
+    /// before declaring the peer failed.
+    pub peer_timeout: Span,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    Block,
+    Cyclic,
+}
+
+impl Placement {
+    /// Node of each rank, `ranks` ranks over `nodes` nodes.
+    pub fn nodes_of(self, ranks: u32, nodes: u32) -> Vec<u32> {
+        let nodes = nodes.max(1);
+        (0..ranks)
+            .map(|r| match self {
+                Placement::Cyclic => r % nodes,
+                // Contiguous blocks whose sizes differ by at most one.
+                Placement::Block => {
+                    ((r as u64 * nodes as u64) / ranks.max(1) as u64) as u32
+                }
+            })
+            .collect()
+    }
+}
+
+impl Default for NodesConfig {
+    fn default() -> Self {
+        NodesConfig {
+            placement: Placement::Block,
+            listen: "127.0.0.1:0".into(),
+            heartbeat_interval: Span(Duration::from_millis(200)),
+            heartbeat_timeout: Span(Duration::from_secs(2)),
+            peer_timeout: Span(Duration::from_secs(10)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,11 +266,29 @@ impl Config {
             ("job.agent_timeout", self.job.agent_timeout),
             ("checkpoint.park_timeout", self.checkpoint.park_timeout),
             ("checkpoint.timeout", self.checkpoint.timeout),
+            ("nodes.heartbeat_interval", self.nodes.heartbeat_interval),
+            ("nodes.heartbeat_timeout", self.nodes.heartbeat_timeout),
+            ("nodes.peer_timeout", self.nodes.peer_timeout),
         ];
         for (key, span) in positive {
             if span.0.is_zero() {
                 return Err((key, "must be longer than 0".into()));
             }
+        }
+        if self.nodes.heartbeat_timeout.0 <= self.nodes.heartbeat_interval.0 {
+            return Err((
+                "nodes.heartbeat_timeout",
+                "must be longer than nodes.heartbeat_interval".into(),
+            ));
+        }
+        if self.nodes.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err((
+                "nodes.listen",
+                format!(
+                    "{:?} is not an address:port such as 127.0.0.1:0",
+                    self.nodes.listen
+                ),
+            ));
         }
         if self.checkpoint.keep == 0 {
             return Err(("checkpoint.keep", "must be at least 1".into()));
@@ -421,6 +493,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("prefix") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn placements() {
+        assert_eq!(Placement::Block.nodes_of(5, 2), vec![0, 0, 0, 1, 1]);
+        assert_eq!(Placement::Block.nodes_of(4, 4), vec![0, 1, 2, 3]);
+        assert_eq!(Placement::Cyclic.nodes_of(5, 2), vec![0, 1, 0, 1, 0]);
+        let e = Config::from_yaml("nodes:\n  listen: here\n", "j")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nodes.listen") && e.contains("line 2"), "{e}");
     }
 
     #[test]

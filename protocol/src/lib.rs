@@ -16,7 +16,7 @@ pub use config::Config;
 pub use layout::WindowLayout;
 
 /// Bumped whenever a message of [`rank`] changes shape.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Environment variables set by `mome-run` for every rank.
 pub mod env {

@@ -137,7 +137,26 @@ pub enum RankRequest<'a> {
         id: u64,
         seq: u64,
     },
+    /// Take lock `id` if free, without waiting: `Ok`, or `Error{Busy}`.
+    TryLock {
+        id: u64,
+        seq: u64,
+    },
+    /// A barrier of `count` participants named `id` (a process-shared
+    /// `pthread_barrier_t` in the window: its address with the top bit
+    /// set). Answered `KeyedBarrierDone` once `count` arrivals were seen;
+    /// exactly one of them gets `serial: true`.
+    KeyedBarrier {
+        id: u64,
+        count: u32,
+        seq: u64,
+    },
 }
+
+/// Lock and barrier ids with this bit set name process-shared pthread
+/// objects placed in the window (the bit or'ed with the object's address);
+/// `mome_lock` ids should not use it.
+pub const PTHREAD_ID_BIT: u64 = 1 << 63;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ErrorCode {
@@ -153,6 +172,10 @@ pub enum ErrorCode {
     TooBig,
     /// The agent refuses the connection (wrong job, protocol, credentials).
     Refused,
+    /// TryLock of a lock held by another rank.
+    Busy,
+    /// The request needed another node, which failed: the job is ending.
+    NodeFailed,
 }
 
 impl ErrorCode {
@@ -165,6 +188,8 @@ impl ErrorCode {
             ErrorCode::Exists => libc::EEXIST,
             ErrorCode::TooBig => libc::EFBIG,
             ErrorCode::Refused => libc::EACCES,
+            ErrorCode::Busy => libc::EBUSY,
+            ErrorCode::NodeFailed => libc::EHOSTDOWN,
         }
     }
 }
@@ -191,6 +216,11 @@ pub enum AgentReply<'a> {
     /// All ranks reached the barrier; `date` counts the job's barriers.
     BarrierDone {
         date: u64,
+    },
+    /// Answer to `KeyedBarrier`: `serial` for exactly one participant
+    /// (PTHREAD_BARRIER_SERIAL_THREAD).
+    KeyedBarrierDone {
+        serial: bool,
     },
     /// Answer to `CkptParked` / `CkptRefused`: go on. `stamp` is the
     /// checkpoint taken (0 when none was).
