@@ -10,6 +10,7 @@ pub mod config;
 pub mod frame;
 pub mod job;
 pub mod layout;
+pub mod peer;
 pub mod rank;
 
 pub use config::Config;

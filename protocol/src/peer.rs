@@ -1,0 +1,265 @@
+//! Messages between the node agents of a multi-node job, over TCP. Each
+//! message is one frame of [`crate::frame`] (4-byte length + postcard).
+//!
+//! Connection: the connecting agent sends `Hello` with a fresh nonce; the
+//! accepting one answers `Challenge` with its own nonce and its proof of the
+//! job's secret over both nonces; the connecting one answers `Proof`, its
+//! own proof. Either side closes the connection on a wrong proof, job or
+//! node (a `Refused` line says why when it can). After that, any message in
+//! either direction; `Heartbeat` when there is nothing else to say.
+//!
+//! Page protocol (strong consistency, see `dsm-agent/src/pages.rs`): the
+//! owner of a page is also its manager and keeps its copyset; other nodes
+//! keep a probable owner, to which they send `PageRequest`, forwarded along
+//! probable owners until it reaches the owner, which answers `PageGrant`
+//! straight to the requester. A write grant hands over ownership and the
+//! copyset, which the new owner invalidates (`Invalidate`/`InvalidateAck`)
+//! before writing. Epochs (one more at each change of owner) let a node
+//! tell a read grant overtaken by an invalidation from a fresh one.
+
+use serde::{Deserialize, Serialize};
+
+use crate::layout::PAGE_SIZE;
+use crate::rank::ErrorCode;
+
+/// Bumped whenever a [`PeerMsg`] changes shape.
+pub const PEER_PROTOCOL_VERSION: u32 = 1;
+/// Bytes of a nonce and of a proof.
+pub const NONCE_LEN: usize = 32;
+
+/// One page of data, as sent in a grant.
+pub type PageData = Vec<u8>;
+
+/// A job-wide synchronisation operation, sent to the node that manages it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncOp {
+    Barrier,
+    Lock { id: u64 },
+    TryLock { id: u64 },
+    Unlock { id: u64 },
+    KeyedBarrier { id: u64, count: u32 },
+}
+
+/// The answer to a [`SyncOp`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncAnswer {
+    Ok,
+    BarrierDone { date: u64 },
+    KeyedBarrierDone { serial: bool },
+    Busy,
+    Error(String),
+}
+
+/// A shared-segment table operation, sent to node 0, which holds the table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SegmentOp {
+    Open {
+        name: String,
+        size: u64,
+        create: bool,
+        exclusive: bool,
+    },
+    Resize {
+        id: u32,
+        size: u64,
+    },
+    Unlink {
+        name: String,
+    },
+    Release {
+        id: u32,
+    },
+    Use {
+        id: u32,
+    },
+}
+
+/// The answer to a [`SegmentOp`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SegmentAnswer {
+    /// Slot and size of the segment (`created`: this open created it).
+    Segment { slot: u32, size: u64, created: bool },
+    Ok,
+    Error { code: ErrorCode, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerMsg {
+    Hello {
+        protocol: u32,
+        job: String,
+        node: u32,
+        nonce: [u8; NONCE_LEN],
+    },
+    Challenge {
+        node: u32,
+        nonce: [u8; NONCE_LEN],
+        proof: [u8; NONCE_LEN],
+    },
+    Proof {
+        proof: [u8; NONCE_LEN],
+    },
+    Refused {
+        reason: String,
+    },
+    Heartbeat,
+    /// `from` wants page `page` (a page number of the shared zone) for
+    /// reading or writing. `has_copy`: it holds a read copy, so a write
+    /// grant may leave the data out. `hops` counts forwards.
+    PageRequest {
+        page: u64,
+        from: u32,
+        req: u64,
+        write: bool,
+        has_copy: bool,
+        hops: u32,
+    },
+    /// The owner's answer to request `req` of the receiver. A write grant
+    /// makes the receiver the owner: `copyset` (a bit per node) is then the
+    /// set of nodes it must invalidate. `data` is absent when the receiver
+    /// already holds the current copy.
+    PageGrant {
+        page: u64,
+        req: u64,
+        write: bool,
+        epoch: u64,
+        copyset: u64,
+        data: Option<PageData>,
+    },
+    /// Drop your copy of `page`: `new_owner` owns it from epoch `epoch`.
+    Invalidate {
+        page: u64,
+        epoch: u64,
+        new_owner: u32,
+    },
+    InvalidateAck {
+        page: u64,
+        epoch: u64,
+    },
+    /// Pages of a freed or shrunk segment: drop them and forget their
+    /// state (they are zero again, owned by their home node).
+    DropPages {
+        first: u64,
+        count: u64,
+    },
+    /// A sync operation of a rank of the sender (session numbers are the
+    /// sender's own), for the receiver, its manager.
+    Sync {
+        req: u64,
+        session: u64,
+        rank: u32,
+        seq: u64,
+        op: SyncOp,
+    },
+    SyncDone {
+        req: u64,
+        answer: SyncAnswer,
+    },
+    /// A segment table operation of a session of the sender, for node 0.
+    Segment {
+        req: u64,
+        session: u64,
+        op: SegmentOp,
+    },
+    SegmentDone {
+        req: u64,
+        answer: SegmentAnswer,
+    },
+    /// A session of the sender ended: what it held (locks, a place in a
+    /// barrier, segment uses) goes.
+    SessionEnded {
+        session: u64,
+    },
+}
+
+impl PeerMsg {
+    /// Short name, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            PeerMsg::Hello { .. } => "Hello",
+            PeerMsg::Challenge { .. } => "Challenge",
+            PeerMsg::Proof { .. } => "Proof",
+            PeerMsg::Refused { .. } => "Refused",
+            PeerMsg::Heartbeat => "Heartbeat",
+            PeerMsg::PageRequest { .. } => "PageRequest",
+            PeerMsg::PageGrant { .. } => "PageGrant",
+            PeerMsg::Invalidate { .. } => "Invalidate",
+            PeerMsg::InvalidateAck { .. } => "InvalidateAck",
+            PeerMsg::DropPages { .. } => "DropPages",
+            PeerMsg::Sync { .. } => "Sync",
+            PeerMsg::SyncDone { .. } => "SyncDone",
+            PeerMsg::Segment { .. } => "Segment",
+            PeerMsg::SegmentDone { .. } => "SegmentDone",
+            PeerMsg::SessionEnded { .. } => "SessionEnded",
+        }
+    }
+
+    /// Checks what the type system cannot: a page grant carries exactly one
+    /// page, names and messages are of sane length.
+    pub fn validate(&self) -> Result<(), String> {
+        const MAX_TEXT: usize = 4096;
+        match self {
+            PeerMsg::PageGrant {
+                data: Some(data), ..
+            } if data.len() as u64 != PAGE_SIZE => Err(format!(
+                "page grant with {} bytes of data instead of {PAGE_SIZE}",
+                data.len()
+            )),
+            PeerMsg::Hello { job, .. } if job.len() > MAX_TEXT => Err("job id too long".into()),
+            PeerMsg::Segment {
+                op: SegmentOp::Open { name, .. } | SegmentOp::Unlink { name },
+                ..
+            } if name.len() > MAX_TEXT => Err("segment name too long".into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Page number (in the shared zone) of a shared-zone address.
+pub fn page_of(shared_base: u64, addr: u64) -> u64 {
+    (addr - shared_base) / PAGE_SIZE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame;
+
+    #[test]
+    fn round_trip_and_validation() {
+        let msgs = vec![
+            PeerMsg::Heartbeat,
+            PeerMsg::PageGrant {
+                page: 7,
+                req: 9,
+                write: true,
+                epoch: 3,
+                copyset: 0b101,
+                data: Some(vec![0xab; PAGE_SIZE as usize]),
+            },
+            PeerMsg::Sync {
+                req: 1,
+                session: 2,
+                rank: 3,
+                seq: 4,
+                op: SyncOp::KeyedBarrier { id: 5, count: 6 },
+            },
+        ];
+        let mut buf = vec![0u8; frame::MAX_FRAME];
+        for m in msgs {
+            let n = frame::encode(&m, &mut buf).unwrap();
+            let back: PeerMsg = frame::decode(&buf[frame::HEADER..n]).unwrap();
+            assert_eq!(back, m);
+            assert!(back.validate().is_ok());
+        }
+        let short = PeerMsg::PageGrant {
+            page: 0,
+            req: 0,
+            write: false,
+            epoch: 0,
+            copyset: 0,
+            data: Some(vec![1, 2, 3]),
+        };
+        assert!(short.validate().is_err());
+    }
+}
