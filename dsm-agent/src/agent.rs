@@ -22,6 +22,14 @@ use crate::segments::SegmentTable;
 use crate::sync::SyncTable;
 use crate::tables::{TablesError, TablesState};
 
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Tables(#[from] TablesError),
+    #[error("cannot duplicate the node memory file for the page protocol: {0}")]
+    Memory(std::io::Error),
+}
+
 /// One connection of a rank. Heaps and locks belong to it, not to the rank
 /// number (see `session`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -42,6 +50,10 @@ pub struct Identity {
     pub uid: u32,
     /// Signal that brings a rank to a checkpoint (job.yaml checkpoint.signal).
     pub ckpt_signal: i32,
+    /// Address:port to listen on for other nodes (config nodes.listen).
+    pub listen: String,
+    /// Several nodes: the job's secret and the mesh timings.
+    pub mesh: Option<(crate::mesh::Secret, crate::mesh::Timing)>,
 }
 
 #[derive(Debug)]
@@ -68,6 +80,8 @@ pub struct Agent {
     /// such an alias are not seen by the window's dirty tracking, so every
     /// checkpoint copies these pages (first page, page count).
     pub alias_pages: Mutex<std::collections::BTreeMap<(SessionId, u64), (u64, u64)>>,
+    /// Several nodes: the mesh, the page protocol and the managers' routes.
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 impl Agent {
@@ -78,7 +92,7 @@ impl Agent {
         memory: NodeMemory,
         events: Events,
         restore: Option<Arc<Restore>>,
-    ) -> Result<Agent, TablesError> {
+    ) -> Result<Agent, AgentError> {
         let layout = id.layout;
         let (heaps, slots, reserve) = (
             layout.private_heaps(),
@@ -92,10 +106,28 @@ impl Agent {
                 (t.heaps, t.segments, t.sync)
             }
             None => (
-                HeapTable::new(heaps),
+                // Several nodes: each hands out its own share of the heaps,
+                // so that heap numbers are unique in the job without asking.
+                HeapTable::new_part(heaps, id.node, id.nodes),
                 SegmentTable::new(slots, reserve),
                 SyncTable::new(id.nranks),
             ),
+        };
+        let cluster = match &id.mesh {
+            Some((secret, timing)) if id.nodes > 1 => {
+                let mesh = Arc::new(crate::mesh::Mesh::new(
+                    id.node,
+                    id.nodes,
+                    id.job_id.clone(),
+                    secret.clone(),
+                    *timing,
+                    events.clone(),
+                ));
+                let memfd = memory.duplicate().map_err(AgentError::Memory)?;
+                let pages = crate::pages::PageEngine::new(layout, memfd, mesh.clone());
+                Some(crate::cluster::Cluster::new(mesh, pages))
+            }
+            _ => None,
         };
         Ok(Agent {
             heaps: Mutex::new(heaps),
@@ -111,6 +143,7 @@ impl Agent {
             restore,
             started: Instant::now(),
             alias_pages: Mutex::new(std::collections::BTreeMap::new()),
+            cluster,
         })
     }
 

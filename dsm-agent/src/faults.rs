@@ -73,6 +73,14 @@ impl AliasTable {
         self.aliases.push(alias);
     }
 
+    /// Addresses outside the window at which `window_addr` is also mapped.
+    pub fn aliases_of(&self, window_addr: u64) -> impl Iterator<Item = u64> + '_ {
+        self.aliases.iter().filter_map(move |a| {
+            (window_addr >= a.window_addr && window_addr - a.window_addr < a.len)
+                .then(|| a.addr + (window_addr - a.window_addr))
+        })
+    }
+
     /// Window address of `addr`, which lies outside the window.
     pub fn window_addr(&self, addr: u64) -> Option<u64> {
         self.aliases
@@ -100,6 +108,8 @@ pub struct FaultContext {
     pub session: Arc<FaultCounters>,
     /// Faults served by the whole agent.
     pub total: Arc<AtomicU64>,
+    /// Several nodes: faults go to the page protocol, for this session.
+    pub pages: Option<(Arc<crate::pages::PageEngine>, crate::agent::SessionId)>,
 }
 
 /// Checks that `fd` is a userfaultfd, so that a confused rank gets an error
@@ -177,6 +187,15 @@ async fn serve(afd: AsyncFd<Uffd>, ctx: FaultContext) {
                 }
             };
             match event {
+                Event::PageFault { addr, flags, .. } if ctx.pages.is_some() => {
+                    if !to_page_protocol(&ctx, addr, flags) {
+                        match resolve(afd.get_ref(), addr, flags, &ctx, &mut warned_stray) {
+                            Outcome::Served => {}
+                            Outcome::Retry => pending.push((addr, flags)),
+                            Outcome::Gone => return,
+                        }
+                    }
+                }
                 Event::PageFault { addr, flags, .. } => {
                     match resolve(afd.get_ref(), addr, flags, &ctx, &mut warned_stray) {
                         Outcome::Served => {}
@@ -199,6 +218,31 @@ async fn serve(afd: AsyncFd<Uffd>, ctx: FaultContext) {
             }
         }
     }
+}
+
+/// Hands a fault on a shared page to the page protocol, which resolves it
+/// when the page is here; false for an address that is neither in the
+/// window nor an alias of it (served as on one node).
+fn to_page_protocol(ctx: &FaultContext, addr: u64, flags: u64) -> bool {
+    let Some((pages, session)) = ctx.pages.as_ref() else {
+        return false;
+    };
+    let page = addr & !(PAGE_SIZE - 1);
+    let window_addr = if ctx.layout.contains(page) {
+        Some(page)
+    } else {
+        lock(&ctx.aliases).window_addr(page)
+    };
+    let Some(window_addr) = window_addr.filter(|&w| w >= ctx.layout.shared_base()) else {
+        return false;
+    };
+    ctx.session.served.fetch_add(1, Ordering::Relaxed);
+    ctx.total.fetch_add(1, Ordering::Relaxed);
+    if window_addr != page {
+        ctx.session.via_alias.fetch_add(1, Ordering::Relaxed);
+    }
+    pages.fault(*session, page, window_addr, flags);
+    true
 }
 
 /// Resolves one fault with a zero page (MISSING), by mapping the page

@@ -60,6 +60,9 @@ pub struct HeapTable {
     /// Every heap below this index is owned: allocation starts here, so the
     /// common case (a growing job) does not rescan the used part of the zone.
     lowest_free: usize,
+    /// This node's share of the zone: allocation stays in `first..limit`.
+    first: usize,
+    limit: usize,
     in_use: usize,
 }
 
@@ -68,6 +71,23 @@ impl HeapTable {
         HeapTable {
             owners: vec![None; heaps as usize],
             lowest_free: 0,
+            first: 0,
+            limit: heaps as usize,
+            in_use: 0,
+        }
+    }
+
+    /// The table of node `node` of `nodes`: it hands out only its share,
+    /// the `node`-th of `nodes` equal parts of the zone.
+    pub fn new_part(heaps: u32, node: u32, nodes: u32) -> HeapTable {
+        let nodes = nodes.max(1) as u64;
+        let start = (heaps as u64 * node as u64 / nodes) as usize;
+        let end = (heaps as u64 * (node as u64 + 1) / nodes) as usize;
+        HeapTable {
+            owners: vec![None; heaps as usize],
+            lowest_free: start,
+            first: start,
+            limit: end,
             in_use: 0,
         }
     }
@@ -83,7 +103,7 @@ impl HeapTable {
             return Err(HeapError::ZeroCount);
         }
         let count = count as usize;
-        let n = self.owners.len();
+        let n = self.limit;
         let mut start = self.lowest_free;
         while start + count <= n {
             // Jump past the last owned heap of the candidate run: no run
@@ -108,8 +128,8 @@ impl HeapTable {
         }
         Err(HeapError::NoSpace {
             count: count as u32,
-            total: n as u32,
-            free: (n - self.in_use) as u32,
+            total: (n - self.first) as u32,
+            free: (n - self.first - self.in_use) as u32,
         })
     }
 
@@ -136,7 +156,7 @@ impl HeapTable {
                 self.in_use -= 1;
             }
         }
-        self.lowest_free = self.lowest_free.min(first as usize);
+        self.lowest_free = self.lowest_free.min(first as usize).max(self.first);
     }
 
     /// The heaps `owner` holds, as maximal runs of consecutive heaps.
@@ -340,6 +360,27 @@ mod tests {
             }],
         };
         assert!(HeapTable::from_state(8, &bad, ph).is_err());
+    }
+
+    #[test]
+    fn node_shares_do_not_overlap() {
+        let mut a = HeapTable::new_part(8, 0, 2);
+        const S1: SessionId = SessionId(1);
+        let mut b = HeapTable::new_part(8, 1, 2);
+        assert_eq!(a.alloc(S1, 2), Ok(0));
+        assert_eq!(b.alloc(S1, 2), Ok(4));
+        assert_eq!(b.alloc(S1, 2), Ok(6));
+        assert!(matches!(
+            b.alloc(S1, 1),
+            Err(HeapError::NoSpace {
+                total: 4,
+                free: 0,
+                ..
+            })
+        ));
+        assert_eq!(a.alloc(S1, 2), Ok(2));
+        b.release(4, 1);
+        assert_eq!(b.alloc(S1, 1), Ok(4));
     }
 
     #[test]

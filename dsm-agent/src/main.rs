@@ -13,11 +13,14 @@
 mod log;
 mod agent;
 mod ckpt;
+mod cluster;
 mod dirty;
 mod events;
 mod faults;
 mod heaps;
 mod memfd;
+mod mesh;
+mod pages;
 mod restore;
 mod segments;
 mod session;
@@ -85,7 +88,7 @@ struct Cli {
     /// Number of this node (agent), from 0 to M-1.
     #[arg(long, value_name = "K")]
     node: u32,
-    /// Number of nodes (agents) of the job; only 1 is implemented so far.
+    /// Number of nodes (agents) of the job, 1 to 64.
     #[arg(long, value_name = "M")]
     nodes: u32,
     /// Comma-separated numbers of the ranks that run on this node, e.g. 0,1,2,3.
@@ -121,17 +124,25 @@ enum StartError {
     #[error("{0}")]
     Restore(#[from] RestoreError),
     #[error("{0}")]
-    Tables(#[from] crate::tables::TablesError),
+    Agent(#[from] crate::agent::AgentError),
+    #[error("{0}")]
+    Mesh(#[from] crate::mesh::MeshError),
+    #[error("cannot listen for other nodes on {addr}: {source}")]
+    PeerListen {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     log::set_node(cli.node);
-    if cli.nodes != 1 {
-        log!(
-            "--nodes {}: multi-node agents are not implemented yet (use --nodes 1)",
-            cli.nodes
-        );
+    if cli.nodes == 0 || cli.nodes > 64 {
+        log!("--nodes {}: a job has 1 to 64 nodes", cli.nodes);
+        return ExitCode::from(2);
+    }
+    if cli.restore.is_some() && cli.nodes > 1 {
+        log!("--restore: multi-node jobs cannot be restored yet");
         return ExitCode::from(2);
     }
     if cli.node >= cli.nodes {
@@ -187,8 +198,20 @@ fn run(cli: Cli) -> Result<(), StartError> {
         }
         _ => None,
     };
+    let listen_addr = identity.listen.clone();
     let agent = Arc::new(Agent::new(identity, memory, events, restore)?);
-    let result = runtime.block_on(serve(agent, &socket, event_rx));
+    let result = runtime.block_on(async {
+        let peers = match agent.cluster.as_ref() {
+            Some(_) => Some(mesh::listen(&listen_addr).await.map_err(|source| {
+                StartError::PeerListen {
+                    addr: listen_addr.clone(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
+        serve(agent, &socket, event_rx, peers).await
+    });
     // Sessions still open are dropped with the runtime; nothing they hold
     // outlives the process.
     runtime.shutdown_timeout(Duration::from_millis(200));
@@ -232,6 +255,22 @@ fn identity(cli: &Cli) -> Result<Identity, StartError> {
             spec.ranks
         );
     }
+    let mesh = if cli.nodes > 1 {
+        let nodes = &spec.config.nodes;
+        let dir = JobDir {
+            id: spec.id.clone(),
+            path: cli.job_dir.clone(),
+        };
+        let secret = mesh::Secret::read(&dir.path.join("secret"))?;
+        let timing = mesh::Timing {
+            heartbeat_interval: nodes.heartbeat_interval.0,
+            heartbeat_timeout: nodes.heartbeat_timeout.0,
+            peer_timeout: nodes.peer_timeout.0,
+        };
+        Some((secret, timing))
+    } else {
+        None
+    };
     if spec.nodes != cli.nodes {
         log!(
             "job.yaml says {} nodes, the command line {}; using {}",
@@ -249,6 +288,8 @@ fn identity(cli: &Cli) -> Result<Identity, StartError> {
         layout,
         uid: nix::unistd::getuid().as_raw(),
         ckpt_signal: spec.config.checkpoint.signal,
+        listen: spec.config.nodes.listen.clone(),
+        mesh,
     })
 }
 
@@ -257,15 +298,31 @@ async fn serve(
     agent: Arc<Agent>,
     socket: &Path,
     event_rx: std_mpsc::Receiver<AgentEvent>,
+    peers: Option<tokio::net::TcpListener>,
 ) -> Result<(), StartError> {
     let listener = listen(socket)?;
+    // With several nodes the ready line gives the address other agents
+    // reach this one at; mome-run passes it around in `Peers`.
+    let ready = match &peers {
+        Some(p) => {
+            let addr = p.local_addr().map_err(|source| StartError::PeerListen {
+                addr: agent.id.listen.clone(),
+                source,
+            })?;
+            format!("ready {addr}\n")
+        }
+        None => "ready\n".to_string(),
+    };
+    if let Some(p) = peers {
+        mesh::start(&agent, p);
+    }
     let mut term = signal(SignalKind::terminate()).map_err(StartError::Runtime)?;
     let mut int = signal(SignalKind::interrupt()).map_err(StartError::Runtime)?;
     let mut commands = events::read_commands(agent.events.clone());
 
     let mut stdout = std::io::stdout().lock();
     stdout
-        .write_all(b"ready\n")
+        .write_all(ready.as_bytes())
         .and_then(|()| stdout.flush())
         .map_err(StartError::Ready)?;
     drop(stdout);
@@ -299,12 +356,33 @@ async fn serve(
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
             cmd = commands.recv() => match cmd {
+                Some(mome_protocol::ckpt::AgentCommand::Peers { addrs }) => {
+                    mesh::connect_peers(&agent, addrs)
+                }
                 Some(cmd) => ckpt::command(&agent, cmd),
                 None => break "end of standard input",
             },
         }
     };
     drop(listener);
+    if let Some(c) = agent.cluster.as_ref() {
+        c.mesh.leave();
+        let st = c.pages.stats();
+        log!(
+            "page protocol: {} read and {} write faults, {} requests sent, {} served, {} forwarded, {} invalidations, {} stale grants; {} messages in, {} out",
+            st.read_faults,
+            st.write_faults,
+            st.requests_sent,
+            st.requests_served,
+            st.forwarded,
+            st.invalidations,
+            st.stale_grants,
+            c.mesh.received.load(Ordering::Relaxed),
+            c.mesh.sent.load(Ordering::Relaxed)
+        );
+        // Let the writers send Leaving before the runtime goes.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     if let Err(e) = std::fs::remove_file(socket) {
         log!("cannot remove {}: {e}", socket.display());
     }

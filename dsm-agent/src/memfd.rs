@@ -57,6 +57,11 @@ impl NodeMemory {
         })
     }
 
+    /// Another descriptor of the same file.
+    pub fn duplicate(&self) -> std::io::Result<OwnedFd> {
+        self.fd.try_clone()
+    }
+
     /// Drops the pages of `[offset, offset + len)`: they read back as zeros
     /// and are unmapped from every rank. The file keeps its size. A range
     /// that ends or starts inside a page zeroes that part of the page, as

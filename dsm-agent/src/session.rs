@@ -20,7 +20,7 @@
 //! connection, and only that: nothing a peer sends may stop the agent.
 
 use std::fmt::Write as _;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -36,7 +36,9 @@ use tokio::task::JoinHandle;
 use crate::agent::{lock, Agent, SessionId};
 use crate::faults::{self, Alias, AliasTable, FaultContext, FaultCounters};
 use crate::restore::FaultServer;
-use crate::sync::{Caller, LockGrant, SyncReply};
+use crate::cluster;
+use crate::sync::{Caller, SyncReply};
+use mome_protocol::peer::{SegmentAnswer, SegmentOp, SyncAnswer, SyncOp};
 use crate::tables::placeholder;
 use crate::wire::{Wire, WireError};
 
@@ -63,6 +65,7 @@ enum Reply {
     Heaps { first: u32, count: u32 },
     Segment { id: u32, addr: u64, size: u64 },
     BarrierDone { date: u64 },
+    KeyedBarrierDone { serial: bool },
     Resume { stamp: u64 },
     Image { addr: u64, len: u64 },
     Error { code: ErrorCode, message: String },
@@ -73,6 +76,8 @@ impl From<SyncReply> for Reply {
         match r {
             SyncReply::Ok => Reply::Ok,
             SyncReply::BarrierDone { date } => Reply::BarrierDone { date },
+            SyncReply::KeyedBarrierDone { serial } => Reply::KeyedBarrierDone { serial },
+            SyncReply::Busy => Reply::error(ErrorCode::Busy, "busy"),
             SyncReply::Error(message) => Reply::Error {
                 code: ErrorCode::Invalid,
                 message,
@@ -102,6 +107,7 @@ impl Reply {
                 size: *size,
             },
             Reply::BarrierDone { date } => AgentReply::BarrierDone { date: *date },
+            Reply::KeyedBarrierDone { serial } => AgentReply::KeyedBarrierDone { serial: *serial },
             Reply::Resume { stamp } => AgentReply::Resume { stamp: *stamp },
             Reply::Image { addr, len } => AgentReply::Image {
                 addr: *addr,
@@ -332,6 +338,30 @@ fn request_name(req: &RankRequest<'_>) -> &'static str {
     }
 }
 
+/// The segment-table operation a request stands for, if it is one.
+fn segment_op(req: &RankRequest<'_>) -> Option<SegmentOp> {
+    Some(match *req {
+        RankRequest::SegmentOpen {
+            name,
+            size,
+            create,
+            exclusive,
+        } => SegmentOp::Open {
+            name: name.to_string(),
+            size,
+            create,
+            exclusive,
+        },
+        RankRequest::SegmentResize { id, size } => SegmentOp::Resize { id, size },
+        RankRequest::SegmentUnlink { name } => SegmentOp::Unlink {
+            name: name.to_string(),
+        },
+        RankRequest::SegmentRelease { id } => SegmentOp::Release { id },
+        RankRequest::SegmentUse { id } => SegmentOp::Use { id },
+        _ => return None,
+    })
+}
+
 /// The channel a request belongs on (None: Hello, which belongs on neither
 /// once the connection is established).
 fn channel_of(req: &RankRequest<'_>) -> Option<Channel> {
@@ -401,24 +431,42 @@ impl Session {
                         count: fds.len(),
                     })
                 }
-                RankRequest::Barrier { seq } => match self.barrier(wire, seq).await? {
-                    Some(reply) => reply,
-                    None => return Ok(()),
-                },
-                RankRequest::Lock { id, seq } => match self.lock(wire, id, seq).await? {
-                    Some(reply) => reply,
-                    None => return Ok(()),
-                },
-                RankRequest::Unlock { id, seq } => {
-                    let caller = self.caller(seq);
-                    let mut sync = lock(&self.agent.sync);
-                    match sync.replay(self.rank, seq) {
-                        Some(r) => r.into(),
-                        None => match sync.unlock(caller, id) {
-                            Ok(()) => Reply::Ok,
-                            Err(e) => Reply::error(e.code(), e),
-                        },
+                RankRequest::Barrier { seq } => {
+                    match self.sync_request(wire, SyncOp::Barrier, seq).await? {
+                        Some(reply) => reply,
+                        None => return Ok(()),
                     }
+                }
+                RankRequest::Lock { id, seq } => {
+                    match self.sync_request(wire, SyncOp::Lock { id }, seq).await? {
+                        Some(reply) => reply,
+                        None => return Ok(()),
+                    }
+                }
+                RankRequest::TryLock { id, seq } => {
+                    match self.sync_request(wire, SyncOp::TryLock { id }, seq).await? {
+                        Some(reply) => reply,
+                        None => return Ok(()),
+                    }
+                }
+                RankRequest::Unlock { id, seq } => {
+                    match self.sync_request(wire, SyncOp::Unlock { id }, seq).await? {
+                        Some(reply) => reply,
+                        None => return Ok(()),
+                    }
+                }
+                RankRequest::KeyedBarrier { id, count, seq } => {
+                    let op = SyncOp::KeyedBarrier { id, count };
+                    match self.sync_request(wire, op, seq).await? {
+                        Some(reply) => reply,
+                        None => return Ok(()),
+                    }
+                }
+                ref req if segment_op(req).is_some() => {
+                    let op = segment_op(req).expect("checked");
+                    let answer =
+                        cluster::segment_call(&self.agent, self.id, op, &self.label).await;
+                    self.segment_reply(answer)
                 }
                 RankRequest::CkptParked {
                     entered_ns,
@@ -492,48 +540,54 @@ impl Session {
         }
     }
 
-    /// A barrier; `None` when the peer left while waiting.
-    async fn barrier(&self, wire: &mut Wire, seq: u64) -> Result<Option<Reply>, SessionError> {
-        let rx = {
-            let mut sync = lock(&self.agent.sync);
-            if let Some(r) = sync.replay(self.rank, seq) {
-                return Ok(Some(r.into()));
-            }
-            sync.barrier_arrive(self.caller(seq))
-        };
-        Ok(match wait(wire, rx).await? {
-            Waited::Done(Some(date)) => Some(Reply::BarrierDone { date }),
-            Waited::Done(None) => Some(Reply::error(ErrorCode::Invalid, "barrier abandoned")),
-            Waited::PeerGone => None,
-        })
-    }
-
-    /// A lock request; `None` when the peer left while waiting.
-    async fn lock(
+    /// A barrier or lock operation, sent to the node that manages it;
+    /// `None` when the peer left while waiting.
+    async fn sync_request(
         &self,
         wire: &mut Wire,
-        id: u64,
+        op: SyncOp,
         seq: u64,
     ) -> Result<Option<Reply>, SessionError> {
-        let grant = {
-            let mut sync = lock(&self.agent.sync);
-            if let Some(r) = sync.replay(self.rank, seq) {
+        // Replay (a restored rank sending again the request it waited in)
+        // exists on one node only: multi-node jobs are not checkpointed.
+        if self.agent.cluster.is_none() {
+            if let Some(r) = lock(&self.agent.sync).replay(self.rank, seq) {
                 return Ok(Some(r.into()));
             }
-            sync.lock(self.caller(seq), id)
+        }
+        let pending = cluster::sync_call(&self.agent, self.caller(seq), op);
+        let answer = tokio::select! {
+            biased;
+            got = pending.wait() => got,
+            closed = wire.closed() => {
+                closed?;
+                return Ok(None);
+            }
         };
-        Ok(match grant {
-            Ok(LockGrant::Granted) => Some(Reply::Ok),
-            Ok(LockGrant::Queued(rx)) => match wait(wire, rx).await? {
-                Waited::Done(Some(())) => Some(Reply::Ok),
-                Waited::Done(None) => Some(Reply::error(
-                    ErrorCode::Invalid,
-                    format!("lock {id} abandoned"),
-                )),
-                Waited::PeerGone => None,
+        Ok(Some(match answer {
+            Some(SyncAnswer::Ok) => Reply::Ok,
+            Some(SyncAnswer::BarrierDone { date }) => Reply::BarrierDone { date },
+            Some(SyncAnswer::KeyedBarrierDone { serial }) => Reply::KeyedBarrierDone { serial },
+            Some(SyncAnswer::Busy) => Reply::error(ErrorCode::Busy, "busy"),
+            Some(SyncAnswer::Error(message)) => Reply::error(ErrorCode::Invalid, message),
+            None => Reply::error(
+                ErrorCode::NodeFailed,
+                "abandoned: the node managing it is gone",
+            ),
+        }))
+    }
+
+    fn segment_reply(&self, answer: SegmentAnswer) -> Reply {
+        let layout = self.agent.id.layout;
+        match answer {
+            SegmentAnswer::Segment { slot, size, .. } => Reply::Segment {
+                id: slot,
+                addr: layout.segment_addr(slot),
+                size,
             },
-            Err(e) => Some(Reply::error(e.code(), e)),
-        })
+            SegmentAnswer::Ok => Reply::Ok,
+            SegmentAnswer::Error { code, message } => Reply::Error { code, message },
+        }
     }
 
     /// Keeps the rank's `/proc/<pid>/pagemap` for dirty scans.
@@ -583,81 +637,6 @@ impl Session {
                     }
                 }
             }
-            RankRequest::SegmentOpen {
-                name,
-                size,
-                create,
-                exclusive,
-            } => match lock(&agent.segments).open(self.id, name, size, create, exclusive) {
-                Ok(seg) => {
-                    if seg.created {
-                        log!(
-                            "session {}: segment {name:?} created in slot {} ({} bytes)",
-                            self.label,
-                            seg.slot,
-                            seg.size
-                        );
-                    }
-                    Reply::Segment {
-                        id: seg.slot,
-                        addr: layout.segment_addr(seg.slot),
-                        size: seg.size,
-                    }
-                }
-                Err(e) => Reply::error(e.code(), e),
-            },
-            RankRequest::SegmentResize { id, size } => {
-                let mut segments = lock(&agent.segments);
-                match segments.resize(id, size) {
-                    Ok((seg, shrunk)) => {
-                        if let Some(s) = shrunk {
-                            let offset = layout.file_offset(layout.segment_addr(seg.slot)) + s.from;
-                            if let Err(e) = agent.memory.punch(offset, s.to - s.from) {
-                                log!("session {}: shrinking segment {id}: {e}", self.label);
-                            }
-                        }
-                        Reply::Segment {
-                            id: seg.slot,
-                            addr: layout.segment_addr(seg.slot),
-                            size: seg.size,
-                        }
-                    }
-                    Err(e) => Reply::error(e.code(), e),
-                }
-            }
-            RankRequest::SegmentUnlink { name } => match lock(&agent.segments).unlink(name) {
-                Ok((slot, freed)) => {
-                    let fate = if freed.is_some() {
-                        "freed"
-                    } else {
-                        "stays while in use"
-                    };
-                    log!(
-                        "session {}: segment {name:?} unlinked (slot {slot} {fate})",
-                        self.label
-                    );
-                    self.drop_segment_pages(freed);
-                    Reply::Ok
-                }
-                Err(e) => Reply::error(e.code(), e),
-            },
-            RankRequest::SegmentUse { id } => match lock(&agent.segments).use_again(self.id, id) {
-                Ok(seg) => Reply::Segment {
-                    id: seg.slot,
-                    addr: layout.segment_addr(seg.slot),
-                    size: seg.size,
-                },
-                Err(e) => Reply::error(e.code(), e),
-            },
-            RankRequest::SegmentRelease { id } => {
-                match lock(&agent.segments).release(self.id, id) {
-                    Ok(freed) => {
-                        self.drop_segment_pages(freed);
-                        Reply::Ok
-                    }
-                    Err(e) => Reply::error(e.code(), e),
-                }
-            }
             RankRequest::AliasMapped {
                 addr,
                 len,
@@ -681,6 +660,9 @@ impl Session {
                     len,
                     window_addr,
                 });
+                if let Some(c) = self.agent.cluster.as_ref() {
+                    c.pages.alias_added(self.id, window_addr, len);
+                }
                 lock(&self.agent.alias_pages).insert(
                     (self.id, addr),
                     ((window_addr - layout.base) / PAGE_SIZE, len / PAGE_SIZE),
@@ -710,12 +692,37 @@ impl Session {
                 }
             }
             Zone::Shared => {
+                let pages = match self.agent.cluster.as_ref() {
+                    Some(c) => {
+                        // The page protocol keeps its own descriptor of the
+                        // userfaultfd to install, protect and wake pages.
+                        let dup = match fd.try_clone() {
+                            Ok(d) => d,
+                            Err(e) => {
+                                return Reply::error(
+                                    ErrorCode::Invalid,
+                                    format!("cannot keep the shared-zone userfaultfd: {e}"),
+                                )
+                            }
+                        };
+                        if let Err(e) = faults::check_userfaultfd(dup.as_raw_fd()) {
+                            return Reply::error(ErrorCode::Invalid, e);
+                        }
+                        // SAFETY: `dup` is a userfaultfd (checked above) that
+                        // we own and hand over.
+                        let uffd = unsafe { mome_uffd::Uffd::from_raw_fd(dup.into_raw_fd()) };
+                        c.pages.add_rank(self.id, uffd, self.aliases.clone());
+                        Some((c.pages.clone(), self.id))
+                    }
+                    None => None,
+                };
                 let ctx = FaultContext {
                     label: self.label.clone(),
                     layout: self.agent.id.layout,
                     aliases: self.aliases.clone(),
                     session: self.faults.clone(),
                     total: self.agent.faults.clone(),
+                    pages,
                 };
                 match faults::spawn(fd, ctx) {
                     Ok(task) => {
@@ -825,19 +832,6 @@ impl Session {
         }
     }
 
-    /// Drops the pages of a segment slot given back, so that the next
-    /// segment placed there starts zeroed.
-    fn drop_segment_pages(&self, freed: Option<crate::segments::Freed>) {
-        let Some(f) = freed else { return };
-        let layout = self.agent.id.layout;
-        let offset = layout.file_offset(layout.segment_addr(f.slot));
-        // The whole reservation: a rank may have written past the size.
-        match self.agent.memory.punch(offset, layout.segment_reserve) {
-            Ok(()) => log!("session {}: segment slot {} freed", self.label, f.slot),
-            Err(e) => log!("session {}: segment slot {}: {e}", self.label, f.slot),
-        }
-    }
-
     /// Releases what the session held: fault tasks, heaps (their pages
     /// dropped), locks, its place in a barrier, its segments.
     fn end(self, ending: &str) {
@@ -887,8 +881,12 @@ impl Session {
         lock(&agent.sync).session_ended(self.id);
         let unused = lock(&agent.segments).session_ended(self.id);
         for freed in unused {
-            self.drop_segment_pages(Some(freed));
+            cluster::drop_slot(agent, Some(freed), &self.label);
         }
+        if let Some(c) = agent.cluster.as_ref() {
+            c.pages.remove_rank(self.id);
+        }
+        cluster::session_ended(agent, self.id);
         let served = self.faults.served.load(Ordering::Relaxed);
         let via_alias = self.faults.via_alias.load(Ordering::Relaxed);
         log!(

@@ -23,7 +23,6 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use mome_protocol::rank::ErrorCode;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -37,11 +36,6 @@ pub enum SyncError {
     AlreadyHeld(u64),
 }
 
-impl SyncError {
-    pub fn code(&self) -> ErrorCode {
-        ErrorCode::Invalid
-    }
-}
 
 /// The reply to a served sync request, as recorded for replay.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +43,8 @@ pub enum SyncReply {
     Ok,
     BarrierDone { date: u64 },
     Error(String),
+    KeyedBarrierDone { serial: bool },
+    Busy,
 }
 
 /// What a `Lock` request got.
@@ -73,6 +69,12 @@ struct BarrierWaiter {
     done: oneshot::Sender<u64>,
 }
 
+#[derive(Debug)]
+struct KeyedWaiter {
+    caller: Caller,
+    done: oneshot::Sender<bool>,
+}
+
 #[derive(Debug, Default)]
 struct LockState {
     holder: Option<SessionId>,
@@ -89,6 +91,9 @@ pub struct SyncTable {
     locks: HashMap<u64, LockState>,
     /// Per rank: the last request served (seq) and its reply.
     served: BTreeMap<u32, (u64, SyncReply)>,
+    /// Barriers with their own participant count (process-shared pthread
+    /// barriers), by id: the waiters of the current round.
+    keyed: HashMap<u64, Vec<KeyedWaiter>>,
 }
 
 /// Serializable sync state, by rank.
@@ -109,6 +114,7 @@ impl SyncTable {
             barriers: 0,
             locks: HashMap::new(),
             served: BTreeMap::new(),
+            keyed: HashMap::new(),
         }
     }
 
@@ -157,6 +163,39 @@ impl SyncTable {
         rx
     }
 
+    /// `caller` reaches barrier `id` of `count` participants; the receiver
+    /// gets `serial` (true for exactly one of them, the last to arrive)
+    /// once `count` arrivals were seen.
+    pub fn keyed_arrive(&mut self, caller: Caller, id: u64, count: u32) -> oneshot::Receiver<bool> {
+        let (done, rx) = oneshot::channel();
+        let waiters = self.keyed.entry(id).or_default();
+        waiters.push(KeyedWaiter { caller, done });
+        if waiters.len() as u64 >= count.max(1) as u64 {
+            let waiters = self.keyed.remove(&id).unwrap_or_default();
+            let last = waiters.len() - 1;
+            for (i, w) in waiters.into_iter().enumerate() {
+                let serial = i == last;
+                self.record(w.caller, SyncReply::KeyedBarrierDone { serial });
+                let _ = w.done.send(serial);
+            }
+        }
+        rx
+    }
+
+    /// Takes lock `id` when it is free; `Ok(false)` when another session
+    /// holds it (or this one: a trylock never waits, and a non-recursive
+    /// mutex locked twice is busy).
+    pub fn try_lock(&mut self, caller: Caller, id: u64) -> bool {
+        let state = self.locks.entry(id).or_default();
+        let got = state.holder.is_none();
+        if got {
+            state.holder = Some(caller.session);
+        }
+        let reply = if got { SyncReply::Ok } else { SyncReply::Busy };
+        self.record(caller, reply);
+        got
+    }
+
     pub fn lock(&mut self, caller: Caller, id: u64) -> Result<LockGrant, SyncError> {
         let state = self.locks.entry(id).or_default();
         let got = match state.holder {
@@ -198,6 +237,10 @@ impl SyncTable {
     /// queues, and the locks it held go to their next waiters.
     pub fn session_ended(&mut self, session: SessionId) {
         self.waiting.retain(|w| w.caller.session != session);
+        for waiters in self.keyed.values_mut() {
+            waiters.retain(|w| w.caller.session != session);
+        }
+        self.keyed.retain(|_, w| !w.is_empty());
         let mut held = Vec::new();
         for (&id, state) in self.locks.iter_mut() {
             state.queue.retain(|(c, _)| c.session != session);
@@ -352,6 +395,28 @@ mod tests {
         drop(b);
         t.unlock(c(A, 0, 2), 1).unwrap();
         assert_eq!(cc.try_recv(), Ok(()));
+    }
+
+    #[test]
+    fn keyed_barriers_and_trylock() {
+        let mut t = SyncTable::new(4);
+        let mut a = t.keyed_arrive(c(A, 0, 1), 99, 3);
+        let mut b = t.keyed_arrive(c(B, 1, 1), 99, 3);
+        // Another barrier id does not mix with this one.
+        let mut other = t.keyed_arrive(c(C, 2, 1), 100, 2);
+        assert!(a.try_recv().is_err() && b.try_recv().is_err());
+        let mut cc = t.keyed_arrive(c(C, 2, 2), 99, 3);
+        let serials = [a.try_recv(), b.try_recv(), cc.try_recv()];
+        assert_eq!(serials, [Ok(false), Ok(false), Ok(true)]);
+        assert!(other.try_recv().is_err());
+        t.session_ended(C);
+        assert!(t.keyed.is_empty());
+        assert!(t.try_lock(c(A, 0, 2), 5));
+        assert!(!t.try_lock(c(B, 1, 2), 5));
+        assert_eq!(t.replay(1, 2), Some(SyncReply::Busy));
+        assert!(!t.try_lock(c(A, 0, 3), 5));
+        t.unlock(c(A, 0, 4), 5).unwrap();
+        assert!(t.try_lock(c(B, 1, 3), 5));
     }
 
     #[test]

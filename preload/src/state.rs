@@ -284,12 +284,15 @@ pub fn init() {
         uffd_mode::WP,
     );
     let shared_uffd = multi_node.then(|| {
+        // MISSING: pages not on this node are fetched by the agent (for
+        // the kernel's own accesses too); WP (synchronous): a write to a
+        // page this node holds read-only asks the agent for ownership.
         make_uffd(
             rank,
             zone_name(Zone::Shared),
-            feature::MISSING_SHMEM,
+            feature::MISSING_SHMEM | feature::WP_HUGETLBFS_SHMEM,
             (layout.shared_base(), layout.shared_size()),
-            uffd_mode::MISSING,
+            uffd_mode::MISSING | uffd_mode::WP,
         )
     });
     let mut handed = [

@@ -170,6 +170,9 @@ pub enum PeerMsg {
     SessionEnded {
         session: u64,
     },
+    /// The sender is shutting down cleanly (the job ended): its connection
+    /// closing next is not a failure.
+    Leaving,
 }
 
 impl PeerMsg {
@@ -191,6 +194,7 @@ impl PeerMsg {
             PeerMsg::Segment { .. } => "Segment",
             PeerMsg::SegmentDone { .. } => "SegmentDone",
             PeerMsg::SessionEnded { .. } => "SessionEnded",
+            PeerMsg::Leaving => "Leaving",
         }
     }
 

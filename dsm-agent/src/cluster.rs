@@ -1,0 +1,427 @@
+//! What an agent does as one node among several: routing the job-wide
+//! tables to the node that manages them and answering other nodes'
+//! messages. The transport is `mesh`, the page protocol `pages`.
+//!
+//! Managers: node 0 holds the shared-segment table (names to slots) and
+//! manages `mome_barrier`; a lock or keyed barrier id is managed by the node
+//! its hash names. A manager runs the same [`SyncTable`] as a single-node
+//! agent, in which a rank of another node appears as a session numbered
+//! [`remote_session`]; its grants travel back as `SyncDone`. On one node
+//! every call below goes straight to the local tables.
+//!
+//! Checkpoint replay of sync requests (answering a restored rank's request
+//! from the record) is a single-node affair: multi-node jobs are not
+//! checkpointed yet, so managers never replay.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use mome_protocol::layout::PAGE_SIZE;
+use mome_protocol::peer::{PeerMsg, SegmentAnswer, SegmentOp, SyncAnswer, SyncOp};
+use mome_protocol::rank::ErrorCode;
+use tokio::sync::oneshot;
+
+use crate::agent::{lock, Agent, SessionId};
+use crate::mesh::Mesh;
+use crate::pages::PageEngine;
+use crate::segments::SegmentError;
+use crate::sync::{Caller, LockGrant, SyncReply};
+
+/// The multi-node part of an agent.
+#[derive(Debug)]
+pub struct Cluster {
+    pub mesh: Arc<Mesh>,
+    pub pages: Arc<PageEngine>,
+    next_req: AtomicU64,
+    sync_waiting: Mutex<HashMap<u64, oneshot::Sender<SyncAnswer>>>,
+    segment_waiting: Mutex<HashMap<u64, oneshot::Sender<SegmentAnswer>>>,
+}
+
+impl Cluster {
+    pub fn new(mesh: Arc<Mesh>, pages: Arc<PageEngine>) -> Cluster {
+        Cluster {
+            mesh,
+            pages,
+            next_req: AtomicU64::new(1),
+            sync_waiting: Mutex::new(HashMap::new()),
+            segment_waiting: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn req(&self) -> u64 {
+        self.next_req.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// How a session of node `node` is named in a manager's tables.
+pub fn remote_session(node: u32, session: u64) -> SessionId {
+    SessionId(((node as u64 + 1) << 48) | session)
+}
+
+/// Node managing lock or keyed barrier `id`.
+pub fn manager_of(id: u64, nodes: u32) -> u32 {
+    ((id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % nodes.max(1) as u64) as u32
+}
+
+/// A sync operation on its way to its answer.
+#[derive(Debug)]
+pub enum Pending {
+    Now(SyncAnswer),
+    Barrier(oneshot::Receiver<u64>),
+    Lock(oneshot::Receiver<()>),
+    Keyed(oneshot::Receiver<bool>),
+    Remote(oneshot::Receiver<SyncAnswer>),
+}
+
+impl Pending {
+    /// The answer; `None` when the operation was abandoned (its session
+    /// ended, or the manager went away).
+    pub async fn wait(self) -> Option<SyncAnswer> {
+        match self {
+            Pending::Now(a) => Some(a),
+            Pending::Barrier(rx) => rx.await.ok().map(|date| SyncAnswer::BarrierDone { date }),
+            Pending::Lock(rx) => rx.await.ok().map(|()| SyncAnswer::Ok),
+            Pending::Keyed(rx) => rx
+                .await
+                .ok()
+                .map(|serial| SyncAnswer::KeyedBarrierDone { serial }),
+            Pending::Remote(rx) => rx.await.ok(),
+        }
+    }
+}
+
+impl From<SyncReply> for SyncAnswer {
+    fn from(r: SyncReply) -> SyncAnswer {
+        match r {
+            SyncReply::Ok => SyncAnswer::Ok,
+            SyncReply::BarrierDone { date } => SyncAnswer::BarrierDone { date },
+            SyncReply::KeyedBarrierDone { serial } => SyncAnswer::KeyedBarrierDone { serial },
+            SyncReply::Busy => SyncAnswer::Busy,
+            SyncReply::Error(m) => SyncAnswer::Error(m),
+        }
+    }
+}
+
+/// Runs `op` on this node's sync table (this node manages it).
+fn sync_local(agent: &Agent, caller: Caller, op: SyncOp) -> Pending {
+    let mut sync = lock(&agent.sync);
+    match op {
+        SyncOp::Barrier => Pending::Barrier(sync.barrier_arrive(caller)),
+        SyncOp::Lock { id } => match sync.lock(caller, id) {
+            Ok(LockGrant::Granted) => Pending::Now(SyncAnswer::Ok),
+            Ok(LockGrant::Queued(rx)) => Pending::Lock(rx),
+            Err(e) => Pending::Now(SyncAnswer::Error(e.to_string())),
+        },
+        SyncOp::TryLock { id } => Pending::Now(if sync.try_lock(caller, id) {
+            SyncAnswer::Ok
+        } else {
+            SyncAnswer::Busy
+        }),
+        SyncOp::Unlock { id } => match sync.unlock(caller, id) {
+            Ok(()) => Pending::Now(SyncAnswer::Ok),
+            Err(e) => Pending::Now(SyncAnswer::Error(e.to_string())),
+        },
+        SyncOp::KeyedBarrier { id, count } => Pending::Keyed(sync.keyed_arrive(caller, id, count)),
+    }
+}
+
+/// A sync operation of a local session, sent to its manager.
+pub fn sync_call(agent: &Agent, caller: Caller, op: SyncOp) -> Pending {
+    let Some(cluster) = agent.cluster.as_ref() else {
+        return sync_local(agent, caller, op);
+    };
+    let mesh = &cluster.mesh;
+    let manager = match op {
+        SyncOp::Barrier => 0,
+        SyncOp::Lock { id }
+        | SyncOp::TryLock { id }
+        | SyncOp::Unlock { id }
+        | SyncOp::KeyedBarrier { id, .. } => manager_of(id, mesh.nodes),
+    };
+    if manager == mesh.node {
+        return sync_local(agent, caller, op);
+    }
+    let req = cluster.req();
+    let (tx, rx) = oneshot::channel();
+    lock(&cluster.sync_waiting).insert(req, tx);
+    mesh.send(
+        manager,
+        PeerMsg::Sync {
+            req,
+            session: caller.session.0,
+            rank: caller.rank,
+            seq: caller.seq,
+            op,
+        },
+    );
+    Pending::Remote(rx)
+}
+
+/// A local session ended: the managers on other nodes forget it.
+pub fn session_ended(agent: &Agent, session: SessionId) {
+    if let Some(cluster) = agent.cluster.as_ref() {
+        cluster
+            .mesh
+            .broadcast(&PeerMsg::SessionEnded { session: session.0 });
+    }
+}
+
+/// A segment-table operation of session `session` (local, or a remote
+/// one named by [`remote_session`]) on this node's table.
+pub fn segment_local(agent: &Agent, session: SessionId, op: &SegmentOp, label: &str) -> SegmentAnswer {
+    let error = |e: SegmentError| SegmentAnswer::Error {
+        code: e.code(),
+        message: e.to_string(),
+    };
+    let layout = agent.id.layout;
+    let mut segments = lock(&agent.segments);
+    match op {
+        SegmentOp::Open {
+            name,
+            size,
+            create,
+            exclusive,
+        } => match segments.open(session, name, *size, *create, *exclusive) {
+            Ok(seg) => {
+                if seg.created {
+                    log!(
+                        "session {label}: segment {name:?} created in slot {} ({} bytes)",
+                        seg.slot,
+                        seg.size
+                    );
+                }
+                SegmentAnswer::Segment {
+                    slot: seg.slot,
+                    size: seg.size,
+                    created: seg.created,
+                }
+            }
+            Err(e) => error(e),
+        },
+        SegmentOp::Resize { id, size } => match segments.resize(*id, *size) {
+            Ok((seg, shrunk)) => {
+                drop(segments);
+                if let Some(s) = shrunk {
+                    let offset = layout.file_offset(layout.segment_addr(seg.slot)) + s.from;
+                    drop_range(agent, offset, s.to - s.from, label);
+                }
+                SegmentAnswer::Segment {
+                    slot: seg.slot,
+                    size: seg.size,
+                    created: false,
+                }
+            }
+            Err(e) => error(e),
+        },
+        SegmentOp::Unlink { name } => match segments.unlink(name) {
+            Ok((slot, freed)) => {
+                drop(segments);
+                let fate = if freed.is_some() {
+                    "freed"
+                } else {
+                    "stays while in use"
+                };
+                log!("session {label}: segment {name:?} unlinked (slot {slot} {fate})");
+                drop_slot(agent, freed, label);
+                SegmentAnswer::Ok
+            }
+            Err(e) => error(e),
+        },
+        SegmentOp::Use { id } => match segments.use_again(session, *id) {
+            Ok(seg) => SegmentAnswer::Segment {
+                slot: seg.slot,
+                size: seg.size,
+                created: false,
+            },
+            Err(e) => error(e),
+        },
+        SegmentOp::Release { id } => match segments.release(session, *id) {
+            Ok(freed) => {
+                drop(segments);
+                drop_slot(agent, freed, label);
+                SegmentAnswer::Ok
+            }
+            Err(e) => error(e),
+        },
+    }
+}
+
+/// A segment-table operation of a local session, run where the table is.
+pub async fn segment_call(
+    agent: &Agent,
+    session: SessionId,
+    op: SegmentOp,
+    label: &str,
+) -> SegmentAnswer {
+    let Some(cluster) = agent.cluster.as_ref().filter(|c| c.mesh.node != 0) else {
+        return segment_local(agent, session, &op, label);
+    };
+    let req = cluster.req();
+    let (tx, rx) = oneshot::channel();
+    lock(&cluster.segment_waiting).insert(req, tx);
+    cluster.mesh.send(
+        0,
+        PeerMsg::Segment {
+            req,
+            session: session.0,
+            op,
+        },
+    );
+    match rx.await {
+        Ok(answer) => answer,
+        Err(_) => SegmentAnswer::Error {
+            code: ErrorCode::NodeFailed,
+            message: "node 0, which holds the segment table, is gone".into(),
+        },
+    }
+}
+
+/// Drops a freed segment slot's pages (the whole reservation: a rank may
+/// have written past the size), on every node.
+pub fn drop_slot(agent: &Agent, freed: Option<crate::segments::Freed>, label: &str) {
+    let Some(f) = freed else { return };
+    let layout = agent.id.layout;
+    let offset = layout.file_offset(layout.segment_addr(f.slot));
+    drop_range(agent, offset, layout.segment_reserve, label);
+    log!("session {label}: segment slot {} freed", f.slot);
+}
+
+/// Drops memfd range `offset..+len` (of the shared zone) on every node.
+fn drop_range(agent: &Agent, offset: u64, len: u64, label: &str) {
+    let Some(cluster) = agent.cluster.as_ref() else {
+        if let Err(e) = agent.memory.punch(offset, len) {
+            log!("session {label}: {e}");
+        }
+        return;
+    };
+    // Whole pages only: a partial page (a shrink to an unaligned size)
+    // keeps its head, as the page protocol moves whole pages.
+    let layout = agent.id.layout;
+    let zone = layout.file_offset(layout.shared_base());
+    let first = (offset - zone).div_ceil(PAGE_SIZE);
+    let end = (offset + len - zone) / PAGE_SIZE;
+    if end <= first {
+        return;
+    }
+    let msg = PeerMsg::DropPages {
+        first,
+        count: end - first,
+    };
+    cluster.mesh.broadcast(&msg);
+    cluster.pages.drop_pages(first, end - first);
+}
+
+/// Handles a message of node `from` (or of this node, through loopback).
+pub fn dispatch(agent: &Arc<Agent>, from: u32, msg: PeerMsg) {
+    let Some(cluster) = agent.cluster.as_ref() else {
+        return;
+    };
+    let mesh: &Mesh = &cluster.mesh;
+    let pages = &cluster.pages;
+    match msg {
+        PeerMsg::PageRequest {
+            page,
+            from: requester,
+            req,
+            write,
+            has_copy,
+            hops,
+        } => pages.on_request(page, requester, req, write, has_copy, hops),
+        PeerMsg::PageGrant {
+            page,
+            req,
+            write,
+            epoch,
+            copyset,
+            data,
+        } => pages.on_grant(from, page, req, write, epoch, copyset, data),
+        PeerMsg::Invalidate {
+            page,
+            epoch,
+            new_owner,
+        } => pages.on_invalidate(from, page, epoch, new_owner),
+        PeerMsg::InvalidateAck { page, epoch } => pages.on_invalidate_ack(from, page, epoch),
+        PeerMsg::DropPages { first, count } => pages.drop_pages(first, count),
+        PeerMsg::Sync {
+            req,
+            session,
+            rank,
+            seq,
+            op,
+        } => {
+            let caller = Caller {
+                session: remote_session(from, session),
+                rank,
+                seq,
+            };
+            match sync_local(agent, caller, op) {
+                Pending::Now(answer) => mesh.send(from, PeerMsg::SyncDone { req, answer }),
+                pending => {
+                    let mesh = cluster.mesh.clone();
+                    tokio::spawn(async move {
+                        if let Some(answer) = pending.wait().await {
+                            mesh.send(from, PeerMsg::SyncDone { req, answer });
+                        }
+                    });
+                }
+            }
+        }
+        PeerMsg::SyncDone { req, answer } => match lock(&cluster.sync_waiting).remove(&req) {
+            // A dropped receiver: the session ended while waiting; its
+            // SessionEnded releases what the grant gave it.
+            Some(tx) => {
+                let _ = tx.send(answer);
+            }
+            None => log!("SyncDone {req} from node {from} matches no request: ignored"),
+        },
+        PeerMsg::Segment { req, session, op } => {
+            let answer = if mesh.node == 0 {
+                let label = format!("node {from} session {session}");
+                segment_local(agent, remote_session(from, session), &op, &label)
+            } else {
+                SegmentAnswer::Error {
+                    code: ErrorCode::Invalid,
+                    message: format!("node {} does not hold the segment table", mesh.node),
+                }
+            };
+            mesh.send(from, PeerMsg::SegmentDone { req, answer });
+        }
+        PeerMsg::SegmentDone { req, answer } => {
+            match lock(&cluster.segment_waiting).remove(&req) {
+                Some(tx) => {
+                    let _ = tx.send(answer);
+                }
+                None => log!("SegmentDone {req} from node {from} matches no request: ignored"),
+            }
+        }
+        PeerMsg::SessionEnded { session } => {
+            let id = remote_session(from, session);
+            lock(&agent.sync).session_ended(id);
+            if mesh.node == 0 {
+                let freed = lock(&agent.segments).session_ended(id);
+                for f in freed {
+                    drop_slot(agent, Some(f), &format!("node {from} session {session}"));
+                }
+            }
+        }
+        other => log!(
+            "node {from} sent {} after the handshake: ignored",
+            other.name()
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_sessions_do_not_collide() {
+        assert_ne!(remote_session(0, 5), remote_session(1, 5));
+        assert_ne!(remote_session(0, 5), SessionId(5));
+        let spread: std::collections::BTreeSet<u32> =
+            (0..64u64).map(|id| manager_of(id, 4)).collect();
+        assert_eq!(spread.len(), 4);
+    }
+}

@@ -1,0 +1,906 @@
+//! The page protocol of a multi-node job: sequential consistency for the
+//! pages of the shared zone, single writer / multiple readers, invalidation
+//! based, with a directory that has no fixed home.
+//!
+//! Directory (the dynamic distributed manager of Li and Hudak, as in Mome):
+//! the node that owns a page is also its manager; it keeps the page's
+//! copyset (the nodes holding a read copy). Every other node keeps a
+//! probable owner and sends its requests there; a node that is not the
+//! owner forwards them along its own probable owner (and, for a write
+//! request, points its hint at the requester, who is about to own the
+//! page). The manager thus migrates with ownership toward the node that
+//! writes the page, and read-mostly pages keep the manager they have. A
+//! page starts owned by its home node, chosen by hash, as a zero page.
+//!
+//! Node-level states: `None` (not in the node's memfd), `Read` (present,
+//! write-protected in every local rank) and `Write` (present, writable).
+//! One fetch serves every local rank, since they all map the node's memfd;
+//! an invalidation punches the page out of the memfd, which unmaps it from
+//! every local rank at once. Write protection lives in each rank's
+//! userfaultfd (registered MISSING | WP on the shared zone): before a read
+//! copy is installed, the page is write-protected in every local rank (the
+//! kernel keeps a marker on ranks that have not mapped it yet), and a write
+//! to it is a WP fault that asks for ownership.
+//!
+//! Races the protocol handles:
+//! - a read grant overtaken by an invalidation of a later epoch (different
+//!   connections): the epoch of the grant is below the invalidation's, so
+//!   the copy is dropped and asked for again;
+//! - requests reaching a node that is about to own the page (its write
+//!   request is on its way): queued until it owns it;
+//! - a page taken away before the woken faulting thread used it: a page
+//!   installed for local waiters is kept [`HOLD`] before it is given away.
+//!
+//! Everything runs under one mutex, never held across an await: each event
+//! (a local fault, a message) does its state change, its ioctls, preads,
+//! punches and queued sends in one short critical section.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use mome_protocol::layout::{WindowLayout, PAGE_SIZE};
+use mome_protocol::peer::PeerMsg;
+use mome_uffd::{copy_mode, fault_flag, Filled, Uffd, UffdError};
+
+use crate::agent::{lock, SessionId};
+use crate::faults::AliasTable;
+use crate::mesh::Mesh;
+
+/// How long a page fetched for local waiters stays before another node may
+/// take it: the woken threads must get to use it, or two nodes writing the
+/// same page could take it from each other forever.
+pub const HOLD: Duration = Duration::from_millis(1);
+/// Forwards after which a request is logged as going round in circles.
+const MAX_HOPS: u32 = 64;
+
+#[repr(C, align(4096))]
+struct Page([u8; PAGE_SIZE as usize]);
+static ZERO_PAGE: Page = Page([0; PAGE_SIZE as usize]);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Access {
+    None,
+    Read,
+    Write,
+}
+
+/// A fault of a local rank waiting for the page.
+#[derive(Debug, Clone, Copy)]
+struct Waiter {
+    session: SessionId,
+    /// Faulting address (page-aligned), in the rank's address space: the
+    /// window address or an alias of it.
+    addr: u64,
+    flags: u64,
+}
+
+/// A request of another node (or forwarded by one).
+#[derive(Debug, Clone, Copy)]
+struct Request {
+    from: u32,
+    req: u64,
+    write: bool,
+    has_copy: bool,
+    hops: u32,
+}
+
+/// This node's own request in flight.
+#[derive(Debug)]
+struct Pending {
+    req: u64,
+    write: bool,
+    since: Instant,
+    /// Node the request went to (for the failure report).
+    asked: u32,
+    /// Granted write: nodes whose InvalidateAck is awaited (bit per node).
+    acks: u64,
+    granted: bool,
+    data: Option<Vec<u8>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    access: Access,
+    owner: bool,
+    prob_owner: u32,
+    /// Owner only: nodes holding a read copy (bit per node).
+    copyset: u64,
+    /// Epoch of this node's copy or ownership.
+    epoch: u64,
+    /// Copies of an epoch below this one are stale (an invalidation said so).
+    min_epoch: u64,
+    pending: Option<Pending>,
+    waiters: Vec<Waiter>,
+    queued: VecDeque<Request>,
+    hold_until: Option<Instant>,
+}
+
+impl Entry {
+    fn initial(home: u32, me: u32) -> Entry {
+        Entry {
+            access: if home == me { Access::Write } else { Access::None },
+            owner: home == me,
+            prob_owner: home,
+            copyset: 0,
+            epoch: 0,
+            min_epoch: 0,
+            pending: None,
+            waiters: Vec::new(),
+            queued: VecDeque::new(),
+            hold_until: None,
+        }
+    }
+}
+
+/// A local rank's view of the shared zone.
+#[derive(Debug)]
+struct RankView {
+    uffd: Uffd,
+    aliases: Arc<Mutex<AliasTable>>,
+}
+
+impl RankView {
+    /// Every address at which this rank maps window address `window_addr`.
+    fn addrs_of(&self, window_addr: u64) -> Vec<u64> {
+        let mut v = vec![window_addr];
+        v.extend(lock(&self.aliases).aliases_of(window_addr));
+        v
+    }
+}
+
+/// Counters, for the log and the benchmarks.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PageStats {
+    pub read_faults: u64,
+    pub write_faults: u64,
+    pub requests_sent: u64,
+    pub requests_served: u64,
+    pub forwarded: u64,
+    pub invalidations: u64,
+    pub stale_grants: u64,
+}
+
+#[derive(Debug)]
+struct Directory {
+    entries: HashMap<u64, Entry>,
+    ranks: BTreeMap<SessionId, RankView>,
+    next_req: u64,
+    stats: PageStats,
+}
+
+#[derive(Debug)]
+pub struct PageEngine {
+    node: u32,
+    nodes: u32,
+    layout: WindowLayout,
+    memfd: OwnedFd,
+    mesh: Arc<Mesh>,
+    dir: Mutex<Directory>,
+    /// Set once the engine is in an Arc: hold timers reach it through this.
+    me: Mutex<Weak<PageEngine>>,
+}
+
+/// Home (first owner) of a page: spread by hash so that no node manages
+/// the first touch of every page.
+pub fn home_of(page: u64, nodes: u32) -> u32 {
+    ((page.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % nodes as u64) as u32
+}
+
+impl PageEngine {
+    pub fn new(layout: WindowLayout, memfd: OwnedFd, mesh: Arc<Mesh>) -> Arc<PageEngine> {
+        let engine = Arc::new(PageEngine {
+            node: mesh.node,
+            nodes: mesh.nodes,
+            layout,
+            memfd,
+            mesh,
+            dir: Mutex::new(Directory {
+                entries: HashMap::new(),
+                ranks: BTreeMap::new(),
+                next_req: 1,
+                stats: PageStats::default(),
+            }),
+            me: Mutex::new(Weak::new()),
+        });
+        *lock(&engine.me) = Arc::downgrade(&engine);
+        engine
+    }
+
+    pub fn stats(&self) -> PageStats {
+        lock(&self.dir).stats
+    }
+
+    fn window_addr(&self, page: u64) -> u64 {
+        self.layout.shared_base() + page * PAGE_SIZE
+    }
+
+    fn file_offset(&self, page: u64) -> u64 {
+        self.layout.file_offset(self.window_addr(page))
+    }
+
+    /// A local rank registered its shared-zone userfaultfd (a duplicate of
+    /// it is kept here): pages this node holds read-only must be read-only
+    /// for it too.
+    pub fn add_rank(&self, session: SessionId, uffd: Uffd, aliases: Arc<Mutex<AliasTable>>) {
+        let mut d = lock(&self.dir);
+        let view = RankView { uffd, aliases };
+        let read_pages: Vec<u64> = d
+            .entries
+            .iter()
+            .filter(|(_, e)| e.access == Access::Read)
+            .map(|(&p, _)| p)
+            .collect();
+        for p in read_pages {
+            for addr in view.addrs_of(self.window_addr(p)) {
+                report(view.uffd.write_protect(addr, PAGE_SIZE, true, false), "write-protect");
+            }
+        }
+        d.ranks.insert(session, view);
+    }
+
+    /// The rank mapped window range `window_addr..+len` also elsewhere:
+    /// read-only pages of that range must be read-only there too.
+    pub fn alias_added(&self, session: SessionId, window_addr: u64, len: u64) {
+        let d = lock(&self.dir);
+        let Some(view) = d.ranks.get(&session) else {
+            return;
+        };
+        for (&p, e) in &d.entries {
+            let w = self.window_addr(p);
+            if e.access == Access::Read && w >= window_addr && w < window_addr + len {
+                for addr in view.addrs_of(w) {
+                    report(view.uffd.write_protect(addr, PAGE_SIZE, true, false), "write-protect");
+                }
+            }
+        }
+    }
+
+    pub fn remove_rank(&self, session: SessionId) {
+        let mut d = lock(&self.dir);
+        d.ranks.remove(&session);
+        for e in d.entries.values_mut() {
+            e.waiters.retain(|w| w.session != session);
+        }
+    }
+
+    /// A fault of local rank `session` at `addr` (in its address space),
+    /// `window_addr` being the shared-zone address it stands for.
+    pub fn fault(&self, session: SessionId, addr: u64, window_addr: u64, flags: u64) {
+        let page = (window_addr - self.layout.shared_base()) / PAGE_SIZE;
+        let waiter = Waiter {
+            session,
+            addr: addr & !(PAGE_SIZE - 1),
+            flags,
+        };
+        let mut d = lock(&self.dir);
+        if flags & (fault_flag::WRITE | fault_flag::WP) != 0 {
+            d.stats.write_faults += 1;
+        } else {
+            d.stats.read_faults += 1;
+        }
+        self.entry(&mut d, page);
+        let e = d.entries.get_mut(&page).expect("just made");
+        if e.pending.is_some() {
+            e.waiters.push(waiter);
+            return;
+        }
+        if let Some(write) = self.resolve(&mut d, page, waiter) {
+            let e = d.entries.get_mut(&page).expect("present");
+            e.waiters.push(waiter);
+            self.start_request(&mut d, page, write);
+        }
+    }
+
+    fn entry<'a>(&self, d: &'a mut Directory, page: u64) -> &'a mut Entry {
+        let (home, me) = (home_of(page, self.nodes), self.node);
+        d.entries
+            .entry(page)
+            .or_insert_with(|| Entry::initial(home, me))
+    }
+
+    /// Resolves a local fault with what the node holds; `Some(write)` when
+    /// the page must be asked for first.
+    fn resolve(&self, d: &mut Directory, page: u64, w: Waiter) -> Option<bool> {
+        let wp = w.flags & fault_flag::WP != 0;
+        let write = wp || w.flags & fault_flag::WRITE != 0;
+        let access = d.entries.get(&page).map_or(Access::None, |e| e.access);
+        let Some(view) = d.ranks.get(&w.session) else {
+            return None; // the rank is gone
+        };
+        match access {
+            Access::Write if wp => {
+                report(view.uffd.write_protect(w.addr, PAGE_SIZE, false, false), "unprotect");
+                None
+            }
+            Access::Write => {
+                // Owned and writable, but not in the memfd: never written
+                // on any node since it was last dropped, so zero.
+                let r = view
+                    .uffd
+                    .copy(w.addr, ZERO_PAGE.0.as_ptr(), PAGE_SIZE)
+                    .and_then(|f| wake_if_present(&view.uffd, w.addr, f));
+                report(r, "install a zero page");
+                None
+            }
+            Access::Read if write => Some(true),
+            Access::Read => {
+                if self.present(page) {
+                    report(view.uffd.wake(w.addr, PAGE_SIZE), "wake");
+                    None
+                } else {
+                    Some(false)
+                }
+            }
+            Access::None if wp => {
+                // Invalidated after the fault was raised: the retry is a
+                // missing-page fault.
+                report(view.uffd.wake(w.addr, PAGE_SIZE), "wake");
+                None
+            }
+            Access::None => Some(write),
+        }
+    }
+
+    /// Whether the page is in the node's memfd (SEEK_DATA at its offset).
+    fn present(&self, page: u64) -> bool {
+        let off = self.file_offset(page) as libc::off_t;
+        // SAFETY: lseek on a descriptor we own; no memory is passed.
+        let at = unsafe { libc::lseek(self.memfd.as_raw_fd(), off, libc::SEEK_DATA) };
+        at == off
+    }
+
+    fn read_page(&self, page: u64) -> Vec<u8> {
+        let mut buf = vec![0u8; PAGE_SIZE as usize];
+        let off = self.file_offset(page) as libc::off_t;
+        // SAFETY: buf is PAGE_SIZE writable bytes; pread on our own memfd
+        // reads a hole as zeros.
+        let n = unsafe {
+            libc::pread(
+                self.memfd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                off,
+            )
+        };
+        if n != PAGE_SIZE as isize {
+            log!(
+                "cannot read page {page} of the node memory: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        buf
+    }
+
+    fn punch(&self, page: u64, count: u64) {
+        let off = self.file_offset(page) as libc::off_t;
+        let len = (count * PAGE_SIZE) as libc::off_t;
+        // SAFETY: fallocate on our own memfd, inside its size.
+        let rc = unsafe {
+            libc::fallocate(
+                self.memfd.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            )
+        };
+        if rc != 0 {
+            log!(
+                "cannot drop pages {page}+{count} of the node memory: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+
+    /// Write-protects the page in every local rank, at every address it is
+    /// mapped at (markers where not mapped yet).
+    fn protect_everywhere(&self, d: &Directory, page: u64) {
+        let w = self.window_addr(page);
+        for view in d.ranks.values() {
+            for addr in view.addrs_of(w) {
+                report(view.uffd.write_protect(addr, PAGE_SIZE, true, false), "write-protect");
+            }
+        }
+    }
+
+    fn start_request(&self, d: &mut Directory, page: u64, write: bool) {
+        let req = d.next_req;
+        d.next_req += 1;
+        let me = self.node;
+        let e = self.entry(d, page);
+        debug_assert!(e.pending.is_none());
+        if e.owner {
+            // Only a write upgrade can be needed at the owner, which holds
+            // a copy: invalidate the copyset.
+            let targets = e.copyset & !(1 << me);
+            e.epoch += 1;
+            e.min_epoch = e.epoch;
+            e.copyset = 0;
+            e.pending = Some(Pending {
+                req,
+                write: true,
+                since: Instant::now(),
+                asked: me,
+                acks: targets,
+                granted: true,
+                data: None,
+            });
+            let epoch = e.epoch;
+            for n in nodes_in(targets) {
+                self.mesh.send(
+                    n,
+                    PeerMsg::Invalidate {
+                        page,
+                        epoch,
+                        new_owner: me,
+                    },
+                );
+            }
+            d.stats.invalidations += targets.count_ones() as u64;
+            if targets == 0 {
+                self.complete(d, page);
+            }
+            return;
+        }
+        let to = e.prob_owner;
+        e.pending = Some(Pending {
+            req,
+            write,
+            since: Instant::now(),
+            asked: to,
+            acks: 0,
+            granted: false,
+            data: None,
+        });
+        let has_copy = e.access == Access::Read;
+        d.stats.requests_sent += 1;
+        self.mesh.send(
+            to,
+            PeerMsg::PageRequest {
+                page,
+                from: me,
+                req,
+                write,
+                has_copy,
+                hops: 0,
+            },
+        );
+    }
+
+    /// The page arrived (and, for a write, every copy is invalidated):
+    /// install it, then serve the local waiters and the queued requests.
+    fn complete(&self, d: &mut Directory, page: u64) {
+        let e = self.entry(d, page);
+        let Some(p) = e.pending.take() else { return };
+        let waiters = std::mem::take(&mut e.waiters);
+        let had_copy = e.access == Access::Read;
+        e.access = if p.write { Access::Write } else { Access::Read };
+        if !waiters.is_empty() {
+            e.hold_until = Some(Instant::now() + HOLD);
+        }
+        if let Some(data) = p.data {
+            if had_copy {
+                self.punch(page, 1);
+            }
+            if !p.write {
+                self.protect_everywhere(d, page);
+            }
+            self.install(d, page, &data, !p.write, &waiters);
+        }
+        let mut rest = waiters.into_iter();
+        for w in rest.by_ref() {
+            if let Some(write) = self.resolve(d, page, w) {
+                let e = self.entry(d, page);
+                e.waiters.push(w);
+                e.waiters.extend(rest);
+                self.start_request(d, page, write);
+                return;
+            }
+        }
+        self.serve_queue(d, page);
+    }
+
+    /// Puts `data` in the memfd atomically (UFFDIO_COPY through a local
+    /// rank: the page appears whole or not at all), write-protected for a
+    /// read copy.
+    fn install(&self, d: &Directory, page: u64, data: &[u8], read_only: bool, waiters: &[Waiter]) {
+        let mode = if read_only { copy_mode::WP } else { 0 };
+        let window = self.window_addr(page);
+        let candidates = waiters
+            .iter()
+            .map(|w| (w.session, w.addr))
+            .chain(d.ranks.keys().map(|&s| (s, window)));
+        for (session, addr) in candidates {
+            let Some(view) = d.ranks.get(&session) else {
+                continue;
+            };
+            for _ in 0..100 {
+                match view
+                    .uffd
+                    .copy_with_mode(addr, data.as_ptr(), PAGE_SIZE, mode | copy_mode::DONTWAKE)
+                {
+                    Ok(_) => return,
+                    // The rank's address space is changing: try again.
+                    Err(UffdError::Os { errno, .. }) if errno.0 == libc::EAGAIN => {
+                        std::thread::yield_now()
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        // No local rank can take it (none connected): no rank can see a
+        // partly written page either.
+        let off = self.file_offset(page) as libc::off_t;
+        // SAFETY: data is PAGE_SIZE readable bytes; pwrite to our memfd.
+        let n = unsafe {
+            libc::pwrite(
+                self.memfd.as_raw_fd(),
+                data.as_ptr().cast(),
+                data.len(),
+                off,
+            )
+        };
+        if n != PAGE_SIZE as isize {
+            log!(
+                "cannot write page {page} into the node memory: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+
+    /// A request from another node (or this one's loopback).
+    pub fn on_request(
+        &self,
+        page: u64,
+        from: u32,
+        req: u64,
+        write: bool,
+        has_copy: bool,
+        hops: u32,
+    ) {
+        let mut d = lock(&self.dir);
+        let r = Request {
+            from,
+            req,
+            write,
+            has_copy,
+            hops,
+        };
+        self.handle_request(&mut d, page, r);
+    }
+
+    fn handle_request(&self, d: &mut Directory, page: u64, r: Request) {
+        let e = self.entry(d, page);
+        if !e.owner {
+            if e.pending.as_ref().is_some_and(|p| p.write) {
+                // This node is about to own the page.
+                e.queued.push_back(r);
+                return;
+            }
+            let to = e.prob_owner;
+            if r.write {
+                e.prob_owner = r.from;
+            }
+            if r.hops == MAX_HOPS {
+                log!(
+                    "request {} of node {} for page {page} forwarded {MAX_HOPS} times (now to node {to})",
+                    r.req,
+                    r.from
+                );
+            }
+            d.stats.forwarded += 1;
+            self.mesh.send(
+                to,
+                PeerMsg::PageRequest {
+                    page,
+                    from: r.from,
+                    req: r.req,
+                    write: r.write,
+                    has_copy: r.has_copy,
+                    hops: r.hops.saturating_add(1),
+                },
+            );
+            return;
+        }
+        let held = e.hold_until.is_some_and(|t| t > Instant::now());
+        if e.pending.is_some() || held {
+            e.queued.push_back(r);
+            if held && e.pending.is_none() {
+                self.after_hold(page, e.hold_until.expect("held"));
+            }
+            return;
+        }
+        self.serve(d, page, r);
+    }
+
+    /// Serves queued requests of `page` once its hold time is over.
+    fn after_hold(&self, page: u64, until: Instant) {
+        let me = lock(&self.me).clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(until.into()).await;
+            if let Some(engine) = me.upgrade() {
+                let mut d = lock(&engine.dir);
+                let e = engine.entry(&mut d, page);
+                if e.pending.is_none() {
+                    e.hold_until = None;
+                    engine.serve_queue(&mut d, page);
+                }
+            }
+        });
+    }
+
+    fn serve_queue(&self, d: &mut Directory, page: u64) {
+        loop {
+            let e = self.entry(d, page);
+            if e.pending.is_some() {
+                return;
+            }
+            if e.hold_until.is_some_and(|t| t > Instant::now()) {
+                if !e.queued.is_empty() {
+                    let until = e.hold_until.expect("held");
+                    self.after_hold(page, until);
+                }
+                return;
+            }
+            e.hold_until = None;
+            let Some(r) = e.queued.pop_front() else {
+                return;
+            };
+            self.handle_request(d, page, r);
+        }
+    }
+
+    /// The owner, not busy, answers a request.
+    fn serve(&self, d: &mut Directory, page: u64, r: Request) {
+        let me = self.node;
+        d.stats.requests_served += 1;
+        let e = self.entry(d, page);
+        let access = e.access;
+        if !r.write {
+            if access == Access::Write {
+                // Downgrade: no local rank may write once the copy is out.
+                self.protect_everywhere(d, page);
+            }
+            let data = self.read_page(page);
+            let e = self.entry(d, page);
+            e.access = Access::Read;
+            e.copyset |= 1 << r.from;
+            let epoch = e.epoch;
+            self.mesh.send(
+                r.from,
+                PeerMsg::PageGrant {
+                    page,
+                    req: r.req,
+                    write: false,
+                    epoch,
+                    copyset: 0,
+                    data: Some(data),
+                },
+            );
+            return;
+        }
+        if access == Access::Write {
+            // Stop local writers before the last read of the page.
+            self.protect_everywhere(d, page);
+        }
+        let e = self.entry(d, page);
+        let send_data = !(r.has_copy && e.copyset & (1 << r.from) != 0);
+        let copyset = e.copyset & !(1 << r.from) & !(1 << me);
+        let epoch = e.epoch + 1;
+        let data = send_data.then(|| self.read_page(page));
+        self.punch(page, 1);
+        let e = self.entry(d, page);
+        e.access = Access::None;
+        e.owner = false;
+        e.prob_owner = r.from;
+        e.copyset = 0;
+        e.epoch = epoch;
+        e.min_epoch = epoch;
+        self.mesh.send(
+            r.from,
+            PeerMsg::PageGrant {
+                page,
+                req: r.req,
+                write: true,
+                epoch,
+                copyset,
+                data,
+            },
+        );
+    }
+
+    /// The answer to one of this node's requests.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_grant(
+        &self,
+        from: u32,
+        page: u64,
+        req: u64,
+        write: bool,
+        epoch: u64,
+        copyset: u64,
+        data: Option<Vec<u8>>,
+    ) {
+        let me = self.node;
+        let mut d = lock(&self.dir);
+        let e = self.entry(&mut d, page);
+        let matches = e
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.req == req && !p.granted && p.write == write);
+        if !matches {
+            log!("grant {req} of page {page} from node {from} matches no request: ignored");
+            return;
+        }
+        if !write {
+            if epoch < e.min_epoch {
+                // Overtaken by an invalidation: ask again.
+                e.pending = None;
+                d.stats.stale_grants += 1;
+                self.start_request(&mut d, page, false);
+                return;
+            }
+            e.prob_owner = from;
+            e.epoch = epoch;
+            if let Some(p) = e.pending.as_mut() {
+                p.granted = true;
+                p.data = data;
+            }
+            self.complete(&mut d, page);
+            return;
+        }
+        if data.is_none() && e.access != Access::Read {
+            log!("write grant of page {page} from node {from} without data, but this node has no copy");
+        }
+        e.owner = true;
+        e.prob_owner = me;
+        e.epoch = epoch;
+        e.min_epoch = epoch;
+        e.copyset = 0;
+        let targets = copyset & !(1 << me);
+        if let Some(p) = e.pending.as_mut() {
+            p.granted = true;
+            p.data = data;
+            p.acks = targets;
+        }
+        for n in nodes_in(targets) {
+            self.mesh.send(
+                n,
+                PeerMsg::Invalidate {
+                    page,
+                    epoch,
+                    new_owner: me,
+                },
+            );
+        }
+        d.stats.invalidations += targets.count_ones() as u64;
+        if targets == 0 {
+            self.complete(&mut d, page);
+        }
+    }
+
+    pub fn on_invalidate(&self, from: u32, page: u64, epoch: u64, new_owner: u32) {
+        let mut d = lock(&self.dir);
+        let e = self.entry(&mut d, page);
+        if e.owner {
+            log!("node {from} invalidates page {page} (epoch {epoch}), which this node owns (epoch {}): ignored", e.epoch);
+            return;
+        }
+        e.min_epoch = e.min_epoch.max(epoch);
+        e.prob_owner = new_owner;
+        let had = e.access;
+        e.access = Access::None;
+        if had != Access::None {
+            self.punch(page, 1);
+        }
+        self.mesh.send(from, PeerMsg::InvalidateAck { page, epoch });
+    }
+
+    pub fn on_invalidate_ack(&self, from: u32, page: u64, epoch: u64) {
+        let mut d = lock(&self.dir);
+        let e = self.entry(&mut d, page);
+        let Some(p) = e.pending.as_mut().filter(|p| p.granted && p.write) else {
+            log!("invalidation ack of page {page} from node {from} matches no request: ignored");
+            return;
+        };
+        if e.epoch != epoch {
+            log!("invalidation ack of page {page} epoch {epoch} from node {from}, expected epoch {}: ignored", e.epoch);
+            return;
+        }
+        p.acks &= !(1 << from);
+        if p.acks == 0 {
+            self.complete(&mut d, page);
+        }
+    }
+
+    /// Pages of a freed or shrunk segment: dropped and forgotten everywhere.
+    pub fn drop_pages(&self, first: u64, count: u64) {
+        let mut d = lock(&self.dir);
+        self.punch(first, count);
+        let mut woken = Vec::new();
+        d.entries.retain(|&p, e| {
+            if p < first || p >= first + count {
+                return true;
+            }
+            woken.extend(e.waiters.drain(..));
+            false
+        });
+        for w in woken {
+            if let Some(view) = d.ranks.get(&w.session) {
+                let _ = view.uffd.wake(w.addr, PAGE_SIZE);
+            }
+        }
+    }
+
+    /// The oldest request of this node older than `limit`, as (node asked,
+    /// description), for failure detection.
+    pub fn stuck(&self, limit: Duration) -> Option<(u32, String)> {
+        let d = lock(&self.dir);
+        d.entries.iter().find_map(|(&page, e)| {
+            let p = e.pending.as_ref()?;
+            let age = p.since.elapsed();
+            if age <= limit {
+                return None;
+            }
+            let what = if p.granted {
+                format!(
+                    "invalidations of page {page} not acknowledged after {:.1} s",
+                    age.as_secs_f64()
+                )
+            } else {
+                format!(
+                    "no answer for page {page} ({}) after {:.1} s",
+                    if p.write { "write" } else { "read" },
+                    age.as_secs_f64()
+                )
+            };
+            let node = if p.granted {
+                nodes_in(p.acks).next().unwrap_or(p.asked)
+            } else {
+                p.asked
+            };
+            Some((node, what))
+        })
+    }
+}
+
+fn nodes_in(set: u64) -> impl Iterator<Item = u32> {
+    (0..64u32).filter(move |n| set & (1 << n) != 0)
+}
+
+fn wake_if_present(uffd: &Uffd, addr: u64, filled: Filled) -> Result<(), UffdError> {
+    match filled {
+        Filled::Copied => Ok(()),
+        Filled::AlreadyPresent => uffd.wake(addr, PAGE_SIZE),
+    }
+}
+
+/// Logs a failed ioctl, except ENOENT/ESRCH (the rank is exiting).
+fn report(r: Result<(), UffdError>, what: &str) {
+    match r {
+        Ok(()) => {}
+        Err(UffdError::Os { errno, .. }) if errno.0 == libc::ENOENT || errno.0 == libc::ESRCH => {}
+        Err(e) => log!("cannot {what}: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn homes_spread_over_nodes() {
+        let mut count = [0u32; 4];
+        for p in 0..4000 {
+            count[home_of(p, 4) as usize] += 1;
+        }
+        assert!(count.iter().all(|&c| c > 800), "{count:?}");
+        assert!((0..100).all(|p| home_of(p, 1) == 0));
+    }
+
+    #[test]
+    fn node_sets() {
+        assert_eq!(nodes_in(0b1011).collect::<Vec<_>>(), vec![0, 1, 3]);
+    }
+}
