@@ -169,7 +169,12 @@ pub fn session_ended(agent: &Agent, session: SessionId) {
 
 /// A segment-table operation of session `session` (local, or a remote
 /// one named by [`remote_session`]) on this node's table.
-pub fn segment_local(agent: &Agent, session: SessionId, op: &SegmentOp, label: &str) -> SegmentAnswer {
+pub fn segment_local(
+    agent: &Agent,
+    session: SessionId,
+    op: &SegmentOp,
+    label: &str,
+) -> SegmentAnswer {
     let error = |e: SegmentError| SegmentAnswer::Error {
         code: e.code(),
         message: e.to_string(),
@@ -387,14 +392,12 @@ pub fn dispatch(agent: &Arc<Agent>, from: u32, msg: PeerMsg) {
             };
             mesh.send(from, PeerMsg::SegmentDone { req, answer });
         }
-        PeerMsg::SegmentDone { req, answer } => {
-            match lock(&cluster.segment_waiting).remove(&req) {
-                Some(tx) => {
-                    let _ = tx.send(answer);
-                }
-                None => log!("SegmentDone {req} from node {from} matches no request: ignored"),
+        PeerMsg::SegmentDone { req, answer } => match lock(&cluster.segment_waiting).remove(&req) {
+            Some(tx) => {
+                let _ = tx.send(answer);
             }
-        }
+            None => log!("SegmentDone {req} from node {from} matches no request: ignored"),
+        },
         PeerMsg::SessionEnded { session } => {
             let id = remote_session(from, session);
             lock(&agent.sync).session_ended(id);

@@ -201,15 +201,16 @@ fn run(cli: Cli) -> Result<(), StartError> {
     let listen_addr = identity.listen.clone();
     let agent = Arc::new(Agent::new(identity, memory, events, restore)?);
     let result = runtime.block_on(async {
-        let peers = match agent.cluster.as_ref() {
-            Some(_) => Some(mesh::listen(&listen_addr).await.map_err(|source| {
-                StartError::PeerListen {
-                    addr: listen_addr.clone(),
-                    source,
-                }
-            })?),
-            None => None,
-        };
+        let peers =
+            match agent.cluster.as_ref() {
+                Some(_) => Some(mesh::listen(&listen_addr).await.map_err(|source| {
+                    StartError::PeerListen {
+                        addr: listen_addr.clone(),
+                        source,
+                    }
+                })?),
+                None => None,
+            };
         serve(agent, &socket, event_rx, peers).await
     });
     // Sessions still open are dropped with the runtime; nothing they hold

@@ -200,7 +200,10 @@ impl Mesh {
     /// Queues `msg` for node `to` (this node included: loopback).
     pub fn send(&self, to: u32, msg: PeerMsg) {
         let Some(peer) = self.peers.get(to as usize) else {
-            log!("message {} to node {to}, which does not exist: dropped", msg.name());
+            log!(
+                "message {} to node {to}, which does not exist: dropped",
+                msg.name()
+            );
             return;
         };
         // A closed queue means the peer's writer ended: the node is being
@@ -325,9 +328,10 @@ pub fn connect_peers(agent: &Arc<Agent>, addrs: Vec<String>) {
         }
         let agent = agent.clone();
         tokio::spawn(async move {
-            let timeout = agent.cluster.as_ref().map_or(Duration::from_secs(10), |c| {
-                c.mesh.timing.peer_timeout
-            });
+            let timeout = agent
+                .cluster
+                .as_ref()
+                .map_or(Duration::from_secs(10), |c| c.mesh.timing.peer_timeout);
             let started = Instant::now();
             // The peer printed its ready line before Peers was sent, so it
             // listens; retry briefly all the same (a loaded machine).
@@ -340,7 +344,8 @@ pub fn connect_peers(agent: &Arc<Agent>, addrs: Vec<String>) {
                     }
                     Err(e) => {
                         if let Some(c) = agent.cluster.as_ref() {
-                            c.mesh.node_failed(n, format!("cannot connect to {addr}: {e}"));
+                            c.mesh
+                                .node_failed(n, format!("cannot connect to {addr}: {e}"));
                         }
                         return;
                     }
@@ -350,7 +355,8 @@ pub fn connect_peers(agent: &Arc<Agent>, addrs: Vec<String>) {
                 Ok(Ok((r, w))) => established(&agent, n, r, w),
                 Ok(Err(e)) => {
                     if let Some(c) = agent.cluster.as_ref() {
-                        c.mesh.node_failed(n, format!("handshake with {addr} failed: {e}"));
+                        c.mesh
+                            .node_failed(n, format!("handshake with {addr} failed: {e}"));
                     }
                 }
                 Err(_) => {

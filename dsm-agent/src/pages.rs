@@ -120,7 +120,11 @@ struct Entry {
 impl Entry {
     fn initial(home: u32, me: u32) -> Entry {
         Entry {
-            access: if home == me { Access::Write } else { Access::None },
+            access: if home == me {
+                Access::Write
+            } else {
+                Access::None
+            },
             owner: home == me,
             prob_owner: home,
             copyset: 0,
@@ -234,7 +238,10 @@ impl PageEngine {
             .collect();
         for p in read_pages {
             for addr in view.addrs_of(self.window_addr(p)) {
-                report(view.uffd.write_protect(addr, PAGE_SIZE, true, false), "write-protect");
+                report(
+                    view.uffd.write_protect(addr, PAGE_SIZE, true, false),
+                    "write-protect",
+                );
             }
         }
         d.ranks.insert(session, view);
@@ -251,7 +258,10 @@ impl PageEngine {
             let w = self.window_addr(p);
             if e.access == Access::Read && w >= window_addr && w < window_addr + len {
                 for addr in view.addrs_of(w) {
-                    report(view.uffd.write_protect(addr, PAGE_SIZE, true, false), "write-protect");
+                    report(
+                        view.uffd.write_protect(addr, PAGE_SIZE, true, false),
+                        "write-protect",
+                    );
                 }
             }
         }
@@ -311,7 +321,10 @@ impl PageEngine {
         };
         match access {
             Access::Write if wp => {
-                report(view.uffd.write_protect(w.addr, PAGE_SIZE, false, false), "unprotect");
+                report(
+                    view.uffd.write_protect(w.addr, PAGE_SIZE, false, false),
+                    "unprotect",
+                );
                 None
             }
             Access::Write => {
@@ -399,7 +412,10 @@ impl PageEngine {
         let w = self.window_addr(page);
         for view in d.ranks.values() {
             for addr in view.addrs_of(w) {
-                report(view.uffd.write_protect(addr, PAGE_SIZE, true, false), "write-protect");
+                report(
+                    view.uffd.write_protect(addr, PAGE_SIZE, true, false),
+                    "write-protect",
+                );
             }
         }
     }
@@ -516,10 +532,12 @@ impl PageEngine {
                 continue;
             };
             for _ in 0..100 {
-                match view
-                    .uffd
-                    .copy_with_mode(addr, data.as_ptr(), PAGE_SIZE, mode | copy_mode::DONTWAKE)
-                {
+                match view.uffd.copy_with_mode(
+                    addr,
+                    data.as_ptr(),
+                    PAGE_SIZE,
+                    mode | copy_mode::DONTWAKE,
+                ) {
                     Ok(_) => return,
                     // The rank's address space is changing: try again.
                     Err(UffdError::Os { errno, .. }) if errno.0 == libc::EAGAIN => {

@@ -34,13 +34,13 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::agent::{lock, Agent, SessionId};
+use crate::cluster;
 use crate::faults::{self, Alias, AliasTable, FaultContext, FaultCounters};
 use crate::restore::FaultServer;
-use crate::cluster;
 use crate::sync::{Caller, SyncReply};
-use mome_protocol::peer::{SegmentAnswer, SegmentOp, SyncAnswer, SyncOp};
 use crate::tables::placeholder;
 use crate::wire::{Wire, WireError};
+use mome_protocol::peer::{SegmentAnswer, SegmentOp, SyncAnswer, SyncOp};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -464,8 +464,7 @@ impl Session {
                 }
                 ref req if segment_op(req).is_some() => {
                     let op = segment_op(req).expect("checked");
-                    let answer =
-                        cluster::segment_call(&self.agent, self.id, op, &self.label).await;
+                    let answer = cluster::segment_call(&self.agent, self.id, op, &self.label).await;
                     self.segment_reply(answer)
                 }
                 RankRequest::CkptParked {

@@ -36,7 +36,6 @@ pub enum SyncError {
     AlreadyHeld(u64),
 }
 
-
 /// The reply to a served sync request, as recorded for replay.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SyncReply {

@@ -225,7 +225,7 @@ fn run_agent(args: &[&str]) -> (Option<i32>, String) {
 }
 
 #[test]
-fn multi_node_is_refused() {
+fn multi_node_without_secret_says_why() {
     let home = tempfile::tempdir().unwrap();
     let job = common::write_job(home.path(), 2);
     let dir = job.path.to_str().unwrap();
@@ -239,9 +239,9 @@ fn multi_node_is_refused() {
         "--ranks",
         "0",
     ]);
-    assert_eq!(code, Some(2));
+    assert_eq!(code, Some(1));
     assert!(
-        err.contains("multi-node agents are not implemented yet"),
+        err.contains("cannot read the job secret") && err.contains("secret"),
         "{err}"
     );
 }

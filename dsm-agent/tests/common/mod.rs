@@ -37,6 +37,10 @@ pub struct Agent {
     pub stdout: BufReader<ChildStdout>,
     pub log_path: PathBuf,
     pub layout: WindowLayout,
+    /// Node number (0 unless started by [`start_cluster`]).
+    pub node: u32,
+    /// Several nodes: the address the agent listens on for its peers.
+    pub peer_addr: Option<String>,
 }
 
 impl Agent {
@@ -81,6 +85,8 @@ impl Agent {
             stdout,
             log_path,
             layout: test_config().layout(),
+            node: 0,
+            peer_addr: None,
         };
         assert_eq!(
             line,
@@ -125,7 +131,7 @@ impl Agent {
     }
 
     pub fn socket(&self) -> PathBuf {
-        self.job.agent_socket(0)
+        self.job.agent_socket(self.node)
     }
 
     pub fn log(&self) -> String {
@@ -180,7 +186,90 @@ impl Drop for Agent {
     }
 }
 
+/// Secret written by [`start_cluster`].
+pub const SECRET: &str = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+
+/// Starts one agent per entry of `placement` (the ranks of that node, e.g.
+/// "0,1"), for a job of `nranks` ranks with `config`, connects them and
+/// waits until each says mesh_ready. Node 0's agent owns the directory.
+pub fn start_cluster(nranks: u32, placement: &[&str], config: Config) -> Vec<Agent> {
+    let home = tempfile::tempdir().unwrap();
+    let nodes = placement.len() as u32;
+    let job = write_job_with(home.path(), nranks, nodes, config.clone());
+    std::fs::write(job.path.join("secret"), format!("{SECRET}\n")).unwrap();
+    let mut agents = Vec::new();
+    let mut home = Some(home);
+    for (k, local) in placement.iter().enumerate() {
+        let dir = home.take().unwrap_or_else(|| tempfile::tempdir().unwrap());
+        agents.push(spawn_node(dir, &job, k as u32, nodes, local, &config));
+    }
+    let addrs: Vec<String> = agents
+        .iter()
+        .map(|a| a.peer_addr.clone().unwrap())
+        .collect();
+    let peers = serde_json::json!({"cmd": "peers", "addrs": addrs}).to_string();
+    for a in agents.iter_mut() {
+        a.command(&peers);
+    }
+    for a in agents.iter_mut() {
+        let e = a.event_named("mesh_ready");
+        assert!(e["elapsed_us"].is_u64(), "{e}");
+    }
+    agents
+}
+
+/// Starts agent `k` of `nodes` for job `job` (written already, with its
+/// secret) and reads its `ready <addr>` line; `home` is kept alive with it.
+pub fn spawn_node(
+    home: tempfile::TempDir,
+    job: &JobDir,
+    k: u32,
+    nodes: u32,
+    local: &str,
+    config: &Config,
+) -> Agent {
+    let log_path = job.path.join(format!("agent-{k}.log"));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mome-agent"))
+        .arg("--job-dir")
+        .arg(&job.path)
+        .args(["--node", &k.to_string(), "--nodes", &nodes.to_string()])
+        .args(["--ranks", local])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let addr = line
+        .strip_prefix("ready ")
+        .map(|a| a.trim().to_string())
+        .unwrap_or_else(|| {
+            panic!(
+                "agent {k} said {line:?}; log:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            )
+        });
+    Agent {
+        home,
+        job: job.clone(),
+        stdin: child.stdin.take(),
+        child,
+        stdout,
+        log_path,
+        layout: config.layout(),
+        node: k,
+        peer_addr: Some(addr),
+    }
+}
+
 pub fn write_job(home: &std::path::Path, nranks: u32) -> JobDir {
+    write_job_with(home, nranks, 1, test_config())
+}
+
+pub fn write_job_with(home: &std::path::Path, nranks: u32, nodes: u32, config: Config) -> JobDir {
     let job = JobDir::new(home, JOB_ID);
     std::fs::create_dir_all(&job.path).unwrap();
     let spec = JobSpec {
@@ -190,14 +279,15 @@ pub fn write_job(home: &std::path::Path, nranks: u32) -> JobDir {
         env: BTreeMap::new(),
         cwd: "/".into(),
         ranks: nranks,
-        nodes: 1,
+        nodes,
         started: mome_protocol::job::now_rfc3339(),
-        config: test_config(),
+        config,
         pids_pinned: false,
         pids_note: None,
         binary_xxh3: None,
         incarnation: 0,
         restored_from: None,
+        ..Default::default()
     };
     job.write_spec(&spec).unwrap();
     job
@@ -209,6 +299,8 @@ pub enum SyncReq {
     Barrier,
     Lock(u64),
     Unlock(u64),
+    TryLock(u64),
+    Keyed(u64, u32),
 }
 
 /// A reply, owned.
@@ -232,6 +324,9 @@ pub enum Got {
     },
     BarrierDone {
         date: u64,
+    },
+    KeyedBarrierDone {
+        serial: bool,
     },
     Resume {
         stamp: u64,
@@ -273,6 +368,7 @@ fn own(reply: AgentReply<'_>) -> Got {
         AgentReply::Heaps { first, count } => Got::Heaps { first, count },
         AgentReply::Segment { id, addr, size } => Got::Segment { id, addr, size },
         AgentReply::BarrierDone { date } => Got::BarrierDone { date },
+        AgentReply::KeyedBarrierDone { serial } => Got::KeyedBarrierDone { serial },
         AgentReply::Resume { stamp } => Got::Resume { stamp },
         AgentReply::Image { addr, len } => Got::Image { addr, len },
         AgentReply::Error { code, message } => Got::Error(code, message.to_string()),
@@ -387,6 +483,8 @@ impl Rank {
             SyncReq::Barrier => RankRequest::Barrier { seq },
             SyncReq::Lock(id) => RankRequest::Lock { id, seq },
             SyncReq::Unlock(id) => RankRequest::Unlock { id, seq },
+            SyncReq::TryLock(id) => RankRequest::TryLock { id, seq },
+            SyncReq::Keyed(id, count) => RankRequest::KeyedBarrier { id, count, seq },
         });
     }
 
