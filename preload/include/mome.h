@@ -10,6 +10,14 @@
  * Every function returns 0 on success and an errno value on failure, except
  * MomeMMap (MAP_FAILED and errno, like mmap) and the rank queries.
  *
+ * Process-shared pthread mutexes and barriers placed in shared memory (a
+ * segment in the DSM window) synchronize ranks on one node and across nodes,
+ * where mome maps them to its distributed locks and barriers. Across nodes:
+ * timedlock polls; a robust mutex never reports EOWNERDEAD; a rank's threads
+ * wait for such locks and barriers one at a time, so a barrier cannot count
+ * several threads of one rank. Condition variables, rwlocks and semaphores
+ * in shared memory work on one node only.
+ *
  * Fortran 77 bindings (by reference, trailing underscore, INTEGER = 4 bytes):
  *   INTEGER FUNCTION MOMEMMAP(ADDR, LEN, PROT, FLAGS, SEG, OFFSET)
  *        maps segment SEG (bytes OFFSET .. OFFSET+LEN) at the address of ADDR

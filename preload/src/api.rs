@@ -23,7 +23,28 @@ const MOME_WEAK: i32 = 2;
 /// The checkpoint signal is blocked throughout, except while waiting for
 /// the reply: a checkpoint then finds the request sent (SYNC_PHASE 1, its
 /// bytes kept) and a restored rank sends it again on its new connection.
-fn sync_call(
+///
+/// An `Error` reply is reported and returned as its errno; `f` sees the
+/// other replies.
+pub(crate) fn sync_call(
+    req: impl FnOnce(u64) -> RankRequest<'static>,
+    what: &'static str,
+    f: impl FnOnce(AgentReply<'_>) -> i32,
+) -> i32 {
+    sync_call_any(req, what, |reply| match reply {
+        AgentReply::Error { code, message } => {
+            let rank = state::info().map_or(0, |i| i.rank);
+            report!("rank {}: {} refused: {}", rank, what, message);
+            code.errno()
+        }
+        reply => f(reply),
+    })
+}
+
+/// `sync_call` for requests where an `Error` reply is an ordinary answer
+/// (a `TryLock` of a busy lock): `f` sees every reply, errors included,
+/// and nothing is reported.
+pub(crate) fn sync_call_any(
     req: impl FnOnce(u64) -> RankRequest<'static>,
     what: &'static str,
     f: impl FnOnce(AgentReply<'_>) -> i32,
@@ -101,10 +122,6 @@ fn sync_call_blocked(
     let got = ch.recv_masked(&mut buf, what, true, Some(ckpt::wait_mask(mask)));
     ckpt::SYNC_PHASE.store(0, Ordering::Release);
     match got {
-        Ok((AgentReply::Error { code, message }, _)) => {
-            report!("rank {}: {} refused: {}", info.rank, what, message);
-            code.errno()
-        }
         Ok((reply, _)) => f(reply),
         Err(e) => {
             report!("rank {}: {} failed: {}", info.rank, what, e);

@@ -11,7 +11,8 @@
 //! `bootstrap` (allocations before start-up), `pages` (page runs of heaps),
 //! `malloc`, `mmap`, `segments` (shm and shared segments), `api` (mome.h),
 //! `ckpt` (checkpoint and restore of the rank's private state),
-//! `fork`, `native` (glibc's definitions), `lock`, `sys` (raw syscalls).
+//! `fork`, `native` (glibc's definitions), `lock`, `sys` (raw syscalls),
+//! `pthread` (process-shared pthread mutexes and barriers across nodes).
 
 pub mod agent;
 pub mod api;
@@ -23,6 +24,7 @@ pub mod malloc;
 pub mod mmap;
 pub mod native;
 pub mod pages;
+pub mod pthread;
 pub mod segments;
 pub mod signals;
 pub mod state;
