@@ -1,12 +1,24 @@
-//! The life of a job as mome-run leads it: preflight, job directory, agent,
-//! ranks, then one event loop until every process of the job is gone.
+//! The life of a job as mome-run leads it: preflight, job directory, one
+//! agent per node, ranks, then one event loop until every process of the
+//! job is gone.
 //!
 //! ```text
-//!  AgentStarting --ready--> Running --all ranks exited--------------> Draining --> Done
-//!       |                      |                                       ^
-//!       |                      +--rank failed / agent died / signal--> Ending (TERM, grace, KILL)
-//!       +--timeout / agent exit / signal------------------------------------------> Done
+//!  AgentStarting --all ready [, all mesh_ready]--> Running --all ranks exited--> Draining --> Done
+//!       |                                            |                          ^
+//!       |                    rank failed / node failed / signal --> Ending (TERM, grace, KILL)
+//!       +--timeout / agent exit / node failed / signal-------------------------------------> Done
 //! ```
+//!
+//! With one node the agent's first stdout line is `ready`. With K > 1
+//! nodes, each agent k is started with `--node k --nodes K --ranks <its
+//! ranks>` after the job's secret is written, and prints `ready <ip:port>`
+//! (where it listens for its peers); once all did, each gets the
+//! [`AgentCommand::Peers`] line with every address, and answers
+//! [`AgentEvent::MeshReady`] once connected to all of them. The ranks start
+//! only when every agent did: a rank never talks to a node that cannot
+//! reach the others. Both waits are bounded by `job.agent_ready_timeout`.
+//! A [`AgentEvent::NodeFailed`] from any agent, or an agent that exits
+//! while the job runs, fails the whole job (issue 5 brings recovery).
 //!
 //! Everything runs on the main thread, in one poll() loop: children are
 //! forked from it (PR_SET_PDEATHSIG is per thread), and signals, children's
@@ -28,7 +40,7 @@ use std::process::ChildStdin;
 use std::time::{Duration, Instant};
 
 use mome_protocol::ckpt::{AgentCommand, AgentEvent, Stamp};
-use mome_protocol::config::PrefixMode;
+use mome_protocol::config::{Placement, PrefixMode};
 use mome_protocol::job::{
     mome_home, now_rfc3339, signal_name, AgentStatus, ControlReply, ControlRequest, JobDir,
     JobError, JobSpec, JobState, JobStatus, ProcessState, RankStatus,
@@ -48,8 +60,14 @@ use crate::spawn::{self, Install, RankLaunch, RankStdin, SpawnError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("multi-node jobs (--nodes > 1) are not available yet")]
-    MultiNode,
+    #[error("--nodes {nodes} is more than the {ranks} rank(s) of -n {ranks}: every node needs at least one rank")]
+    MoreNodesThanRanks { nodes: u32, ranks: u32 },
+    #[error("--nodes {nodes} is out of range: a job runs on 1 to {MAX_NODES} nodes")]
+    NodesOutOfRange { nodes: u32 },
+    #[error("periodic checkpoints (--ckpt-interval or checkpoint.interval: {interval}) cannot be used with --nodes {nodes}: {MULTI_NODE_CKPT}")]
+    MultiNodeCkpt { nodes: u32, interval: String },
+    #[error("job {id} ran on {nodes} nodes: {MULTI_NODE_CKPT}, so it cannot be restarted")]
+    MultiNodeRestart { id: String, nodes: u32 },
     #[error("cannot determine the current directory: {0}")]
     Cwd(std::io::Error),
     #[error(transparent)]
@@ -84,7 +102,9 @@ pub enum RunError {
 impl RunError {
     pub fn exit_code(&self) -> i32 {
         match self {
-            RunError::MultiNode => 2,
+            RunError::MoreNodesThanRanks { .. }
+            | RunError::NodesOutOfRange { .. }
+            | RunError::MultiNodeCkpt { .. } => 2,
             RunError::Preflight(e) => e.exit_code(),
             RunError::Spawn(e) => e.exit_code(),
             RunError::PidNs(_) => 2,
@@ -193,6 +213,13 @@ const READS_PER_WAKEUP: usize = 16;
 /// over: the pipe's content, unless an escaped writer keeps refilling it.
 const FINAL_READ: usize = 4 << 20;
 
+/// Most nodes (agents) of one job.
+pub const MAX_NODES: u32 = 64;
+
+/// Why mome-ckpt, `--ckpt-interval` and mome-restart are refused for a job
+/// on several nodes (the page protocol has no coordinated snapshot yet).
+pub const MULTI_NODE_CKPT: &str = "checkpoints of multi-node jobs are not available yet";
+
 /// Runs the job and returns mome-run's exit status.
 pub fn run(opts: RunOptions) -> i32 {
     let prepared = match prepare(&opts) {
@@ -226,10 +253,39 @@ struct Prepared {
     home: PathBuf,
 }
 
-fn prepare(opts: &RunOptions) -> Result<Prepared, RunError> {
-    if opts.nodes > 1 {
-        return Err(RunError::MultiNode);
+/// The node counts mome-run accepts: 1 to MAX_NODES, at most one per rank,
+/// and no checkpoints with several (periodic ones or a restart).
+fn check_nodes(opts: &RunOptions) -> Result<(), RunError> {
+    let nodes = opts.nodes;
+    if nodes == 0 || nodes > MAX_NODES {
+        return Err(RunError::NodesOutOfRange { nodes });
     }
+    if nodes > opts.ranks {
+        return Err(RunError::MoreNodesThanRanks {
+            nodes,
+            ranks: opts.ranks,
+        });
+    }
+    if nodes > 1 {
+        if let Some(r) = &opts.restart {
+            return Err(RunError::MultiNodeRestart {
+                id: r.spec.id.clone(),
+                nodes,
+            });
+        }
+        let interval = opts.config.checkpoint.interval.0;
+        if !interval.is_zero() {
+            return Err(RunError::MultiNodeCkpt {
+                nodes,
+                interval: humantime::format_duration(interval).to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn prepare(opts: &RunOptions) -> Result<Prepared, RunError> {
+    check_nodes(opts)?;
     let (cwd, program) = match &opts.restart {
         Some(r) => (r.spec.cwd.clone(), r.spec.command.clone().into_os_string()),
         None => (
@@ -237,7 +293,7 @@ fn prepare(opts: &RunOptions) -> Result<Prepared, RunError> {
             opts.program.clone(),
         ),
     };
-    let checked = preflight::check_all(&program, &opts.config, opts.ranks, &cwd)?;
+    let checked = preflight::check_all(&program, &opts.config, opts.ranks, opts.nodes, &cwd)?;
     let install = Install::locate()?;
     let pinning = match &opts.restart {
         // A restart keeps what the job had: pinned pids must be pinned
@@ -259,7 +315,7 @@ fn prepare(opts: &RunOptions) -> Result<Prepared, RunError> {
         None => pidns::decide(opts.config.checkpoint.pid_namespace, &install.rankinit)?,
     };
     let home = mome_home()?;
-    let needed = preflight::fds_needed(opts.ranks);
+    let needed = preflight::fds_needed(opts.ranks, opts.nodes);
     let (nofile_soft, _) =
         os::raise_nofile_limit(needed).map_err(|source| RunError::OpenFiles { needed, source })?;
     nix::sys::prctl::set_child_subreaper(true).map_err(RunError::Subreaper)?;
@@ -296,14 +352,22 @@ enum EndCause {
     Interrupted {
         signal: i32,
     },
+    /// The agent of a one-node job died.
     AgentDied {
         node: u32,
         pid: i32,
         state: ProcessState,
     },
-    AgentNotReady {
+    /// A node of a multi-node job failed: its agent died, or an agent
+    /// reported it.
+    NodeFailed {
         node: u32,
-        detail: String,
+        reason: String,
+    },
+    /// Agents did not get to `ready` (or `mesh_ready`); the message names
+    /// them and what was awaited.
+    AgentNotReady {
+        message: String,
     },
     RestoreFailed {
         node: u32,
@@ -325,6 +389,7 @@ impl EndCause {
             },
             EndCause::Interrupted { signal } => 128 + signal,
             EndCause::AgentDied { .. }
+            | EndCause::NodeFailed { .. }
             | EndCause::AgentNotReady { .. }
             | EndCause::RestoreFailed { .. } => 1,
             EndCause::Setup { code, .. } => *code,
@@ -341,9 +406,8 @@ impl EndCause {
                 "the agent of node {node} (pid {pid}) exited unexpectedly ({})",
                 describe_end(*state).trim_start_matches("was ")
             ),
-            EndCause::AgentNotReady { node, detail } => {
-                format!("the agent of node {node} did not become ready {detail}")
-            }
+            EndCause::NodeFailed { node, reason } => format!("node {node} failed: {reason}"),
+            EndCause::AgentNotReady { message } => message.clone(),
             EndCause::RestoreFailed { node, reason } => {
                 format!("the agent of node {node} cannot restore the job: {reason}")
             }
@@ -361,11 +425,22 @@ fn describe_end(state: ProcessState) -> String {
     }
 }
 
+/// What the coordinator waits for from the agents before the ranks start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Awaiting {
+    /// Every agent's `ready` line.
+    Ready,
+    /// Multi-node jobs: every agent's `mesh_ready` event, after `peers`.
+    Mesh,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// The agent was started; waiting for its `ready` line.
+    /// The agents were started; waiting for what `awaiting` says, until
+    /// `deadline`.
     AgentStarting {
         deadline: Instant,
+        awaiting: Awaiting,
     },
     Running,
     /// The ranks were told to end (SIGTERM or the user's signal); SIGKILL
@@ -385,13 +460,25 @@ enum Phase {
 #[derive(Debug)]
 struct AgentProc {
     node: u32,
+    /// The ranks placed on this node.
+    ranks: Vec<u32>,
     pid: Option<i32>,
     /// mome-run's end of the agent's stdin: the agent exits at EOF.
     stdin: Option<ChildStdin>,
     stdout: Option<OwnedFd>,
     line: Vec<u8>,
     ready: bool,
+    /// Multi-node jobs: where it listens for its peers (`ready <ip:port>`).
+    addr: Option<String>,
+    /// Multi-node jobs: connected to every peer.
+    mesh_ready: bool,
     exited: Option<ProcessState>,
+}
+
+impl AgentProc {
+    fn alive(&self) -> bool {
+        self.pid.is_some() && self.exited.is_none()
+    }
 }
 
 #[derive(Debug)]
@@ -434,7 +521,7 @@ const STDIN_BUFFER: usize = 64 << 10;
 enum Token {
     Signal(i32),
     Control(ControlFd),
-    AgentStdout,
+    AgentStdout(usize),
     RankOut { index: usize, stream: usize },
     Stdin,
     Rank0Stdin,
@@ -454,7 +541,8 @@ struct Coordinator {
     nranks: u32,
     tagged: bool,
     rank0_stdin: RankStdin,
-    agent: AgentProc,
+    /// One per node, index = node.
+    agents: Vec<AgentProc>,
     ranks: Vec<RankProc>,
     pgid: Option<i32>,
     forward: Option<StdinForward>,
@@ -467,6 +555,8 @@ struct Coordinator {
     ckpt: Checkpointer,
     /// When this mome-run started (for "restart until running").
     born: Instant,
+    /// Multi-node jobs: when `peers` was sent (for "mesh ready in").
+    mesh_sent: Option<Instant>,
     /// The stamp this incarnation restores, and the ranks restored so far.
     restore: Option<Stamp>,
     restored: BTreeSet<u32>,
@@ -518,6 +608,7 @@ impl Coordinator {
                 // Recorded resolved: mome-restart and mome-status find the
                 // store whatever their current directory.
                 config.checkpoint.dir = store_root(&config, &job, &cwd).display().to_string();
+                let placement = config.nodes.placement.nodes_of(opts.ranks, opts.nodes);
                 let spec = JobSpec {
                     id: job.id.clone(),
                     command: checked.program.clone(),
@@ -536,6 +627,7 @@ impl Coordinator {
                     binary_xxh3: Some(binary_xxh3),
                     incarnation: 0,
                     restored_from: None,
+                    placement,
                 };
                 job.write_spec(&spec)?;
                 os::print_stderr(&format!("mome: job {}\n", job.id));
@@ -578,6 +670,25 @@ impl Coordinator {
             checked.interpreters,
             cwd.display()
         ));
+        // The node of each rank: as recorded (a restart keeps it), node 0
+        // for all in a job file older than multi-node jobs.
+        let placement = spec.node_of_ranks();
+        let ranks_of = |node: u32| -> Vec<u32> {
+            (0..opts.ranks)
+                .filter(|&r| placement[r as usize] == node)
+                .collect()
+        };
+        if opts.nodes > 1 {
+            log.line(format_args!(
+                "{} node(s), {} placement: {}",
+                opts.nodes,
+                placement_name(spec.config.nodes.placement),
+                (0..opts.nodes)
+                    .map(|n| format!("node {n}: ranks {}", rank_list(&ranks_of(n))))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
+        }
         log.line(format_args!(
             "kernel {}: userfaultfd features {:#x}{}; agent {}, preload {}",
             checked.kernel.release,
@@ -598,16 +709,21 @@ impl Coordinator {
             ranks: (0..opts.ranks)
                 .map(|rank| RankStatus {
                     rank,
-                    node: 0,
+                    node: placement[rank as usize],
                     pid: None,
                     state: ProcessState::Starting,
                 })
                 .collect(),
-            agents: vec![AgentStatus {
-                node: 0,
-                pid: None,
-                state: ProcessState::Starting,
-            }],
+            agents: (0..opts.nodes)
+                .map(|node| AgentStatus {
+                    node,
+                    pid: None,
+                    state: ProcessState::Starting,
+                    ranks: ranks_of(node),
+                    addr: None,
+                    failed: None,
+                })
+                .collect(),
             exit_code: None,
             reason: None,
             ended: None,
@@ -630,8 +746,8 @@ impl Coordinator {
             preload: install.preload.clone(),
             jobid: job.id.clone(),
             nranks: opts.ranks,
-            node: 0,
-            agent_socket: job.agent_socket(0),
+            placement: placement.clone(),
+            agent_sockets: (0..opts.nodes).map(|n| job.agent_socket(n)).collect(),
             agent_timeout_ms: opts.config.job.agent_timeout.0.as_millis(),
             nofile_soft,
             rankinit: pinning.pinned.then(|| install.rankinit.clone()),
@@ -690,15 +806,20 @@ impl Coordinator {
             nranks: opts.ranks,
             tagged,
             rank0_stdin,
-            agent: AgentProc {
-                node: 0,
-                pid: None,
-                stdin: None,
-                stdout: None,
-                line: Vec::new(),
-                ready: false,
-                exited: None,
-            },
+            agents: (0..opts.nodes)
+                .map(|node| AgentProc {
+                    node,
+                    ranks: ranks_of(node),
+                    pid: None,
+                    stdin: None,
+                    stdout: None,
+                    line: Vec::new(),
+                    ready: false,
+                    addr: None,
+                    mesh_ready: false,
+                    exited: None,
+                })
+                .collect(),
             pgid: None,
             forward: None,
             stdout: Sink::stdout(),
@@ -708,18 +829,30 @@ impl Coordinator {
             interrupts: 0,
             ckpt,
             born: Instant::now(),
+            mesh_sent: None,
             restore: restore.map(|(stamp, _)| stamp),
             restored: BTreeSet::new(),
         })
     }
 
-    /// Opens the control socket and starts the agent.
+    /// Opens the control socket, writes the job's secret (several nodes)
+    /// and starts every node's agent.
     fn boot(&mut self) {
         match ControlServer::bind(&self.job.control_socket()) {
             Ok(server) => self.control = Some(server),
             Err(e) => return self.fail_setup(1, e.to_string()),
         }
-        let ranks: Vec<u32> = (0..self.nranks).collect();
+        let nodes = self.agents.len() as u32;
+        if nodes > 1 {
+            // Before any agent starts: each reads it at startup.
+            if let Err(e) = self.job.write_secret() {
+                return self.fail_setup(1, e.to_string());
+            }
+            self.log.line(format_args!(
+                "wrote the job's secret to {}",
+                self.job.secret_path().display()
+            ));
+        }
         let extra: Vec<OsString> = match self.restore {
             Some(stamp) => vec![
                 "--restore".into(),
@@ -729,43 +862,58 @@ impl Coordinator {
             ],
             None => Vec::new(),
         };
-        match spawn::spawn_agent(&self.install, &self.job, self.agent.node, 1, &ranks, &extra) {
-            Ok(child) => {
-                if let Err(e) = os::set_nonblocking(child.stdout.as_fd()) {
-                    self.log.line(format_args!(
-                        "cannot make the agent's stdout non-blocking: {e}"
-                    ));
-                }
-                if let Some(stdin) = &child.stdin {
-                    // Commands are small and rare; a full pipe means an agent
-                    // that reads nothing, which must not block the loop.
-                    if let Err(e) = os::set_nonblocking(stdin.as_fd()) {
+        let timeout = self.config.job.agent_ready_timeout.0;
+        for index in 0..self.agents.len() {
+            let node = self.agents[index].node;
+            let ranks = self.agents[index].ranks.clone();
+            match spawn::spawn_agent(&self.install, &self.job, node, nodes, &ranks, &extra) {
+                Ok(child) => {
+                    if let Err(e) = os::set_nonblocking(child.stdout.as_fd()) {
                         self.log.line(format_args!(
-                            "cannot make the agent's stdin non-blocking: {e}"
+                            "cannot make the stdout of the agent of node {node} non-blocking: {e}"
                         ));
                     }
+                    if let Some(stdin) = &child.stdin {
+                        // Commands are small and rare; a full pipe means an
+                        // agent that reads nothing, which must not block the
+                        // loop.
+                        if let Err(e) = os::set_nonblocking(stdin.as_fd()) {
+                            self.log.line(format_args!(
+                                "cannot make the stdin of the agent of node {node} non-blocking: {e}"
+                            ));
+                        }
+                    }
+                    let agent = &mut self.agents[index];
+                    agent.pid = Some(child.pid);
+                    agent.stdin = child.stdin;
+                    agent.stdout = Some(child.stdout);
+                    self.status.agents[index].pid = Some(child.pid);
+                    self.status_dirty = true;
+                    self.log.line(format_args!(
+                        "agent of node {node} started, pid {}, ranks {}; waiting up to {} for `{}`",
+                        child.pid,
+                        rank_list(&ranks),
+                        humantime::format_duration(timeout),
+                        if nodes > 1 {
+                            "ready <ip:port>"
+                        } else {
+                            "ready"
+                        }
+                    ));
                 }
-                self.agent.pid = Some(child.pid);
-                self.agent.stdin = child.stdin;
-                self.agent.stdout = Some(child.stdout);
-                self.status.agents[0].pid = Some(child.pid);
-                self.status_dirty = true;
-                let timeout = self.config.job.agent_ready_timeout.0;
-                self.log.line(format_args!(
-                    "agent of node {} started, pid {}; waiting up to {} for `ready`",
-                    self.agent.node,
-                    child.pid,
-                    humantime::format_duration(timeout)
-                ));
-                self.phase = Phase::AgentStarting {
-                    deadline: Instant::now() + timeout,
-                };
-            }
-            Err(e) => {
-                let code = e.exit_code();
-                self.fail_setup(code, e.to_string());
+                Err(e) => {
+                    // The agents already started are stopped by finish().
+                    let code = e.exit_code();
+                    self.fail_setup(code, e.to_string());
+                    self.flush_status();
+                    return;
+                }
             }
         }
+        self.phase = Phase::AgentStarting {
+            deadline: Instant::now() + timeout,
+            awaiting: Awaiting::Ready,
+        };
         self.flush_status();
     }
 
@@ -823,7 +971,7 @@ impl Coordinator {
         let until = |t: Instant| t.saturating_duration_since(now);
         let mut wait = MAX_POLL;
         match self.phase {
-            Phase::AgentStarting { deadline } => wait = wait.min(until(deadline)),
+            Phase::AgentStarting { deadline, .. } => wait = wait.min(until(deadline)),
             Phase::Ending {
                 sigkill_at,
                 sigkill_sent,
@@ -862,8 +1010,10 @@ impl Coordinator {
                 list.push((fd, events, Token::Control(which)));
             }
         }
-        if let Some(fd) = &self.agent.stdout {
-            list.push((fd.as_fd(), PollFlags::POLLIN, Token::AgentStdout));
+        for (index, agent) in self.agents.iter().enumerate() {
+            if let Some(fd) = &agent.stdout {
+                list.push((fd.as_fd(), PollFlags::POLLIN, Token::AgentStdout(index)));
+            }
         }
         for (index, rank) in self.ranks.iter().enumerate() {
             for (stream, s) in rank.streams.iter().enumerate() {
@@ -937,7 +1087,7 @@ impl Coordinator {
                     self.deferred_request(client, request);
                 }
             }
-            Token::AgentStdout => self.read_agent_stdout(),
+            Token::AgentStdout(index) => self.read_agent_stdout(index),
             Token::RankOut { index, stream } => self.read_rank(index, stream),
             Token::Stdin => self.read_stdin(),
             Token::Rank0Stdin => self.write_rank0_stdin(),
@@ -962,7 +1112,13 @@ impl Coordinator {
         let ControlRequest::Checkpoint { timeout_ms } = request else {
             return;
         };
-        let refused = if self.phase != Phase::Running {
+        let refused = if self.agents.len() > 1 {
+            Some(format!(
+                "job {} runs on {} nodes: {MULTI_NODE_CKPT}",
+                self.job.id,
+                self.agents.len()
+            ))
+        } else if self.phase != Phase::Running {
             Some(format!(
                 "job {} is not running (it is {})",
                 self.job.id,
@@ -971,7 +1127,11 @@ impl Coordinator {
                     _ => "ending",
                 }
             ))
-        } else if self.agent.stdin.is_none() || self.agent.exited.is_some() {
+        } else if self
+            .agents
+            .iter()
+            .any(|a| a.stdin.is_none() || a.exited.is_some())
+        {
             Some("the job's agent is gone".to_string())
         } else if self.restore.is_some() && self.restored.len() < self.nranks as usize {
             Some(format!(
@@ -1021,7 +1181,7 @@ impl Coordinator {
         for action in actions {
             match action {
                 Action::ToAgent { node, command } => {
-                    if let Err(e) = self.send_agent(&command) {
+                    if let Err(e) = self.send_agent(node, &command) {
                         self.log.line(format_args!(
                             "cannot send {command:?} to the agent of node {node}: {e}"
                         ));
@@ -1048,10 +1208,15 @@ impl Coordinator {
         }
     }
 
-    /// One command line on the agent's stdin (non-blocking: a command is
-    /// far smaller than the pipe, a full pipe is an agent reading nothing).
-    fn send_agent(&mut self, command: &AgentCommand) -> std::io::Result<()> {
-        let Some(stdin) = self.agent.stdin.as_ref() else {
+    /// One command line on the stdin of node `node`'s agent (non-blocking:
+    /// a command is far smaller than the pipe, a full pipe is an agent
+    /// reading nothing).
+    fn send_agent(&mut self, node: u32, command: &AgentCommand) -> std::io::Result<()> {
+        let Some(stdin) = self
+            .agents
+            .get(node as usize)
+            .and_then(|a| a.stdin.as_ref())
+        else {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::BrokenPipe,
                 "its stdin is closed",
@@ -1075,10 +1240,17 @@ impl Coordinator {
         Ok(())
     }
 
-    /// A JSON event line of the agent.
-    fn on_agent_event(&mut self, event: AgentEvent) {
-        let node = self.agent.node;
+    /// A JSON event line of node `node`'s agent.
+    fn on_agent_event(&mut self, node: u32, event: AgentEvent) {
         match event {
+            AgentEvent::MeshReady { elapsed_us } => self.mesh_ready(node, elapsed_us),
+            AgentEvent::NodeFailed {
+                node: failed,
+                reason,
+            } => self.node_failed(
+                failed,
+                format!("{reason} (reported by the agent of node {node})"),
+            ),
             AgentEvent::RankRestored {
                 rank,
                 since_start_us,
@@ -1238,9 +1410,27 @@ impl Coordinator {
             self.apply(actions);
         }
         match self.phase {
-            Phase::AgentStarting { deadline } if now >= deadline => {
+            Phase::AgentStarting { deadline, awaiting } if now >= deadline => {
                 let timeout = humantime::format_duration(self.config.job.agent_ready_timeout.0);
-                self.agent_not_ready(format!("within {timeout}"));
+                let late: Vec<u32> = self
+                    .agents
+                    .iter()
+                    .filter(|a| match awaiting {
+                        Awaiting::Ready => !a.ready,
+                        Awaiting::Mesh => !a.mesh_ready,
+                    })
+                    .map(|a| a.node)
+                    .collect();
+                let detail = match (awaiting, self.agents.len()) {
+                    (Awaiting::Ready, 1) => format!("within {timeout}"),
+                    (Awaiting::Ready, _) => {
+                        format!("within {timeout} (no `ready <ip:port>` line)")
+                    }
+                    (Awaiting::Mesh, _) => {
+                        format!("within {timeout} of `peers` (not connected to every peer)")
+                    }
+                };
+                self.agents_not_ready(&late, awaiting, detail);
             }
             Phase::Ending {
                 sigkill_at,
@@ -1363,13 +1553,12 @@ impl Coordinator {
         };
     }
 
-    /// SIGKILLs every child of mome-run but the agent: what is left are
+    /// SIGKILLs every child of mome-run but the agents: what is left are
     /// the orphans of the ranks (mome-run is their subreaper).
     fn kill_leftovers_once(&mut self) {
         let me = std::process::id() as i32;
-        let agent = self.agent.pid.filter(|_| self.agent.exited.is_none());
         for pid in os::children_of(me) {
-            if Some(pid) == agent
+            if self.agents.iter().any(|a| a.pid == Some(pid) && a.alive())
                 || self
                     .ranks
                     .iter()
@@ -1432,9 +1621,10 @@ impl Coordinator {
     // ---- children ----
 
     fn reap_children(&mut self) {
+        let mut reaped = Vec::new();
         loop {
             match os::reap(-1) {
-                Ok(Some(reaped)) => self.on_reaped(reaped),
+                Ok(Some(r)) => reaped.push(r),
                 Ok(None) => break,
                 Err(e) => {
                     self.log.line(format_args!("waitpid: {e}"));
@@ -1442,11 +1632,22 @@ impl Coordinator {
                 }
             }
         }
+        // Agents first: when a node's agent and one of its ranks die in the
+        // same instant (the rank because its agent went away), the job
+        // ended because the node failed, not because of the rank.
+        reaped.sort_by_key(|r| !self.agents.iter().any(|a| a.pid == Some(r.pid)));
+        for r in reaped {
+            self.on_reaped(r);
+        }
     }
 
     fn on_reaped(&mut self, reaped: os::Reaped) {
-        if self.agent.pid == Some(reaped.pid) && self.agent.exited.is_none() {
-            return self.on_agent_exit(reaped.state);
+        if let Some(index) = self
+            .agents
+            .iter()
+            .position(|a| a.pid == Some(reaped.pid) && a.exited.is_none())
+        {
+            return self.on_agent_exit(index, reaped.state);
         }
         if let Some(index) = self
             .ranks
@@ -1495,121 +1696,294 @@ impl Coordinator {
         }
     }
 
-    fn on_agent_exit(&mut self, state: ProcessState) {
-        self.agent.exited = Some(state);
-        let actions = self.ckpt.on_agent_gone(&format!(
-            "the agent {}",
-            describe_end(state).trim_start_matches("was ")
-        ));
+    fn on_agent_exit(&mut self, index: usize, state: ProcessState) {
+        let agent = &mut self.agents[index];
+        agent.exited = Some(state);
+        let (node, pid) = (agent.node, agent.pid.unwrap_or(0));
+        let how = describe_end(state).trim_start_matches("was ").to_string();
+        let actions = self
+            .ckpt
+            .on_agent_gone(&format!("the agent of node {node} {how}"));
         self.apply(actions);
-        self.status.agents[0].state = state;
+        self.status.agents[index].state = state;
         self.status_dirty = true;
-        let node = self.agent.node;
-        let pid = self.agent.pid.unwrap_or(0);
         self.log.line(format_args!(
             "agent of node {node} (pid {pid}) {}",
             describe_end(state)
         ));
+        let log = self.job.agent_log(node);
         match self.phase {
-            Phase::AgentStarting { .. } => {
-                self.agent_not_ready(format!(
-                    "(it {})",
-                    describe_end(state).trim_start_matches("was ")
-                ));
+            Phase::AgentStarting { awaiting, .. } => {
+                self.agents_not_ready(&[node], awaiting, format!("(it {how})"));
             }
-            Phase::Running => {
+            Phase::Running if self.agents.len() == 1 => {
                 let cause = EndCause::AgentDied { node, pid, state };
-                let log = self.job.agent_log(node);
                 self.say(format!("mome: {}; see {}", cause.reason(), log.display()));
                 self.cause.get_or_insert(cause);
                 self.begin_ending(libc::SIGTERM);
             }
+            // While the job runs or its ranks are being ended, a node
+            // whose agent is gone has failed. Once every rank is gone
+            // (draining), the job's work is done whatever the agents do.
+            Phase::Running | Phase::Ending { .. } => self.node_failed(
+                node,
+                format!(
+                    "its agent (pid {pid}) {}; see {}",
+                    describe_end(state),
+                    log.display()
+                ),
+            ),
             _ => {}
         }
     }
 
-    // ---- the agent ----
+    /// Node `node` is gone (its agent died, or an agent reported it): the
+    /// first such news ends the job, later ones are only logged.
+    fn node_failed(&mut self, node: u32, reason: String) {
+        let running = matches!(self.phase, Phase::AgentStarting { .. } | Phase::Running);
+        if self.cause.is_some() || !running {
+            // Often a consequence of the first failure (agents that lose a
+            // peer, or are being stopped): not marked as failed.
+            self.log.line(format_args!(
+                "node {node} failed: {reason} (the job is already ending)"
+            ));
+            return;
+        }
+        if let Some(agent) = self.status.agents.get_mut(node as usize) {
+            agent.failed = Some(reason.clone());
+            self.status_dirty = true;
+        }
+        self.say(format!(
+            "mome: node {node} failed: {reason}; ending the job"
+        ));
+        self.cause = Some(EndCause::NodeFailed { node, reason });
+        if self.phase == Phase::Running {
+            self.begin_ending(libc::SIGTERM);
+        } else {
+            // Still starting: no rank runs yet.
+            self.phase = Phase::Done;
+        }
+    }
 
-    fn read_agent_stdout(&mut self) {
+    // ---- the agents ----
+
+    fn read_agent_stdout(&mut self, index: usize) {
         let mut buf = [0u8; 4096];
-        let Some(fd) = self.agent.stdout.as_ref() else {
+        let node = self.agents[index].node;
+        let Some(fd) = self.agents[index].stdout.as_ref() else {
             return;
         };
         let eof = match os::read_some(fd.as_fd(), &mut buf) {
             Ok(0) => true,
             Ok(n) => {
-                self.agent.line.extend_from_slice(&buf[..n]);
+                self.agents[index].line.extend_from_slice(&buf[..n]);
                 false
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
             Err(e) => {
-                self.log
-                    .line(format_args!("reading the agent's stdout: {e}"));
+                self.log.line(format_args!(
+                    "reading the stdout of the agent of node {node}: {e}"
+                ));
                 true
             }
         };
-        while let Some(pos) = self.agent.line.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.agent.line.drain(..=pos).collect();
+        while let Some(pos) = self.agents[index].line.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.agents[index].line.drain(..=pos).collect();
             let text = String::from_utf8_lossy(&line).trim().to_string();
-            if !self.agent.ready && text == "ready" {
-                self.agent_ready();
-            } else if let Ok(event) = serde_json::from_str::<AgentEvent>(&text) {
-                self.on_agent_event(event);
-            } else if !text.is_empty() {
-                self.log
-                    .line(format_args!("agent {}: {text}", self.agent.node));
+            let ready_line = text
+                .strip_prefix("ready")
+                .filter(|rest| rest.is_empty() || rest.starts_with(' '));
+            match ready_line {
+                Some(addr) if !self.agents[index].ready => self.agent_ready(index, addr.trim()),
+                _ => {
+                    if let Ok(event) = serde_json::from_str::<AgentEvent>(&text) {
+                        self.on_agent_event(node, event);
+                    } else if !text.is_empty() {
+                        self.log.line(format_args!("agent {node}: {text}"));
+                    }
+                }
             }
         }
         if eof {
-            self.agent.stdout = None;
-            let actions = self.ckpt.on_agent_gone("the agent closed its stdout");
+            self.agents[index].stdout = None;
+            let actions = self
+                .ckpt
+                .on_agent_gone(&format!("the agent of node {node} closed its stdout"));
             self.apply(actions);
             if matches!(self.phase, Phase::AgentStarting { .. }) {
                 // Usually the agent died: wait a moment for its status,
                 // which says more than "closed its output".
                 let deadline = Instant::now() + Duration::from_millis(500);
-                while self.agent.exited.is_none()
+                while self.agents[index].exited.is_none()
                     && Instant::now() < deadline
                     && self.phase != Phase::Done
                 {
                     self.reap_children();
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                if matches!(self.phase, Phase::AgentStarting { .. }) {
-                    self.agent_not_ready(
-                        "(it closed its stdout without printing `ready`)".to_string(),
-                    );
+                if let Phase::AgentStarting { awaiting, .. } = self.phase {
+                    let detail = match awaiting {
+                        Awaiting::Ready => "(it closed its stdout without printing `ready`)",
+                        Awaiting::Mesh => "(it closed its stdout)",
+                    };
+                    self.agents_not_ready(&[node], awaiting, detail.to_string());
+                }
+            } else if self.agents[index].exited.is_none() {
+                self.log.line(format_args!(
+                    "the agent of node {node} closed its stdout: its events (node failures) can no longer be heard"
+                ));
+            }
+        }
+    }
+
+    /// Ends the job before any rank started: the agents of `nodes` did not
+    /// get to `awaiting`. Names them, what was awaited, and shows the end
+    /// of their logs.
+    fn agents_not_ready(&mut self, nodes: &[u32], awaiting: Awaiting, detail: String) {
+        let who = match nodes {
+            [node] => format!("the agent of node {node}"),
+            _ => format!("the agents of nodes {}", rank_list(nodes)),
+        };
+        let what = match awaiting {
+            Awaiting::Ready => "did not become ready",
+            Awaiting::Mesh => "did not report `mesh_ready`",
+        };
+        let message = format!("{who} {what} {detail}");
+        let logs: Vec<PathBuf> = nodes.iter().map(|&n| self.job.agent_log(n)).collect();
+        self.say(format!(
+            "mome-run: {message}; see {}",
+            logs.iter()
+                .map(|l| l.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        // The first few logs are enough to see what went wrong.
+        for log in logs.iter().take(4) {
+            let tail = jobdir::tail_lines(log, 10);
+            if !tail.is_empty() {
+                self.say(format!("mome-run: last lines of {}:", log.display()));
+                for line in tail {
+                    self.stderr.push(format!("  {line}\n").as_bytes());
                 }
             }
         }
-    }
-
-    fn agent_not_ready(&mut self, detail: String) {
-        let node = self.agent.node;
-        let log = self.job.agent_log(node);
-        self.say(format!(
-            "mome-run: the agent of node {node} did not become ready {detail}; see {}",
-            log.display()
-        ));
-        let tail = jobdir::tail_lines(&log, 10);
-        if !tail.is_empty() {
-            self.say(format!("mome-run: last lines of {}:", log.display()));
-            for line in tail {
-                self.stderr.push(format!("  {line}\n").as_bytes());
-            }
-        }
         self.cause
-            .get_or_insert(EndCause::AgentNotReady { node, detail });
+            .get_or_insert(EndCause::AgentNotReady { message });
         self.phase = Phase::Done;
     }
 
-    fn agent_ready(&mut self) {
-        self.agent.ready = true;
-        self.status.agents[0].state = ProcessState::Running;
+    /// Agent `index` printed its ready line, with `addr` after `ready`
+    /// (required with several nodes: where it listens for its peers).
+    fn agent_ready(&mut self, index: usize, addr: &str) {
+        let multi = self.agents.len() > 1;
+        let node = self.agents[index].node;
+        let starting = matches!(
+            self.phase,
+            Phase::AgentStarting {
+                awaiting: Awaiting::Ready,
+                ..
+            }
+        );
+        if multi && addr.parse::<std::net::SocketAddr>().is_err() {
+            let detail = if addr.is_empty() {
+                "(it printed `ready` without the address it listens on for its peers: is it a mome-agent without multi-node support?)".to_string()
+            } else {
+                format!("(its ready line gives `{addr}`, which is not an ip:port address)")
+            };
+            if starting {
+                self.agents_not_ready(&[node], Awaiting::Ready, detail);
+            } else {
+                self.log.line(format_args!("agent {node}: ready {addr}"));
+            }
+            return;
+        }
+        let agent = &mut self.agents[index];
+        agent.ready = true;
+        if !addr.is_empty() {
+            agent.addr = Some(addr.to_string());
+            self.status.agents[index].addr = Some(addr.to_string());
+        }
+        self.status.agents[index].state = ProcessState::Running;
         self.status_dirty = true;
-        self.log
-            .line(format_args!("agent of node {} is ready", self.agent.node));
-        if matches!(self.phase, Phase::AgentStarting { .. }) {
+        self.log.line(format_args!(
+            "agent of node {node} is ready{}",
+            if addr.is_empty() {
+                String::new()
+            } else {
+                format!(", listening on {addr}")
+            }
+        ));
+        if !starting || !self.agents.iter().all(|a| a.ready) {
+            return;
+        }
+        if multi {
+            self.send_peers();
+        } else {
+            self.spawn_ranks();
+        }
+    }
+
+    /// Every agent is ready: gives each the addresses of all (by node), and
+    /// waits for their `mesh_ready`.
+    fn send_peers(&mut self) {
+        let addrs: Vec<String> = self
+            .agents
+            .iter()
+            .map(|a| a.addr.clone().unwrap_or_default())
+            .collect();
+        let command = AgentCommand::Peers {
+            addrs: addrs.clone(),
+        };
+        for node in 0..self.agents.len() as u32 {
+            if let Err(e) = self.send_agent(node, &command) {
+                return self.agents_not_ready(
+                    &[node],
+                    Awaiting::Mesh,
+                    format!("(the `peers` command cannot be sent to it: {e})"),
+                );
+            }
+        }
+        let timeout = self.config.job.agent_ready_timeout.0;
+        self.log.line(format_args!(
+            "every agent is ready: sent peers {}; waiting up to {} for `mesh_ready`",
+            addrs.join(","),
+            humantime::format_duration(timeout)
+        ));
+        self.mesh_sent = Some(Instant::now());
+        self.phase = Phase::AgentStarting {
+            deadline: Instant::now() + timeout,
+            awaiting: Awaiting::Mesh,
+        };
+    }
+
+    /// Agent `node` is connected to all of its peers; the ranks start once
+    /// every agent is.
+    fn mesh_ready(&mut self, node: u32, elapsed_us: u64) {
+        let meshing = matches!(
+            self.phase,
+            Phase::AgentStarting {
+                awaiting: Awaiting::Mesh,
+                ..
+            }
+        );
+        let Some(agent) = self.agents.get_mut(node as usize).filter(|_| meshing) else {
+            self.log.line(format_args!(
+                "agent {node}: unexpected mesh_ready (the job is not forming its mesh); ignored"
+            ));
+            return;
+        };
+        agent.mesh_ready = true;
+        self.log.line(format_args!(
+            "agent of node {node} is connected to its {} peer(s), {} ms after `peers`",
+            self.agents.len() - 1,
+            elapsed_us / 1000
+        ));
+        if self.agents.iter().all(|a| a.mesh_ready) {
+            self.log.line(format_args!(
+                "mesh of {} nodes ready {} ms after `peers`; starting the ranks",
+                self.agents.len(),
+                self.mesh_sent.map_or(0, |t| t.elapsed().as_millis())
+            ));
             self.spawn_ranks();
         }
     }
@@ -1860,10 +2234,12 @@ impl Coordinator {
         }
         self.forward = None;
         self.close_rank_streams();
-        self.stop_agent();
+        self.stop_agents();
         self.kill_leftovers();
         drop(self.control.take());
-        let _ = std::fs::remove_file(self.job.agent_socket(self.agent.node));
+        for agent in &self.agents {
+            let _ = std::fs::remove_file(self.job.agent_socket(agent.node));
+        }
 
         let exit_code = self.cause.as_ref().map_or(0, EndCause::exit_code);
         self.status.state = if exit_code == 0 && self.cause.is_none() {
@@ -1889,41 +2265,61 @@ impl Coordinator {
         exit_code
     }
 
-    fn stop_agent(&mut self) {
-        let Some(pid) = self.agent.pid else { return };
-        // EOF on its stdin is the agent's cue to exit; SIGTERM follows
-        // shortly for an agent busy elsewhere.
-        self.agent.stdin = None;
-        self.agent.stdout = None;
-        if self.agent.exited.is_some() {
-            return;
+    /// Stops every agent, all at once: EOF on its stdin first (its cue to
+    /// exit), SIGTERM for one busy elsewhere, SIGKILL for one that ignores
+    /// that; each step bounded.
+    fn stop_agents(&mut self) {
+        for agent in &mut self.agents {
+            agent.stdin = None;
+            agent.stdout = None;
         }
         // An agent that exits on EOF by itself reports a clean exit status.
-        if self.wait_for_agent(AGENT_EOF_WAIT) {
+        if self.wait_for_agents(AGENT_EOF_WAIT) {
             return;
         }
-        let _ = os::signal_process(pid, libc::SIGTERM);
-        if self.wait_for_agent(AGENT_STOP_WAIT) {
+        for agent in self.agents.iter().filter(|a| a.alive()) {
+            if let Some(pid) = agent.pid {
+                let _ = os::signal_process(pid, libc::SIGTERM);
+            }
+        }
+        if self.wait_for_agents(AGENT_STOP_WAIT) {
             return;
         }
-        self.say(format!(
-            "mome: the agent of node {} (pid {pid}) did not exit within {} of SIGTERM; killing it",
-            self.agent.node,
-            humantime::format_duration(AGENT_STOP_WAIT)
-        ));
-        let _ = os::signal_process(pid, libc::SIGKILL);
-        if !self.wait_for_agent(AGENT_STOP_WAIT) {
+        let stuck: Vec<(u32, i32)> = self
+            .agents
+            .iter()
+            .filter(|a| a.alive())
+            .filter_map(|a| Some((a.node, a.pid?)))
+            .collect();
+        for (node, pid) in stuck {
             self.say(format!(
-                "mome: the agent (pid {pid}) did not die after SIGKILL; leaving it"
+                "mome: the agent of node {node} (pid {pid}) did not exit within {} of SIGTERM; killing it",
+                humantime::format_duration(AGENT_STOP_WAIT)
+            ));
+            let _ = os::signal_process(pid, libc::SIGKILL);
+        }
+        if self.wait_for_agents(AGENT_STOP_WAIT) {
+            return;
+        }
+        let stuck: Vec<(u32, i32)> = self
+            .agents
+            .iter()
+            .filter(|a| a.alive())
+            .filter_map(|a| Some((a.node, a.pid?)))
+            .collect();
+        for (node, pid) in stuck {
+            self.say(format!(
+                "mome: the agent of node {node} (pid {pid}) did not die after SIGKILL; leaving it"
             ));
         }
     }
 
-    fn wait_for_agent(&mut self, timeout: Duration) -> bool {
+    /// Waits up to `timeout` for every agent to have exited.
+    fn wait_for_agents(&mut self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
             self.reap_children();
-            if self.agent.exited.is_some() {
+            if !self.agents.iter().any(AgentProc::alive) {
                 return true;
             }
             if Instant::now() >= deadline {
@@ -2022,6 +2418,36 @@ fn answer_control(
             None
         }
     }
+}
+
+/// `block` or `cyclic`, as in the configuration and on the command line.
+pub fn placement_name(placement: Placement) -> &'static str {
+    match placement {
+        Placement::Block => "block",
+        Placement::Cyclic => "cyclic",
+    }
+}
+
+/// `0-3`, `0,2,4`, `0-2,5`: a sorted set of ranks (or nodes), runs of
+/// three or more folded into ranges.
+pub fn rank_list(items: &[u32]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < items.len() {
+        let mut j = i;
+        while j + 1 < items.len() && items[j + 1] == items[j] + 1 {
+            j += 1;
+        }
+        parts.push(if j > i + 1 {
+            format!("{}-{}", items[i], items[j])
+        } else if j == i + 1 {
+            format!("{},{}", items[i], items[j])
+        } else {
+            items[i].to_string()
+        });
+        i = j + 1;
+    }
+    parts.join(",")
 }
 
 fn stdin_fd() -> BorrowedFd<'static> {

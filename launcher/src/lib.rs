@@ -1,5 +1,5 @@
 //! mome's launcher: `mome-run` runs a program as the ranks of a job (with
-//! preflight checks, a private job directory, a node agent, output
+//! preflight checks, a private job directory, node agents, output
 //! forwarding, and a coordinator that leaves nothing behind), `mome-status`
 //! shows jobs, `mome-ckpt` checkpoints a running job and `mome-restart`
 //! runs a job again from its last good checkpoint.
@@ -7,7 +7,7 @@
 //! Module map:
 //! - [`preflight`]: what must hold before a job starts (program, kernel, limits);
 //! - [`jobdir`]: creating the job directory and its private files;
-//! - [`spawn`]: starting the agent and the ranks;
+//! - [`spawn`]: starting the agents (one per node) and the ranks;
 //! - [`output`]: forwarding the ranks' stdout/stderr, tagged per rank;
 //! - [`signals`]: signals as pollable events;
 //! - [`control`]: the control socket (server and client);

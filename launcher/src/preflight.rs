@@ -109,6 +109,7 @@ pub fn check_all(
     program: &OsStr,
     config: &Config,
     ranks: u32,
+    nodes: u32,
     cwd: &Path,
 ) -> Result<Checked, PreflightError> {
     let path_var = std::env::var_os("PATH");
@@ -121,7 +122,7 @@ pub fn check_all(
     )?;
     let kernel = check_kernel()?;
     check_aslr_control()?;
-    check_limits(config, ranks)?;
+    check_limits(config, ranks, nodes)?;
     Ok(Checked {
         program: resolved,
         interpreters,
@@ -622,15 +623,15 @@ pub fn check_aslr_control() -> Result<(), PreflightError> {
     Ok(())
 }
 
-/// File descriptors mome-run holds per rank (stdout, stderr, stdin), plus
-/// its own.
-pub fn fds_needed(ranks: u32) -> u64 {
-    3 * ranks as u64 + 64
+/// File descriptors mome-run holds per rank (stdout, stderr, stdin) and
+/// per agent (stdin, stdout), plus its own.
+pub fn fds_needed(ranks: u32, nodes: u32) -> u64 {
+    3 * ranks as u64 + 2 * nodes as u64 + 64
 }
 
 /// Checks the limits that would make the job fail later: the address-space
 /// limit against the window, and open files against the ranks' pipes.
-pub fn check_limits(config: &Config, ranks: u32) -> Result<(), PreflightError> {
+pub fn check_limits(config: &Config, ranks: u32, nodes: u32) -> Result<(), PreflightError> {
     use nix::sys::resource::{getrlimit, Resource, RLIM_INFINITY};
     let window = config.window.size;
     if let Ok((soft, _)) = getrlimit(Resource::RLIMIT_AS) {
@@ -645,7 +646,7 @@ pub fn check_limits(config: &Config, ranks: u32) -> Result<(), PreflightError> {
         }
     }
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let needed = fds_needed(ranks);
+        let needed = fds_needed(ranks, nodes);
         if hard != RLIM_INFINITY && hard < needed {
             return Err(PreflightError::Limit(format!(
                 "{ranks} ranks need {needed} open files in mome-run but the hard limit (ulimit -Hn) is {hard}: raise it, or run fewer ranks"

@@ -1,4 +1,4 @@
-//! Starting the processes of a job: the node agent and the ranks.
+//! Starting the processes of a job: the node agents and the ranks.
 //!
 //! Every child is forked from the main thread, because PR_SET_PDEATHSIG
 //! fires when the *thread* that forked exits, not the process: a child
@@ -239,8 +239,10 @@ pub struct RankLaunch {
     pub preload: PathBuf,
     pub jobid: String,
     pub nranks: u32,
-    pub node: u32,
-    pub agent_socket: PathBuf,
+    /// The node of each rank (index: rank).
+    pub placement: Vec<u32>,
+    /// The socket of each node's agent (index: node).
+    pub agent_sockets: Vec<PathBuf>,
     pub agent_timeout_ms: u128,
     /// The soft RLIMIT_NOFILE mome-run started with: mome-run raises its
     /// own for the ranks' pipes, the ranks get the original back.
@@ -334,13 +336,18 @@ pub fn spawn_rank(
             cmd.env("LD_PRELOAD", &preload);
         }
     }
+    let node = launch.placement.get(rank as usize).copied().unwrap_or(0);
+    let socket = launch
+        .agent_sockets
+        .get(node as usize)
+        .expect("every node of the placement has an agent socket");
     cmd.current_dir(&launch.cwd)
         .envs(launch.extra_env.iter().map(|(k, v)| (k, v)))
         .env(env::RANK, rank.to_string())
         .env(env::NRANKS, launch.nranks.to_string())
-        .env(env::NODE, launch.node.to_string())
+        .env(env::NODE, node.to_string())
         .env(env::JOBID, &launch.jobid)
-        .env(env::AGENT_SOCKET, &launch.agent_socket)
+        .env(env::AGENT_SOCKET, socket)
         .env(env::AGENT_TIMEOUT_MS, launch.agent_timeout_ms.to_string())
         // A MOME_RANK_PID inherited from an enclosing job would make the
         // preload think this rank is someone's forked child.

@@ -232,6 +232,10 @@ pub struct JobDetail {
     pub argv: Vec<String>,
     pub cwd: PathBuf,
     pub nodes: u32,
+    /// How the ranks were placed over the nodes (nodes.placement).
+    pub placement_mode: mome_protocol::config::Placement,
+    /// The node of each rank (index: rank).
+    pub placement: Vec<u32>,
     pub started: String,
     pub ended: Option<String>,
     pub exit_code: Option<i32>,
@@ -365,6 +369,20 @@ fn detail_of(
         ),
         None => (None, None, None, None, Vec::new(), Vec::new()),
     };
+    let placement = spec.node_of_ranks();
+    // A status file older than multi-node jobs does not list each agent's
+    // ranks: every rank of the job ran on its only node.
+    let agents = agents
+        .into_iter()
+        .map(|mut a| {
+            if a.ranks.is_empty() {
+                a.ranks = (0..spec.ranks)
+                    .filter(|&r| placement[r as usize] == a.node)
+                    .collect();
+            }
+            a
+        })
+        .collect();
     let root = crate::coordinator::store_root(&spec.config, dir, &spec.cwd);
     let (checkpoints, checkpoints_error) = match list_checkpoints(&root) {
         Ok(list) => (list, None),
@@ -379,6 +397,8 @@ fn detail_of(
         argv: spec.argv.clone(),
         cwd: spec.cwd.clone(),
         nodes: spec.nodes,
+        placement_mode: spec.config.nodes.placement,
+        placement,
         started: spec.started.clone(),
         ended,
         exit_code,
@@ -406,6 +426,18 @@ pub fn render_detail(d: &JobDetail) -> String {
         ("command", command_line(&d.argv)),
         ("program", d.command.display().to_string()),
         ("cwd", d.cwd.display().to_string()),
+        (
+            "nodes",
+            if d.nodes > 1 {
+                format!(
+                    "{} ({} placement)",
+                    d.nodes,
+                    crate::coordinator::placement_name(d.placement_mode)
+                )
+            } else {
+                d.nodes.to_string()
+            },
+        ),
         ("started", d.started.clone()),
         ("ended", dash(d.ended.clone())),
         ("exit code", dash(d.exit_code.map(|c| c.to_string()))),
@@ -459,12 +491,31 @@ pub fn render_detail(d: &JobDetail) -> String {
         .collect();
     out.push_str(&render_table(&["RANK", "NODE", "PID", "STATE"], &ranks));
     out.push('\n');
-    let agents: Vec<[String; 3]> = d
+    let agents: Vec<[String; 5]> = d
         .agents
         .iter()
-        .map(|a| [a.node.to_string(), pid(a.pid), a.state.to_string()])
+        .map(|a| {
+            [
+                a.node.to_string(),
+                pid(a.pid),
+                match &a.failed {
+                    Some(_) => format!("{} (failed)", a.state),
+                    None => a.state.to_string(),
+                },
+                a.addr.clone().unwrap_or_else(|| "-".to_string()),
+                crate::coordinator::rank_list(&a.ranks),
+            ]
+        })
         .collect();
-    out.push_str(&render_table(&["NODE", "PID", "STATE"], &agents));
+    out.push_str(&render_table(
+        &["NODE", "PID", "STATE", "LISTEN", "RANKS"],
+        &agents,
+    ));
+    for a in &d.agents {
+        if let Some(reason) = &a.failed {
+            out.push_str(&format!("node {} failed: {reason}\n", a.node));
+        }
+    }
     out.push('\n');
     if let Some(e) = &d.checkpoints_error {
         out.push_str(&format!("checkpoints cannot be listed: {e}\n"));

@@ -5,6 +5,8 @@
 //! status.json       live and final state (JobStatus), rewritten atomically by mome-run
 //! control.sock      mome-run's control socket (JSON lines, ControlRequest -> ControlReply)
 //! node-<k>.sock     agent k's socket for its ranks
+//! secret            multi-node jobs: 32 random bytes, hex, that every agent
+//!                   proves to its peers (the file is the only copy)
 //! logs/agent-<k>.log, logs/coordinator.log
 //! ```
 //! The directory is 0700 and its files 0600: they hold the job's environment.
@@ -35,6 +37,8 @@ pub enum JobError {
     },
     #[error("cannot find the home directory for job files: set MOME_HOME")]
     NoHome,
+    #[error("cannot draw the job's secret from the kernel (getrandom): {0}")]
+    Random(std::io::Error),
 }
 
 /// `$MOME_HOME`, else `~/.mome`.
@@ -97,6 +101,26 @@ impl JobDir {
     pub fn coordinator_log(&self) -> PathBuf {
         self.logs().join("coordinator.log")
     }
+    /// The job's secret (multi-node jobs): what the agents authenticate
+    /// their connections with.
+    pub fn secret_path(&self) -> PathBuf {
+        self.path.join("secret")
+    }
+
+    /// Writes a fresh secret: 32 bytes from getrandom, hex encoded, then a
+    /// newline, in a 0600 file. No weaker source replaces getrandom: a
+    /// guessable secret would let anyone on the network into the job's
+    /// memory.
+    pub fn write_secret(&self) -> Result<(), JobError> {
+        let mut bytes = [0u8; SECRET_BYTES];
+        fill_random(&mut bytes).map_err(JobError::Random)?;
+        let mut text = String::with_capacity(2 * SECRET_BYTES + 1);
+        for b in bytes {
+            text.push_str(&format!("{b:02x}"));
+        }
+        text.push('\n');
+        write_private_atomic(&self.secret_path(), text.as_bytes())
+    }
 
     pub fn read_spec(&self) -> Result<JobSpec, JobError> {
         let path = self.spec_path();
@@ -131,6 +155,30 @@ impl JobDir {
         let text = serde_json::to_string_pretty(status).expect("a JobStatus always serializes");
         write_private_atomic(&self.status_path(), text.as_bytes())
     }
+}
+
+/// Bytes of a job's secret (written as twice as many hex digits).
+pub const SECRET_BYTES: usize = 32;
+
+/// Fills `buf` from the kernel's random pool, blocking until it is
+/// initialized (early boot only).
+fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`,
+        // which is valid writable memory of that length.
+        let got = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if got < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        done += got as usize;
+    }
+    Ok(())
 }
 
 /// Writes a 0600 file through a temporary name and a rename, so readers see
@@ -190,6 +238,23 @@ pub struct JobSpec {
     /// The stamp this incarnation was restored from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<Stamp>,
+    /// The node of each rank (index: rank), as `nodes.placement` (or
+    /// `--placement`) put them; empty in job files written before
+    /// multi-node jobs, whose ranks all ran on node 0.
+    #[serde(default)]
+    pub placement: Vec<u32>,
+}
+
+impl JobSpec {
+    /// The node of each rank: the recorded placement, or node 0 for all
+    /// of them in an older job file.
+    pub fn node_of_ranks(&self) -> Vec<u32> {
+        if self.placement.len() == self.ranks as usize {
+            self.placement.clone()
+        } else {
+            vec![0; self.ranks as usize]
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,6 +337,18 @@ pub struct AgentStatus {
     pub pid: Option<i32>,
     #[serde(flatten)]
     pub state: ProcessState,
+    /// The ranks placed on this node (empty in status files written
+    /// before multi-node jobs: then every rank).
+    #[serde(default)]
+    pub ranks: Vec<u32>,
+    /// Multi-node jobs: the address the agent listens on for its peers,
+    /// once it announced it (`ready <ip:port>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+    /// Why this node is considered failed (its agent died, or a peer
+    /// reported it), when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 /// Live and final state of a job, kept in status.json and served on the
@@ -457,6 +534,53 @@ mod tests {
             .replace(",\"incarnation\":0", "")
             .replace(",\"checkpoints\":[]", "");
         assert_eq!(serde_json::from_str::<JobStatus>(&old).unwrap(), s);
+    }
+
+    #[test]
+    fn secret_is_64_hex_digits_in_a_private_file() {
+        use std::os::unix::fs::MetadataExt;
+        let home = std::env::temp_dir().join(format!("mome-proto-secret-{}", std::process::id()));
+        let job = JobDir::new(&home, "j");
+        std::fs::create_dir_all(&job.path).unwrap();
+        job.write_secret().unwrap();
+        let first = std::fs::read_to_string(job.secret_path()).unwrap();
+        assert_eq!(first.len(), 65, "{first:?}");
+        assert!(first.ends_with('\n'));
+        assert!(first[..64]
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        let meta = std::fs::metadata(job.secret_path()).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        job.write_secret().unwrap();
+        assert_ne!(std::fs::read_to_string(job.secret_path()).unwrap(), first);
+        std::fs::remove_dir_all(&home).unwrap();
+    }
+
+    #[test]
+    fn files_of_older_versions_still_read() {
+        // job.yaml without `placement`: every rank on node 0.
+        let spec = JobSpec {
+            id: "j".into(),
+            ranks: 3,
+            nodes: 1,
+            ..Default::default()
+        };
+        let text = serde_yaml_ng::to_string(&spec).unwrap();
+        let old = text.replace("placement: []\n", "");
+        assert!(!old.contains("\nplacement:"), "{old}");
+        let read: JobSpec = serde_yaml_ng::from_str(&old).unwrap();
+        assert_eq!(read, spec);
+        assert_eq!(read.node_of_ranks(), vec![0, 0, 0]);
+        let placed = JobSpec {
+            placement: vec![0, 1, 0],
+            ..spec
+        };
+        assert_eq!(placed.node_of_ranks(), vec![0, 1, 0]);
+        // An agent status without ranks, address or failure.
+        let agent: AgentStatus =
+            serde_json::from_str(r#"{"node":0,"pid":7,"state":"running"}"#).unwrap();
+        assert_eq!(agent.ranks, Vec::<u32>::new());
+        assert_eq!((agent.addr, agent.failed), (None, None));
     }
 
     #[test]

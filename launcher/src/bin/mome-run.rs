@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use mome_launcher::coordinator::{self, parse_duration_arg, CkptOverrides, RunOptions};
+use mome_protocol::config::Placement;
 use mome_protocol::Config;
 
 const AFTER_HELP: &str = "\
@@ -19,6 +20,11 @@ Examples:
   mome-run -n 4 --ckpt-interval 10min --keep 3 ./solver
                                         a checkpoint every 10 minutes, 3 kept
   mome-ckpt <id>; mome-restart <id>     checkpoint now; restart after a crash
+  mome-run -n 8 --nodes 2 ./jacobi 512 100
+                                        8 ranks on 2 nodes: ranks 0-3 on node 0,
+                                        4-7 on node 1
+  mome-run -n 8 --nodes 4 --placement cyclic ./app
+                                        rank r on node r mod 4
 
 The job:
   mome-run prints `mome: job <id>` on stderr, keeps the job in
@@ -34,6 +40,29 @@ The job:
   When a rank fails, the others are ended the same way. Nothing of the
   job (ranks, their children, the agent) outlives mome-run.
 
+Nodes:
+  --nodes K runs one agent per node, each with the DSM memory of its
+  ranks; on one machine the K nodes are simulated (each agent its own
+  memory, talking TCP on loopback, nodes.listen). K is 1 to 64 and at most
+  N (every node has at least one rank). --placement (or nodes.placement)
+  says which ranks go to which node:
+    block   contiguous ranks, blocks whose sizes differ by at most one:
+            -n 5 --nodes 2 gives ranks 0-2 on node 0 and 3-4 on node 1
+    cyclic  rank r on node r mod K: -n 5 --nodes 2 gives ranks 0,2,4 on
+            node 0 and 1,3 on node 1
+  A rank sees its node in MOME_NODE. The placement is recorded in job.yaml
+  (`placement`, the node of each rank) and shown by mome-status with each
+  node's agent (pid, state, listen address, ranks). The agents
+  authenticate each other with the job's secret, written at start to
+  $MOME_HOME/jobs/<id>/secret (0600). The ranks start once every agent is
+  connected to all the others (within job.agent_ready_timeout, else the
+  nodes that did not get there are named). If a node fails (its agent
+  dies, or another agent loses it), mome-run prints
+  `mome: node K failed: reason; ending the job`, ends the ranks as for a
+  failing rank, stops every agent and exits 1. Checkpoints of multi-node
+  jobs are not available yet: mome-ckpt, --ckpt-interval and mome-restart
+  are refused for them.
+
 Checkpoints:
   `mome-ckpt <id>` (or --ckpt-interval) saves the job to the checkpoint
   store (--ckpt-dir, default $MOME_HOME/jobs/<id>/ckpt), keeping the
@@ -48,7 +77,8 @@ Exit status:
   0 when every rank exited 0; else the first failing rank's exit status, or
   128+N for a rank killed by signal N (128+N too when mome-run was
   interrupted by signal N); 1 when the job failed for mome's own reasons
-  (the agent); 2 for a bad command line, configuration, or a preflight check
+  (an agent, a failed node); 2 for a bad command line (--nodes more than
+  -n, --nodes with --ckpt-interval), configuration, or a preflight check
   that failed; 126/127 when PROGRAM cannot be executed / is not found.
 
 Environment:
@@ -69,9 +99,18 @@ struct Cli {
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     ranks: u32,
 
-    /// Number of nodes (agents); only 1 for now.
-    #[arg(long, value_name = "K", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Number of nodes: one agent each, the ranks spread over them by
+    /// --placement. 1 to 64, and at most N. On one machine, K simulated
+    /// nodes (each agent its own memory, TCP on loopback).
+    #[arg(long, value_name = "K", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=coordinator::MAX_NODES as i64))]
     nodes: u32,
+
+    /// Which ranks go to which node: block (contiguous ranks per node) or
+    /// cyclic (rank r on node r mod K); default nodes.placement of the
+    /// configuration, itself block by default.
+    #[arg(long, value_enum, value_name = "HOW")]
+    placement: Option<PlacementArg>,
 
     /// Job configuration (YAML): the keys to change from configs/default.yaml.
     #[arg(long, value_name = "FILE")]
@@ -107,6 +146,15 @@ struct Cli {
     command: Vec<OsString>,
 }
 
+/// `--placement`, as `nodes.placement`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PlacementArg {
+    /// Ranks 0..N/K on node 0, the next ones on node 1, ...
+    Block,
+    /// Rank r on node r mod K.
+    Cyclic,
+}
+
 fn main() {
     let cli = Cli::parse();
     let mut config = match &cli.config {
@@ -125,6 +173,12 @@ fn main() {
         interval: cli.ckpt_interval,
     }
     .apply(&mut config);
+    if let Some(placement) = cli.placement {
+        config.nodes.placement = match placement {
+            PlacementArg::Block => Placement::Block,
+            PlacementArg::Cyclic => Placement::Cyclic,
+        };
+    }
     let mut command = cli.command.into_iter();
     let program = command.next().expect("clap requires PROGRAM");
     let code = coordinator::run(RunOptions {

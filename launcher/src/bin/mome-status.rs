@@ -8,7 +8,9 @@ use mome_protocol::job::mome_home;
 const AFTER_HELP: &str = "\
 Examples:
   mome-status                         every job: ID STATE RANKS NODES STARTED COMMAND
-  mome-status 20261122-001805-3fa2    one job: header, ranks, agents
+  mome-status 20261122-001805-3fa2    one job: header, ranks (with their node),
+                                      agents (per node: pid, state, listen
+                                      address, ranks), checkpoints
   mome-status --json | jq '.[] | select(.state == \"running\")'
 
 States: starting, running, finished, failed, and lost for a job whose
