@@ -332,7 +332,8 @@ pub fn dispatch(agent: &Arc<Agent>, from: u32, msg: PeerMsg) {
             write,
             has_copy,
             hops,
-        } => pages.on_request(page, requester, req, write, has_copy, hops),
+            prefetch,
+        } => pages.on_request(page, requester, req, write, has_copy, hops, prefetch),
         PeerMsg::PageGrant {
             page,
             req,
@@ -340,7 +341,8 @@ pub fn dispatch(agent: &Arc<Agent>, from: u32, msg: PeerMsg) {
             epoch,
             copyset,
             data,
-        } => pages.on_grant(from, page, req, write, epoch, copyset, data),
+            extra,
+        } => pages.on_grant(from, page, req, write, epoch, copyset, data, extra),
         PeerMsg::Invalidate {
             page,
             epoch,

@@ -370,7 +370,7 @@ async fn serve(
         c.mesh.leave();
         let st = c.pages.stats();
         log!(
-            "page protocol: {} read and {} write faults, {} requests sent, {} served, {} forwarded, {} invalidations, {} stale grants; {} messages in, {} out",
+            "page protocol: {} read and {} write faults, {} requests sent, {} served, {} forwarded, {} invalidations, {} stale grants, {} pages prefetched; {} messages in, {} out",
             st.read_faults,
             st.write_faults,
             st.requests_sent,
@@ -378,6 +378,7 @@ async fn serve(
             st.forwarded,
             st.invalidations,
             st.stale_grants,
+            st.prefetched,
             c.mesh.received.load(Ordering::Relaxed),
             c.mesh.sent.load(Ordering::Relaxed)
         );

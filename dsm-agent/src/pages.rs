@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use mome_protocol::layout::{WindowLayout, PAGE_SIZE};
-use mome_protocol::peer::PeerMsg;
+use mome_protocol::peer::{PeerMsg, MAX_PREFETCH};
 use mome_uffd::{copy_mode, fault_flag, Filled, Uffd, UffdError};
 
 use crate::agent::{lock, SessionId};
@@ -87,6 +87,7 @@ struct Request {
     write: bool,
     has_copy: bool,
     hops: u32,
+    prefetch: u32,
 }
 
 /// This node's own request in flight.
@@ -167,6 +168,8 @@ pub struct PageStats {
     pub forwarded: u64,
     pub invalidations: u64,
     pub stale_grants: u64,
+    /// Pages that came with a read grant without being asked for.
+    pub prefetched: u64,
 }
 
 #[derive(Debug)]
@@ -175,6 +178,10 @@ struct Directory {
     ranks: BTreeMap<SessionId, RankView>,
     next_req: u64,
     stats: PageStats,
+    /// Last page read from another node (prefetched ones included), and
+    /// the prefetch window: it grows while reads are sequential.
+    last_read: Option<u64>,
+    window: u32,
 }
 
 #[derive(Debug)]
@@ -208,6 +215,8 @@ impl PageEngine {
                 ranks: BTreeMap::new(),
                 next_req: 1,
                 stats: PageStats::default(),
+                last_read: None,
+                window: 0,
             }),
             me: Mutex::new(Weak::new()),
         });
@@ -474,6 +483,20 @@ impl PageEngine {
         });
         let has_copy = e.access == Access::Read;
         d.stats.requests_sent += 1;
+        // Sequential reads ask for the following pages too, in a window
+        // that doubles while the pattern lasts.
+        let prefetch = if write {
+            0
+        } else {
+            let sequential = page > 0 && d.last_read == Some(page - 1);
+            d.window = if sequential {
+                (d.window * 2).clamp(1, MAX_PREFETCH)
+            } else {
+                0
+            };
+            d.last_read = Some(page);
+            d.window
+        };
         self.mesh.send(
             to,
             PeerMsg::PageRequest {
@@ -483,6 +506,7 @@ impl PageEngine {
                 write,
                 has_copy,
                 hops: 0,
+                prefetch,
             },
         );
     }
@@ -579,6 +603,7 @@ impl PageEngine {
         write: bool,
         has_copy: bool,
         hops: u32,
+        prefetch: u32,
     ) {
         let mut d = lock(&self.dir);
         let r = Request {
@@ -587,6 +612,7 @@ impl PageEngine {
             write,
             has_copy,
             hops,
+            prefetch: prefetch.min(MAX_PREFETCH),
         };
         self.handle_request(&mut d, page, r);
     }
@@ -620,6 +646,7 @@ impl PageEngine {
                     write: r.write,
                     has_copy: r.has_copy,
                     hops: r.hops.saturating_add(1),
+                    prefetch: r.prefetch,
                 },
             );
             return;
@@ -690,6 +717,7 @@ impl PageEngine {
             e.access = Access::Read;
             e.copyset |= 1 << r.from;
             let epoch = e.epoch;
+            let extra = self.prefetched(d, page, r.from, r.prefetch);
             self.mesh.send(
                 r.from,
                 PeerMsg::PageGrant {
@@ -699,6 +727,7 @@ impl PageEngine {
                     epoch,
                     copyset: 0,
                     data: Some(data),
+                    extra,
                 },
             );
             return;
@@ -729,8 +758,40 @@ impl PageEngine {
                 epoch,
                 copyset,
                 data,
+                extra: Vec::new(),
             },
         );
+    }
+
+    /// Read copies of the pages after `page` for `to`, as long as this node
+    /// owns them and can give them at once (not busy, not held).
+    fn prefetched(&self, d: &mut Directory, page: u64, to: u32, count: u32) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        let now = Instant::now();
+        for q in page + 1..=page + count as u64 {
+            if self.window_addr(q) >= self.layout.end() {
+                break;
+            }
+            let e = self.entry(d, q);
+            let free = e.owner
+                && e.pending.is_none()
+                && e.queued.is_empty()
+                && !e.hold_until.is_some_and(|t| t > now)
+                && e.access != Access::None
+                && e.copyset & (1 << to) == 0;
+            if !free {
+                break;
+            }
+            if e.access == Access::Write {
+                self.protect_everywhere(d, q);
+            }
+            let data = self.read_page(q);
+            let e = self.entry(d, q);
+            e.access = Access::Read;
+            e.copyset |= 1 << to;
+            out.push((e.epoch, data));
+        }
+        out
     }
 
     /// The answer to one of this node's requests.
@@ -744,9 +805,13 @@ impl PageEngine {
         epoch: u64,
         copyset: u64,
         data: Option<Vec<u8>>,
+        extra: Vec<(u64, Vec<u8>)>,
     ) {
         let me = self.node;
         let mut d = lock(&self.dir);
+        if !extra.is_empty() {
+            self.take_prefetched(&mut d, from, page, extra);
+        }
         let e = self.entry(&mut d, page);
         let matches = e
             .pending
@@ -800,6 +865,31 @@ impl PageEngine {
         d.stats.invalidations += targets.count_ones() as u64;
         if targets == 0 {
             self.complete(&mut d, page);
+        }
+    }
+
+    /// Installs the prefetched read copies that are still of use: pages
+    /// this node has no copy of, asks nothing for, and no invalidation made
+    /// stale. The others are dropped (the owner's copyset then names this
+    /// node needlessly: its invalidations find nothing to drop).
+    fn take_prefetched(&self, d: &mut Directory, from: u32, page: u64, extra: Vec<(u64, Vec<u8>)>) {
+        let mut last = page;
+        for (i, (epoch, data)) in extra.into_iter().enumerate() {
+            let q = page + 1 + i as u64;
+            let e = self.entry(d, q);
+            if e.pending.is_some() || e.owner || e.access != Access::None || epoch < e.min_epoch {
+                continue;
+            }
+            e.access = Access::Read;
+            e.prob_owner = from;
+            e.epoch = epoch;
+            self.protect_everywhere(d, q);
+            self.install(d, q, &data, true, &[]);
+            d.stats.prefetched += 1;
+            last = q;
+        }
+        if d.last_read.is_some_and(|l| l == page) {
+            d.last_read = Some(last);
         }
     }
 

@@ -26,6 +26,9 @@ use crate::rank::ErrorCode;
 pub const PEER_PROTOCOL_VERSION: u32 = 1;
 /// Bytes of a nonce and of a proof.
 pub const NONCE_LEN: usize = 32;
+/// Most pages a read grant carries after the one asked for (a frame holds
+/// at most 64 KiB).
+pub const MAX_PREFETCH: u32 = 14;
 
 /// One page of data, as sent in a grant.
 pub type PageData = Vec<u8>;
@@ -105,7 +108,9 @@ pub enum PeerMsg {
     Heartbeat,
     /// `from` wants page `page` (a page number of the shared zone) for
     /// reading or writing. `has_copy`: it holds a read copy, so a write
-    /// grant may leave the data out. `hops` counts forwards.
+    /// grant may leave the data out. `hops` counts forwards. A read request
+    /// may ask for up to `prefetch` following pages as well (sequential
+    /// reads): the owner adds those it owns and can give at once.
     PageRequest {
         page: u64,
         from: u32,
@@ -113,6 +118,7 @@ pub enum PeerMsg {
         write: bool,
         has_copy: bool,
         hops: u32,
+        prefetch: u32,
     },
     /// The owner's answer to request `req` of the receiver. A write grant
     /// makes the receiver the owner: `copyset` (a bit per node) is then the
@@ -125,6 +131,9 @@ pub enum PeerMsg {
         epoch: u64,
         copyset: u64,
         data: Option<PageData>,
+        /// Read grants: read copies of `page + 1`, `page + 2`, ... with
+        /// their epochs (prefetch).
+        extra: Vec<(u64, PageData)>,
     },
     /// Drop your copy of `page`: `new_owner` owns it from epoch `epoch`.
     Invalidate {
@@ -209,6 +218,21 @@ impl PeerMsg {
                 "page grant with {} bytes of data instead of {PAGE_SIZE}",
                 data.len()
             )),
+            PeerMsg::PageGrant { extra, write, .. } if !extra.is_empty() && *write => {
+                Err("write grant with prefetched pages".into())
+            }
+            PeerMsg::PageGrant { extra, .. } if extra.len() > MAX_PREFETCH as usize => Err(format!(
+                "{} prefetched pages, more than {MAX_PREFETCH}",
+                extra.len()
+            )),
+            PeerMsg::PageGrant { extra, .. }
+                if extra.iter().any(|(_, d)| d.len() as u64 != PAGE_SIZE) =>
+            {
+                Err(format!("prefetched page of other than {PAGE_SIZE} bytes"))
+            }
+            PeerMsg::PageRequest { prefetch, .. } if *prefetch > MAX_PREFETCH => Err(format!(
+                "request for {prefetch} prefetched pages, more than {MAX_PREFETCH}"
+            )),
             PeerMsg::Hello { job, .. } if job.len() > MAX_TEXT => Err("job id too long".into()),
             PeerMsg::Segment {
                 op: SegmentOp::Open { name, .. } | SegmentOp::Unlink { name },
@@ -240,6 +264,16 @@ mod tests {
                 epoch: 3,
                 copyset: 0b101,
                 data: Some(vec![0xab; PAGE_SIZE as usize]),
+                extra: vec![],
+            },
+            PeerMsg::PageGrant {
+                page: 7,
+                req: 9,
+                write: false,
+                epoch: 3,
+                copyset: 0,
+                data: Some(vec![0xab; PAGE_SIZE as usize]),
+                extra: vec![(2, vec![1; PAGE_SIZE as usize]); MAX_PREFETCH as usize],
             },
             PeerMsg::Sync {
                 req: 1,
@@ -263,6 +297,7 @@ mod tests {
             epoch: 0,
             copyset: 0,
             data: Some(vec![1, 2, 3]),
+            extra: vec![],
         };
         assert!(short.validate().is_err());
     }
