@@ -333,7 +333,17 @@ pub fn dispatch(agent: &Arc<Agent>, from: u32, msg: PeerMsg) {
             has_copy,
             hops,
             prefetch,
-        } => pages.on_request(page, requester, req, write, has_copy, hops, prefetch),
+        } => pages.on_request(
+            page,
+            crate::pages::Request {
+                from: requester,
+                req,
+                write,
+                has_copy,
+                hops,
+                prefetch,
+            },
+        ),
         PeerMsg::PageGrant {
             page,
             req,

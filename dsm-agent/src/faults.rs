@@ -75,10 +75,10 @@ impl AliasTable {
 
     /// Addresses outside the window at which `window_addr` is also mapped.
     pub fn aliases_of(&self, window_addr: u64) -> impl Iterator<Item = u64> + '_ {
-        self.aliases.iter().filter_map(move |a| {
-            (window_addr >= a.window_addr && window_addr - a.window_addr < a.len)
-                .then(|| a.addr + (window_addr - a.window_addr))
-        })
+        self.aliases
+            .iter()
+            .filter(move |a| window_addr >= a.window_addr && window_addr - a.window_addr < a.len)
+            .map(move |a| a.addr + (window_addr - a.window_addr))
     }
 
     /// Window address of `addr`, which lies outside the window.

@@ -17,6 +17,7 @@
 //! can stop the agent.
 
 use std::collections::BTreeSet;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -123,12 +124,27 @@ fn nonce() -> [u8; NONCE_LEN] {
     n
 }
 
-/// One other node, as seen from here.
+/// Bytes for one peer not written yet, and the socket to write them to.
+#[derive(Debug, Default)]
+struct Outbox {
+    /// A descriptor of the connection's socket (non-blocking), for writing
+    /// straight from the sending task; None until connected.
+    stream: Option<std::net::TcpStream>,
+    /// Encoded frames waiting for the socket, in order.
+    pending: Vec<u8>,
+}
+
+/// One node, as seen from here.
 #[derive(Debug)]
 struct Peer {
-    tx: mpsc::UnboundedSender<PeerMsg>,
-    /// Taken by the writer task once the connection is up.
-    rx: Mutex<Option<mpsc::UnboundedReceiver<PeerMsg>>>,
+    /// Only this node's own entry: the loopback queue.
+    loopback: Option<mpsc::UnboundedSender<PeerMsg>>,
+    loopback_rx: Mutex<Option<mpsc::UnboundedReceiver<PeerMsg>>>,
+    /// A message is written at once when nothing is pending (no task hop
+    /// on the path of a page fault); otherwise it queues behind the pending
+    /// bytes, which the peer's writer task sends as the socket takes them.
+    out: Mutex<Outbox>,
+    wake: tokio::sync::Notify,
     /// Milliseconds since the mesh started when a frame last arrived.
     last_heard_ms: AtomicU64,
     connected: AtomicBool,
@@ -168,11 +184,18 @@ impl Mesh {
         events: Events,
     ) -> Mesh {
         let peers = (0..nodes)
-            .map(|_| {
-                let (tx, rx) = mpsc::unbounded_channel();
+            .map(|n| {
+                let (tx, rx) = if n == node {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    (Some(tx), Some(rx))
+                } else {
+                    (None, None)
+                };
                 Peer {
-                    tx,
-                    rx: Mutex::new(Some(rx)),
+                    loopback: tx,
+                    loopback_rx: Mutex::new(rx),
+                    out: Mutex::new(Outbox::default()),
+                    wake: tokio::sync::Notify::new(),
                     last_heard_ms: AtomicU64::new(0),
                     connected: AtomicBool::new(false),
                     leaving: AtomicBool::new(false),
@@ -206,9 +229,36 @@ impl Mesh {
             );
             return;
         };
-        // A closed queue means the peer's writer ended: the node is being
-        // reported failed, and the job ends.
-        let _ = peer.tx.send(msg);
+        if let Some(tx) = &peer.loopback {
+            let _ = tx.send(msg);
+            return;
+        }
+        let mut out = lock(&peer.out);
+        let start = out.pending.len();
+        out.pending.resize(start + HEADER + MAX_FRAME, 0);
+        match frame::encode(&msg, &mut out.pending[start..]) {
+            Ok(len) => out.pending.truncate(start + len),
+            Err(e) => {
+                out.pending.truncate(start);
+                log!("cannot encode {} for node {to}: {e}; dropped", msg.name());
+                return;
+            }
+        }
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        if start == 0 {
+            if let Some(stream) = out.stream.as_ref() {
+                use std::io::Write as _;
+                let mut w = stream;
+                // A full socket or a broken one: the writer task finds out
+                // which (a broken one is a failed node).
+                if let Ok(n) = w.write(&out.pending) {
+                    out.pending.drain(..n);
+                }
+            }
+        }
+        if !out.pending.is_empty() {
+            peer.wake.notify_one();
+        }
     }
 
     /// Queues `msg` for every other node.
@@ -287,7 +337,7 @@ pub fn start(agent: &Arc<Agent>, listener: TcpListener) {
     let mesh = &cluster.mesh;
     let me = mesh.node;
     // Loopback: messages to this node are dispatched like a peer's.
-    if let Some(mut rx) = lock(&mesh.peers[me as usize].rx).take() {
+    if let Some(mut rx) = lock(&mesh.peers[me as usize].loopback_rx).take() {
         let agent = agent.clone();
         tokio::spawn(async move {
             while let Some(msg) = rx.recv().await {
@@ -584,50 +634,71 @@ fn established(agent: &Arc<Agent>, n: u32, r: OwnedReadHalf, w: OwnedWriteHalf) 
     };
     let mesh = &cluster.mesh;
     let peer = &mesh.peers[n as usize];
-    let Some(rx) = lock(&peer.rx).take() else {
-        log!("node {n} connected twice: second connection closed");
-        return;
-    };
+    {
+        let mut out = lock(&peer.out);
+        if out.stream.is_some() {
+            log!("node {n} connected twice: second connection closed");
+            return;
+        }
+        // SAFETY: dup of the connection's socket, which `w` keeps open; the
+        // duplicate is owned by the std stream from here on. It shares the
+        // file description, so it is non-blocking like tokio's.
+        let dup = unsafe { libc::dup(w.as_ref().as_raw_fd()) };
+        if dup < 0 {
+            mesh.node_failed(
+                n,
+                format!(
+                    "cannot duplicate its socket: {}",
+                    std::io::Error::last_os_error()
+                ),
+            );
+            return;
+        }
+        // SAFETY: `dup` is a fresh descriptor we own.
+        out.stream = Some(unsafe { std::net::TcpStream::from_raw_fd(dup) });
+    }
+    // Whatever was queued before the connection existed goes now.
+    peer.wake.notify_one();
     peer.last_heard_ms.store(mesh.now_ms(), Ordering::Relaxed);
     peer.connected.store(true, Ordering::Relaxed);
     log!("node {n} connected and authenticated");
     let a = agent.clone();
-    tokio::spawn(async move { writer(a, n, w, rx).await });
+    tokio::spawn(async move { writer(a, n, w).await });
     let a = agent.clone();
     tokio::spawn(async move { reader(a, n, r).await });
     mesh.maybe_ready();
 }
 
-/// Sends what is queued for node `n`, as many frames per write as queued.
-async fn writer(
-    agent: Arc<Agent>,
-    n: u32,
-    mut w: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<PeerMsg>,
-) {
-    const BATCH: usize = 256 * 1024;
+/// Sends the bytes pending for node `n` whenever the socket takes them.
+async fn writer(agent: Arc<Agent>, n: u32, w: OwnedWriteHalf) {
     let mesh = &agent.cluster.as_ref().expect("multi-node agent").mesh;
-    let mut buf: Vec<u8> = Vec::with_capacity(BATCH + HEADER + MAX_FRAME);
-    let mut scratch = vec![0u8; HEADER + MAX_FRAME];
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        let mut count = 0u64;
-        while let Some(msg) = next.take() {
-            match frame::encode(&msg, &mut scratch) {
-                Ok(len) => buf.extend_from_slice(&scratch[..len]),
-                Err(e) => log!("cannot encode {} for node {n}: {e}; dropped", msg.name()),
+    let peer = &mesh.peers[n as usize];
+    loop {
+        peer.wake.notified().await;
+        loop {
+            if lock(&peer.out).pending.is_empty() {
+                break;
             }
-            count += 1;
-            if buf.len() < BATCH {
-                next = rx.try_recv().ok();
+            if let Err(e) = w.as_ref().writable().await {
+                mesh.node_failed(n, format!("cannot send to it: {e}"));
+                return;
+            }
+            let mut out = lock(&peer.out);
+            if out.pending.is_empty() {
+                break;
+            }
+            match w.as_ref().try_write(&out.pending) {
+                Ok(written) => {
+                    out.pending.drain(..written);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    drop(out);
+                    mesh.node_failed(n, format!("cannot send to it: {e}"));
+                    return;
+                }
             }
         }
-        if let Err(e) = w.write_all(&buf).await {
-            mesh.node_failed(n, format!("cannot send to it: {e}"));
-            return;
-        }
-        mesh.sent.fetch_add(count, Ordering::Relaxed);
-        buf.clear();
     }
 }
 
@@ -681,7 +752,7 @@ async fn monitor(agent: Arc<Agent>) {
             if n == mesh.node || !peer.connected.load(Ordering::Relaxed) {
                 continue;
             }
-            let _ = peer.tx.send(PeerMsg::Heartbeat);
+            mesh.send(n, PeerMsg::Heartbeat);
             let silent = now.saturating_sub(peer.last_heard_ms.load(Ordering::Relaxed));
             if silent > mesh.timing.heartbeat_timeout.as_millis() as u64 {
                 mesh.node_failed(n, format!("no heartbeat for {silent} ms"));

@@ -79,15 +79,15 @@ struct Waiter {
     flags: u64,
 }
 
-/// A request of another node (or forwarded by one).
+/// A request of another node (or forwarded by one), as in `PageRequest`.
 #[derive(Debug, Clone, Copy)]
-struct Request {
-    from: u32,
-    req: u64,
-    write: bool,
-    has_copy: bool,
-    hops: u32,
-    prefetch: u32,
+pub struct Request {
+    pub from: u32,
+    pub req: u64,
+    pub write: bool,
+    pub has_copy: bool,
+    pub hops: u32,
+    pub prefetch: u32,
 }
 
 /// This node's own request in flight.
@@ -421,9 +421,18 @@ impl PageEngine {
     /// Write-protects the page in every local rank, at every address it is
     /// mapped at (markers where not mapped yet).
     fn protect_everywhere(&self, d: &Directory, page: u64) {
+        self.protect_except(d, page, None);
+    }
+
+    /// [`Self::protect_everywhere`] but at `skip` (a rank's address the
+    /// page is about to be copied to write-protected anyway).
+    fn protect_except(&self, d: &Directory, page: u64, skip: Option<(SessionId, u64)>) {
         let w = self.window_addr(page);
-        for view in d.ranks.values() {
+        for (&session, view) in &d.ranks {
             for addr in view.addrs_of(w) {
+                if skip == Some((session, addr)) {
+                    continue;
+                }
                 report(
                     view.uffd.write_protect(addr, PAGE_SIZE, true, false),
                     "write-protect",
@@ -522,14 +531,27 @@ impl PageEngine {
         if !waiters.is_empty() {
             e.hold_until = Some(Instant::now() + HOLD);
         }
+        // The first waiter that missed the page gets it copied straight to
+        // its address, woken by the copy.
+        let target = waiters.iter().position(|w| {
+            w.flags & fault_flag::WP == 0 && (p.write || w.flags & fault_flag::WRITE == 0)
+        });
+        let mut served = None;
         if let Some(data) = p.data {
             if had_copy {
                 self.punch(page, 1);
             }
+            let skip = target.map(|i| (waiters[i].session, waiters[i].addr));
             if !p.write {
-                self.protect_everywhere(d, page);
+                self.protect_except(d, page, skip);
             }
-            self.install(d, page, &data, !p.write, &waiters);
+            if self.install(d, page, &data, !p.write, skip) {
+                served = target;
+            }
+        }
+        let mut waiters = waiters;
+        if let Some(i) = served {
+            waiters.remove(i);
         }
         let mut rest = waiters.into_iter();
         for w in rest.by_ref() {
@@ -547,25 +569,35 @@ impl PageEngine {
     /// Puts `data` in the memfd atomically (UFFDIO_COPY through a local
     /// rank: the page appears whole or not at all), write-protected for a
     /// read copy.
-    fn install(&self, d: &Directory, page: u64, data: &[u8], read_only: bool, waiters: &[Waiter]) {
+    /// Returns true when the page went to `target` (which the copy woke).
+    fn install(
+        &self,
+        d: &Directory,
+        page: u64,
+        data: &[u8],
+        read_only: bool,
+        target: Option<(SessionId, u64)>,
+    ) -> bool {
         let mode = if read_only { copy_mode::WP } else { 0 };
         let window = self.window_addr(page);
-        let candidates = waiters
-            .iter()
-            .map(|w| (w.session, w.addr))
+        let candidates = target
+            .into_iter()
             .chain(d.ranks.keys().map(|&s| (s, window)));
         for (session, addr) in candidates {
             let Some(view) = d.ranks.get(&session) else {
                 continue;
             };
+            let is_target = target == Some((session, addr));
+            let wake = if is_target { 0 } else { copy_mode::DONTWAKE };
             for _ in 0..100 {
-                match view.uffd.copy_with_mode(
-                    addr,
-                    data.as_ptr(),
-                    PAGE_SIZE,
-                    mode | copy_mode::DONTWAKE,
-                ) {
-                    Ok(_) => return,
+                match view
+                    .uffd
+                    .copy_with_mode(addr, data.as_ptr(), PAGE_SIZE, mode | wake)
+                {
+                    Ok(Filled::Copied) => return is_target,
+                    // Not expected (the page is ours to install): the
+                    // waiters are woken by resolve.
+                    Ok(Filled::AlreadyPresent) => return false,
                     // The rank's address space is changing: try again.
                     Err(UffdError::Os { errno, .. }) if errno.0 == libc::EAGAIN => {
                         std::thread::yield_now()
@@ -592,27 +624,15 @@ impl PageEngine {
                 std::io::Error::last_os_error()
             );
         }
+        false
     }
 
     /// A request from another node (or this one's loopback).
-    pub fn on_request(
-        &self,
-        page: u64,
-        from: u32,
-        req: u64,
-        write: bool,
-        has_copy: bool,
-        hops: u32,
-        prefetch: u32,
-    ) {
+    pub fn on_request(&self, page: u64, r: Request) {
         let mut d = lock(&self.dir);
         let r = Request {
-            from,
-            req,
-            write,
-            has_copy,
-            hops,
-            prefetch: prefetch.min(MAX_PREFETCH),
+            prefetch: r.prefetch.min(MAX_PREFETCH),
+            ..r
         };
         self.handle_request(&mut d, page, r);
     }
@@ -776,7 +796,7 @@ impl PageEngine {
             let free = e.owner
                 && e.pending.is_none()
                 && e.queued.is_empty()
-                && !e.hold_until.is_some_and(|t| t > now)
+                && e.hold_until.is_none_or(|t| t <= now)
                 && e.access != Access::None
                 && e.copyset & (1 << to) == 0;
             if !free {
@@ -884,7 +904,7 @@ impl PageEngine {
             e.prob_owner = from;
             e.epoch = epoch;
             self.protect_everywhere(d, q);
-            self.install(d, q, &data, true, &[]);
+            self.install(d, q, &data, true, None);
             d.stats.prefetched += 1;
             last = q;
         }
@@ -936,7 +956,7 @@ impl PageEngine {
             if p < first || p >= first + count {
                 return true;
             }
-            woken.extend(e.waiters.drain(..));
+            woken.append(&mut e.waiters);
             false
         });
         for w in woken {
