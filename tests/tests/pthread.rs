@@ -89,13 +89,11 @@ fn shared_counter_one_node() {
 }
 
 #[test]
-#[ignore = "needs multi-node agents"]
 fn shared_counter_two_nodes() {
     check_on_nodes("shared-counter", &["300"], 2);
 }
 
 #[test]
-#[ignore = "needs multi-node agents"]
 fn shared_counter_four_nodes() {
     check_on_nodes("shared-counter", &["300"], 4);
 }
@@ -106,13 +104,11 @@ fn pthread_sync_one_node() {
 }
 
 #[test]
-#[ignore = "needs multi-node agents"]
 fn pthread_sync_two_nodes() {
     check_on_nodes("pthread-sync", &["100"], 2);
 }
 
 #[test]
-#[ignore = "needs multi-node agents"]
 fn pthread_sync_four_nodes() {
     check_on_nodes("pthread-sync", &["100"], 4);
 }
