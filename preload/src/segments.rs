@@ -210,7 +210,8 @@ pub fn map_alias(addr: u64, len: u64, prot: i32, window_addr: u64, id: u32) -> R
             let uffd = core::mem::ManuallyDrop::new(unsafe {
                 mome_uffd::Uffd::from_raw_fd(info.shared_uffd)
             });
-            if let Err(e) = uffd.register(addr, len, mome_uffd::mode::MISSING | mome_uffd::mode::WP) {
+            if let Err(e) = uffd.register(addr, len, mome_uffd::mode::MISSING | mome_uffd::mode::WP)
+            {
                 crate::report!("cannot register the segment view at {:#x}: {}", addr, e);
                 return Err(libc::EINVAL);
             }

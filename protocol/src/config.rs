@@ -76,9 +76,7 @@ impl Placement {
             .map(|r| match self {
                 Placement::Cyclic => r % nodes,
                 // Contiguous blocks whose sizes differ by at most one.
-                Placement::Block => {
-                    ((r as u64 * nodes as u64) / ranks.max(1) as u64) as u32
-                }
+                Placement::Block => ((r as u64 * nodes as u64) / ranks.max(1) as u64) as u32,
             })
             .collect()
     }

@@ -81,9 +81,16 @@ pub enum SegmentOp {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SegmentAnswer {
     /// Slot and size of the segment (`created`: this open created it).
-    Segment { slot: u32, size: u64, created: bool },
+    Segment {
+        slot: u32,
+        size: u64,
+        created: bool,
+    },
     Ok,
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,10 +228,9 @@ impl PeerMsg {
             PeerMsg::PageGrant { extra, write, .. } if !extra.is_empty() && *write => {
                 Err("write grant with prefetched pages".into())
             }
-            PeerMsg::PageGrant { extra, .. } if extra.len() > MAX_PREFETCH as usize => Err(format!(
-                "{} prefetched pages, more than {MAX_PREFETCH}",
-                extra.len()
-            )),
+            PeerMsg::PageGrant { extra, .. } if extra.len() > MAX_PREFETCH as usize => Err(
+                format!("{} prefetched pages, more than {MAX_PREFETCH}", extra.len()),
+            ),
             PeerMsg::PageGrant { extra, .. }
                 if extra.iter().any(|(_, d)| d.len() as u64 != PAGE_SIZE) =>
             {
@@ -241,11 +247,6 @@ impl PeerMsg {
             _ => Ok(()),
         }
     }
-}
-
-/// Page number (in the shared zone) of a shared-zone address.
-pub fn page_of(shared_base: u64, addr: u64) -> u64 {
-    (addr - shared_base) / PAGE_SIZE
 }
 
 #[cfg(test)]
