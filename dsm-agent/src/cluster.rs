@@ -273,12 +273,22 @@ pub async fn segment_call(
             op,
         },
     );
-    match rx.await {
-        Ok(answer) => answer,
-        Err(_) => SegmentAnswer::Error {
+    let timeout = cluster.mesh.timing.peer_timeout;
+    match tokio::time::timeout(timeout, rx).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(_)) => SegmentAnswer::Error {
             code: ErrorCode::NodeFailed,
             message: "node 0, which holds the segment table, is gone".into(),
         },
+        Err(_) => {
+            lock(&cluster.segment_waiting).remove(&req);
+            let what = format!("no answer to a segment request within {timeout:?}");
+            cluster.mesh.node_failed(0, what.clone());
+            SegmentAnswer::Error {
+                code: ErrorCode::NodeFailed,
+                message: format!("node 0, which holds the segment table: {what}"),
+            }
+        }
     }
 }
 
