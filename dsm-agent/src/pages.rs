@@ -178,10 +178,55 @@ struct Directory {
     ranks: BTreeMap<SessionId, RankView>,
     next_req: u64,
     stats: PageStats,
-    /// Last page read from another node (prefetched ones included), and
-    /// the prefetch window: it grows while reads are sequential.
-    last_read: Option<u64>,
+    /// Sequential read and write streams, for prefetch.
+    reads: Streams,
+    writes: Streams,
+    /// Prefetch window of the fault being handled.
     window: u32,
+}
+
+/// A few concurrent sequential access streams (a program sweeping two
+/// arrays at once has two): the last page of each and its prefetch window,
+/// which doubles while the stream goes on page after page.
+#[derive(Debug, Default)]
+struct Streams {
+    /// (last page, window, last use), at most [`STREAMS`].
+    streams: Vec<(u64, u32, u64)>,
+    clock: u64,
+}
+
+const STREAMS: usize = 4;
+
+impl Streams {
+    /// A fault at `page`: the prefetch window to ask for.
+    fn touch(&mut self, page: u64) -> u32 {
+        self.clock += 1;
+        let now = self.clock;
+        if let Some(s) = self
+            .streams
+            .iter_mut()
+            .find(|s| page > 0 && s.0 == page - 1)
+        {
+            s.1 = (s.1 * 2).clamp(1, MAX_PREFETCH);
+            s.0 = page;
+            s.2 = now;
+            return s.1;
+        }
+        if self.streams.len() < STREAMS {
+            self.streams.push((page, 0, now));
+        } else if let Some(oldest) = self.streams.iter_mut().min_by_key(|s| s.2) {
+            *oldest = (page, 0, now);
+        }
+        0
+    }
+
+    /// Pages up to `last` came with the grant for `page`: the stream goes on
+    /// from there.
+    fn advance(&mut self, page: u64, last: u64) {
+        if let Some(s) = self.streams.iter_mut().find(|s| s.0 == page) {
+            s.0 = last;
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -196,10 +241,14 @@ pub struct PageEngine {
     me: Mutex<Weak<PageEngine>>,
 }
 
-/// Home (first owner) of a page: spread by hash so that no node manages
-/// the first touch of every page.
+/// Pages of a run that share a home: a sequential first touch of a run is
+/// one request (with prefetch) instead of one per page.
+const HOME_RUN: u64 = 16;
+
+/// Home (first owner) of a page: runs of [`HOME_RUN`] pages spread by
+/// hash, so that no node manages the first touch of every page.
 pub fn home_of(page: u64, nodes: u32) -> u32 {
-    ((page.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % nodes as u64) as u32
+    (((page / HOME_RUN).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % nodes as u64) as u32
 }
 
 impl PageEngine {
@@ -215,7 +264,8 @@ impl PageEngine {
                 ranks: BTreeMap::new(),
                 next_req: 1,
                 stats: PageStats::default(),
-                last_read: None,
+                reads: Streams::default(),
+                writes: Streams::default(),
                 window: 0,
             }),
             me: Mutex::new(Weak::new()),
@@ -297,11 +347,19 @@ impl PageEngine {
             flags,
         };
         let mut d = lock(&self.dir);
-        if flags & (fault_flag::WRITE | fault_flag::WP) != 0 {
+        let write = flags & (fault_flag::WRITE | fault_flag::WP) != 0;
+        if write {
             d.stats.write_faults += 1;
         } else {
             d.stats.read_faults += 1;
         }
+        // Sequential accesses (page after page, whoever serves them) grow
+        // the prefetch window of the next request; others reset it.
+        d.window = if write {
+            d.writes.touch(page)
+        } else {
+            d.reads.touch(page)
+        };
         self.entry(&mut d, page);
         let e = d.entries.get_mut(&page).expect("just made");
         if e.pending.is_some() {
@@ -492,20 +550,8 @@ impl PageEngine {
         });
         let has_copy = e.access == Access::Read;
         d.stats.requests_sent += 1;
-        // Sequential reads ask for the following pages too, in a window
-        // that doubles while the pattern lasts.
-        let prefetch = if write {
-            0
-        } else {
-            let sequential = page > 0 && d.last_read == Some(page - 1);
-            d.window = if sequential {
-                (d.window * 2).clamp(1, MAX_PREFETCH)
-            } else {
-                0
-            };
-            d.last_read = Some(page);
-            d.window
-        };
+        // Sequential accesses ask for the following pages too (see fault).
+        let prefetch = std::mem::take(&mut d.window);
         self.mesh.send(
             to,
             PeerMsg::PageRequest {
@@ -671,6 +717,11 @@ impl PageEngine {
             );
             return;
         }
+        if r.from == self.node {
+            // This node's own request, answered meanwhile by a page handed
+            // over with another grant: nothing left to do.
+            return;
+        }
         let held = e.hold_until.is_some_and(|t| t > Instant::now());
         if e.pending.is_some() || held {
             e.queued.push_back(r);
@@ -769,6 +820,7 @@ impl PageEngine {
         e.copyset = 0;
         e.epoch = epoch;
         e.min_epoch = epoch;
+        let extra = self.handed_over(d, page, r.from, r.prefetch);
         self.mesh.send(
             r.from,
             PeerMsg::PageGrant {
@@ -778,9 +830,89 @@ impl PageEngine {
                 epoch,
                 copyset,
                 data,
-                extra: Vec::new(),
+                extra,
             },
         );
+    }
+
+    /// Ownership of the pages after `page` for `to` (sequential writes), as
+    /// long as this node owns them, can give them at once and no third node
+    /// holds a copy (the new owner then has nothing to invalidate).
+    fn handed_over(
+        &self,
+        d: &mut Directory,
+        page: u64,
+        to: u32,
+        count: u32,
+    ) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        let now = Instant::now();
+        let me = self.node;
+        for q in page + 1..=page + count as u64 {
+            if self.window_addr(q) >= self.layout.end() {
+                break;
+            }
+            let e = self.entry(d, q);
+            let free = e.owner
+                && e.pending.is_none()
+                && e.queued.is_empty()
+                && e.hold_until.is_none_or(|t| t <= now)
+                && e.copyset & !(1 << me) & !(1 << to) == 0;
+            if !free {
+                break;
+            }
+            if e.access == Access::Write {
+                self.protect_everywhere(d, q);
+            }
+            // Sent even when `to` holds the copy: it replaces it.
+            let data = self.read_page(q);
+            self.punch(q, 1);
+            let e = self.entry(d, q);
+            e.access = Access::None;
+            e.owner = false;
+            e.prob_owner = to;
+            e.copyset = 0;
+            e.epoch += 1;
+            e.min_epoch = e.epoch;
+            out.push((e.epoch, data));
+        }
+        out
+    }
+
+    /// This node owns `page` from `epoch` on, with `data`, handed over with
+    /// another page's write grant. A request of its own still out for the
+    /// page is answered by this (and dropped if it comes back).
+    fn take_ownership(&self, d: &mut Directory, from: u32, page: u64, epoch: u64, data: &[u8]) {
+        let me = self.node;
+        let e = self.entry(d, page);
+        if e.owner {
+            log!("node {from} hands over page {page}, which this node owns: ignored");
+            return;
+        }
+        let had_copy = e.access != Access::None;
+        e.owner = true;
+        e.prob_owner = me;
+        e.epoch = epoch;
+        e.min_epoch = epoch;
+        e.copyset = 0;
+        e.access = Access::Write;
+        let pending = e.pending.take();
+        let waiters = std::mem::take(&mut e.waiters);
+        if !waiters.is_empty() {
+            e.hold_until = Some(Instant::now() + HOLD);
+        }
+        if had_copy {
+            self.punch(page, 1);
+        }
+        self.install(d, page, data, false, None);
+        if pending.is_some() {
+            log!("page {page}: handed over by node {from} while this node asked for it");
+        }
+        for w in waiters {
+            // The node owns the page writable: nothing left to ask.
+            let _ = self.resolve(d, page, w);
+        }
+        self.serve_queue(d, page);
     }
 
     /// Read copies of the pages after `page` for `to`, as long as this node
@@ -829,8 +961,15 @@ impl PageEngine {
     ) {
         let me = self.node;
         let mut d = lock(&self.dir);
-        if !extra.is_empty() {
+        if !extra.is_empty() && !write {
             self.take_prefetched(&mut d, from, page, extra);
+        } else if !extra.is_empty() {
+            let last = page + extra.len() as u64;
+            for (i, (epoch, data)) in extra.into_iter().enumerate() {
+                self.take_ownership(&mut d, from, page + 1 + i as u64, epoch, &data);
+                d.stats.prefetched += 1;
+            }
+            d.writes.advance(page, last);
         }
         let e = self.entry(&mut d, page);
         let matches = e
@@ -908,9 +1047,7 @@ impl PageEngine {
             d.stats.prefetched += 1;
             last = q;
         }
-        if d.last_read.is_some_and(|l| l == page) {
-            d.last_read = Some(last);
-        }
+        d.reads.advance(page, last);
     }
 
     pub fn on_invalidate(&self, from: u32, page: u64, epoch: u64, new_owner: u32) {

@@ -81,6 +81,17 @@ extern "C" fn child() {
         drop(state::SYNC.lock().take());
         if let Some(info) = state::info().filter(|i| i.shared_uffd >= 0) {
             sys::close(info.shared_uffd);
+            // With several nodes the child has no userfaultfd on the shared
+            // segments (the kernel drops it at fork), so it would read a
+            // page missing on this node as zeros, and put them in the
+            // node's memory behind the page protocol: it gets no access to
+            // them instead (SIGSEGV), which is at least not silent.
+            if info.nodes > 1 {
+                let l = info.layout;
+                if sys::mprotect(l.shared_base(), l.shared_size(), libc::PROT_NONE).is_err() {
+                    crate::report!("fork: cannot close the shared segments to the child");
+                }
+            }
         }
         PAGES.lock().set_source(HeapSource::Local);
         state::set_mode(Mode::Detached);

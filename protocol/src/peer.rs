@@ -115,9 +115,9 @@ pub enum PeerMsg {
     Heartbeat,
     /// `from` wants page `page` (a page number of the shared zone) for
     /// reading or writing. `has_copy`: it holds a read copy, so a write
-    /// grant may leave the data out. `hops` counts forwards. A read request
-    /// may ask for up to `prefetch` following pages as well (sequential
-    /// reads): the owner adds those it owns and can give at once.
+    /// grant may leave the data out. `hops` counts forwards. A request may
+    /// ask for up to `prefetch` following pages as well (sequential access):
+    /// the owner adds those it owns and can give at once.
     PageRequest {
         page: u64,
         from: u32,
@@ -138,8 +138,9 @@ pub enum PeerMsg {
         epoch: u64,
         copyset: u64,
         data: Option<PageData>,
-        /// Read grants: read copies of `page + 1`, `page + 2`, ... with
-        /// their epochs (prefetch).
+        /// Pages `page + 1`, `page + 2`, ... with their epochs (prefetch):
+        /// read copies with a read grant; with a write grant, ownership of
+        /// pages nobody else holds a copy of (nothing to invalidate).
         extra: Vec<(u64, PageData)>,
     },
     /// Drop your copy of `page`: `new_owner` owns it from epoch `epoch`.
@@ -225,9 +226,6 @@ impl PeerMsg {
                 "page grant with {} bytes of data instead of {PAGE_SIZE}",
                 data.len()
             )),
-            PeerMsg::PageGrant { extra, write, .. } if !extra.is_empty() && *write => {
-                Err("write grant with prefetched pages".into())
-            }
             PeerMsg::PageGrant { extra, .. } if extra.len() > MAX_PREFETCH as usize => Err(
                 format!("{} prefetched pages, more than {MAX_PREFETCH}", extra.len()),
             ),

@@ -500,11 +500,8 @@ const PEER_VARIANTS: u8 = 16;
 fn expected_valid(m: &PeerMsg) -> bool {
     let page = PAGE_SIZE as usize;
     match m {
-        PeerMsg::PageGrant {
-            data, extra, write, ..
-        } => {
+        PeerMsg::PageGrant { data, extra, .. } => {
             data.as_ref().is_none_or(|d| d.len() == page)
-                && (extra.is_empty() || !write)
                 && extra.len() <= MAX_PREFETCH as usize
                 && extra.iter().all(|(_, d)| d.len() == page)
         }
@@ -1595,7 +1592,7 @@ fn corpus() -> Vec<(&'static str, String, Vec<u8>)> {
             }),
         ),
         (
-            "bad-write-grant-with-prefetch",
+            "valid-write-grant-with-pages",
             encode_frame(&PeerMsg::PageGrant {
                 page: 1,
                 req: 2,
