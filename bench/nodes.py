@@ -34,9 +34,9 @@ APPS = os.environ.get("MOME_APPS_DIR", os.path.join(ROOT, "test-apps", "build"))
 MOME_RUN = os.path.join(BIN, "mome-run")
 
 APP_CASES = [
-    ("jacobi", ["jacobi", "1024", "100"]),
-    ("mat", ["mat", "512", "32"]),
-    ("nbody", ["nbody", "2048", "5"]),
+    ("jacobi", ["jacobi", "2048", "100"]),
+    ("mat", ["mat", "1024", "32"]),
+    ("nbody", ["nbody", "4096", "5"]),
 ]
 NODES = [1, 2, 4]
 
