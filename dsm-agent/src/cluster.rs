@@ -327,6 +327,66 @@ fn drop_range(agent: &Agent, offset: u64, len: u64, label: &str) {
     cluster.pages.drop_pages(first, end - first);
 }
 
+/// Checks what a message names against this job: pages inside the shared
+/// zone, nodes that exist, sync operations sent to their manager. A peer
+/// that gets these wrong is broken; its message must not touch the tables.
+fn check(agent: &Agent, msg: &PeerMsg) -> Result<(), String> {
+    let layout = agent.id.layout;
+    let pages = layout.shared_size() / PAGE_SIZE;
+    let nodes = agent.id.nodes;
+    let node_ok = |n: u32| {
+        if n < nodes {
+            Ok(())
+        } else {
+            Err(format!("node {n} does not exist ({nodes} nodes)"))
+        }
+    };
+    let page_ok = |p: u64, extra: u64| {
+        if p.checked_add(extra).is_some_and(|end| end < pages) {
+            Ok(())
+        } else {
+            Err(format!(
+                "page {p} (+{extra}) is outside the shared zone ({pages} pages)"
+            ))
+        }
+    };
+    match msg {
+        PeerMsg::PageRequest { page, from, .. } => {
+            page_ok(*page, 0)?;
+            node_ok(*from)
+        }
+        PeerMsg::PageGrant { page, extra, .. } => page_ok(*page, extra.len() as u64),
+        PeerMsg::Invalidate {
+            page, new_owner, ..
+        } => {
+            page_ok(*page, 0)?;
+            node_ok(*new_owner)
+        }
+        PeerMsg::InvalidateAck { page, .. } => page_ok(*page, 0),
+        PeerMsg::DropPages { first, count } => {
+            if *count == 0 {
+                return Ok(());
+            }
+            page_ok(*first, count - 1)
+        }
+        PeerMsg::Sync { op, .. } => {
+            let manager = match *op {
+                SyncOp::Barrier => 0,
+                SyncOp::Lock { id }
+                | SyncOp::TryLock { id }
+                | SyncOp::Unlock { id }
+                | SyncOp::KeyedBarrier { id, .. } => manager_of(id, nodes),
+            };
+            if manager == agent.id.node {
+                Ok(())
+            } else {
+                Err(format!("node {manager} manages it, not this node"))
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Handles a message of node `from` (or of this node, through loopback).
 pub fn dispatch(agent: &Arc<Agent>, from: u32, msg: PeerMsg) {
     let Some(cluster) = agent.cluster.as_ref() else {
@@ -334,6 +394,10 @@ pub fn dispatch(agent: &Arc<Agent>, from: u32, msg: PeerMsg) {
     };
     let mesh: &Mesh = &cluster.mesh;
     let pages = &cluster.pages;
+    if let Err(why) = check(agent, &msg) {
+        log!("node {from} sent {}: {why}; ignored", msg.name());
+        return;
+    }
     match msg {
         PeerMsg::PageRequest {
             page,

@@ -309,8 +309,10 @@ impl Mesh {
             .all(|(n, p)| n as u32 == self.node || p.connected.load(Ordering::Relaxed))
     }
 
+    /// Says `mesh_ready` once `Peers` arrived and every peer is connected.
     fn maybe_ready(&self) {
-        if self.all_connected() && !self.ready_sent.swap(true, Ordering::Relaxed) {
+        let got_peers = lock(&self.peers_at).is_some();
+        if got_peers && self.all_connected() && !self.ready_sent.swap(true, Ordering::Relaxed) {
             let elapsed_us = lock(&self.peers_at)
                 .map(|t| t.elapsed().as_micros() as u64)
                 .unwrap_or(0);

@@ -222,6 +222,132 @@ fn peers_must_prove_the_secret() {
     assert!(!log.contains("failed"), "{log}");
 }
 
+/// The proof a node gives of the secret (as mesh.rs computes it).
+fn proof(side: &[u8], first: &[u8], second: &[u8]) -> [u8; 32] {
+    let mut key = [0u8; 32];
+    for (i, b) in key.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&common::SECRET[2 * i..2 * i + 2], 16).unwrap();
+    }
+    let mut h = blake3::Hasher::new_keyed(&key);
+    h.update(side);
+    h.update(&(JOB_ID.len() as u64).to_le_bytes());
+    h.update(JOB_ID.as_bytes());
+    h.update(first);
+    h.update(second);
+    *h.finalize().as_bytes()
+}
+
+#[test]
+fn an_authenticated_peer_breaking_the_protocol_is_a_failed_node() {
+    let home = tempfile::tempdir().unwrap();
+    let config = fast_config();
+    let job = common::write_job_with(home.path(), 2, 2, config.clone());
+    std::fs::write(job.path.join("secret"), format!("{}\n", common::SECRET)).unwrap();
+    let mut a0 = common::spawn_node(home, &job, 0, 2, "0", &config);
+    let addr = a0.peer_addr.clone().unwrap();
+    // A node 1 that knows the secret...
+    let mut s = TcpStream::connect(&addr).unwrap();
+    let mine = [9u8; 32];
+    write_peer(
+        &mut s,
+        &PeerMsg::Hello {
+            protocol: mome_protocol::peer::PEER_PROTOCOL_VERSION,
+            job: JOB_ID.to_string(),
+            node: 1,
+            nonce: mine,
+        },
+    );
+    let Some(PeerMsg::Challenge {
+        nonce, proof: p, ..
+    }) = read_peer(&mut s)
+    else {
+        panic!("no challenge")
+    };
+    assert_eq!(p, proof(b"accept", &mine, &nonce), "agent's proof");
+    write_peer(
+        &mut s,
+        &PeerMsg::Proof {
+            proof: proof(b"connect", &nonce, &mine),
+        },
+    );
+    // ... talking nonsense: pages and nodes that do not exist are ignored,
+    // a request for a page answered as the protocol says.
+    write_peer(
+        &mut s,
+        &PeerMsg::PageRequest {
+            page: u64::MAX,
+            from: 1,
+            req: 1,
+            write: true,
+            has_copy: false,
+            hops: 0,
+            prefetch: 0,
+        },
+    );
+    write_peer(
+        &mut s,
+        &PeerMsg::Invalidate {
+            page: 0,
+            epoch: 1,
+            new_owner: 77,
+        },
+    );
+    a0.wait_log("outside the shared zone");
+    a0.wait_log("node 77 does not exist");
+    // A page whose home is node 0 (a read request is answered with it).
+    let page = (0..64u64)
+        .find(|p| {
+            // Same hash as pages.rs: runs of 16 pages.
+            ((p / 16).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % 2 == 0
+        })
+        .unwrap();
+    write_peer(
+        &mut s,
+        &PeerMsg::PageRequest {
+            page,
+            from: 1,
+            req: 2,
+            write: false,
+            has_copy: false,
+            hops: 0,
+            prefetch: 0,
+        },
+    );
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let grant = loop {
+        match read_peer(&mut s) {
+            Some(PeerMsg::Heartbeat) => continue,
+            other => break other,
+        }
+    };
+    match grant {
+        Some(PeerMsg::PageGrant {
+            page: p,
+            req: 2,
+            write: false,
+            data: Some(d),
+            ..
+        }) => {
+            assert_eq!(p, page);
+            assert!(d.iter().all(|&b| b == 0));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Then a malformed frame: its connection closes, the node is reported
+    // failed, and the agent goes on.
+    s.write_all(&[5, 0, 0, 0, 0xee, 0xee, 0xee, 0xee, 0xee])
+        .unwrap();
+    let e = a0.event_named("node_failed");
+    assert_eq!(e["node"], 1, "{e}");
+    assert!(e["reason"].as_str().unwrap().contains("malformed"), "{e}");
+    assert!(a0.child.try_wait().unwrap().is_none(), "the agent died");
+    let mut r = Rank::connect(&a0, 0, Channel::Memory, JOB_ID);
+    assert!(matches!(
+        r.call(&RankRequest::AllocHeaps { count: 1 }),
+        Got::Heaps { .. }
+    ));
+}
+
 #[test]
 fn a_killed_node_is_reported() {
     let mut agents = start_cluster(3, &["0", "1", "2"], fast_config());
