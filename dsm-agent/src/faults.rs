@@ -4,8 +4,9 @@
 //! On a single node a page of a shared segment that is not in the node
 //! memfd yet is a zero page: the rank's mapping is `MAP_SHARED` on the
 //! memfd, so UFFDIO_COPY puts the page in the memfd's page cache and every
-//! local rank sees it from then on. With several nodes, this is where a
-//! missing page is fetched from its owner node before being installed.
+//! local rank sees it from then on. With several nodes the task reads the
+//! faults (missing pages and writes to read-only copies) and hands them to
+//! the page protocol (`pages`), which resolves them once the page is here.
 //!
 //! The task lives as long as the session that registered the userfaultfd:
 //! the userfaultfd belongs to the rank's address space, which is gone when

@@ -7,7 +7,8 @@
 //! line, the checkpoint to restore) and shutdown (SIGTERM/SIGINT, or end of
 //! stdin: mome-run holds the write end, so the agent goes when mome-run
 //! does). Between the two, stdin carries the coordinator's commands and
-//! stdout the agent's events (`events`). Single node for now.
+//! stdout the agent's events (`events`). With several nodes it also
+//! listens for the other agents (`mesh`) and says where in its ready line.
 
 #[macro_use]
 mod log;
@@ -71,9 +72,19 @@ prints `ready` on stdout once it accepts connections, and logs to stderr.
 Standard input carries checkpoint commands (one JSON object per line),
 standard output the agent's events after the ready line (same format).
 
+With --nodes M > 1 the agent also reads the job's secret (DIR/secret, 64
+hex digits), listens for the other agents on nodes.listen of job.yaml and
+prints `ready <ip:port>` instead; it connects to the other agents when the
+`{\"cmd\":\"peers\",\"addrs\":[...]}` command gives their addresses (by node
+number), proving the secret both ways, and then says
+`{\"event\":\"mesh_ready\"}`. A node that fails (connection lost, heartbeats
+stopped, a request unanswered) is reported as `{\"event\":\"node_failed\"}`.
+Its heaps are its share of the private zone; the shared zone is kept
+coherent with the other agents (docs/nodes.md).
+
 With --restore S --ckpt-dir ROOT the agent starts from checkpoint S: its
 tables come from ROOT/node-K/S.index and the restored ranks get their pages
-back lazily from the store.
+back lazily from the store (one node only).
 
 It exits, removing its socket, on SIGTERM or SIGINT, when its standard input
 reaches end of file (mome-run holds the write end), or when its parent dies.

@@ -37,6 +37,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -234,7 +235,8 @@ pub struct PageEngine {
     node: u32,
     nodes: u32,
     layout: WindowLayout,
-    memfd: OwnedFd,
+    /// The node's memory file (its own descriptor of it).
+    memfd: std::fs::File,
     mesh: Arc<Mesh>,
     dir: Mutex<Directory>,
     /// Set once the engine is in an Arc: hold timers reach it through this.
@@ -257,7 +259,7 @@ impl PageEngine {
             node: mesh.node,
             nodes: mesh.nodes,
             layout,
-            memfd,
+            memfd: std::fs::File::from(memfd),
             mesh,
             dir: Mutex::new(Directory {
                 entries: HashMap::new(),
@@ -436,22 +438,9 @@ impl PageEngine {
 
     fn read_page(&self, page: u64) -> Vec<u8> {
         let mut buf = vec![0u8; PAGE_SIZE as usize];
-        let off = self.file_offset(page) as libc::off_t;
-        // SAFETY: buf is PAGE_SIZE writable bytes; pread on our own memfd
-        // reads a hole as zeros.
-        let n = unsafe {
-            libc::pread(
-                self.memfd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                off,
-            )
-        };
-        if n != PAGE_SIZE as isize {
-            log!(
-                "cannot read page {page} of the node memory: {}",
-                std::io::Error::last_os_error()
-            );
+        // A hole reads as zeros.
+        if let Err(e) = self.memfd.read_exact_at(&mut buf, self.file_offset(page)) {
+            log!("cannot read page {page} of the node memory: {e}");
         }
         buf
     }
@@ -654,21 +643,8 @@ impl PageEngine {
         }
         // No local rank can take it (none connected): no rank can see a
         // partly written page either.
-        let off = self.file_offset(page) as libc::off_t;
-        // SAFETY: data is PAGE_SIZE readable bytes; pwrite to our memfd.
-        let n = unsafe {
-            libc::pwrite(
-                self.memfd.as_raw_fd(),
-                data.as_ptr().cast(),
-                data.len(),
-                off,
-            )
-        };
-        if n != PAGE_SIZE as isize {
-            log!(
-                "cannot write page {page} into the node memory: {}",
-                std::io::Error::last_os_error()
-            );
+        if let Err(e) = self.memfd.write_all_at(data, self.file_offset(page)) {
+            log!("cannot write page {page} into the node memory: {e}");
         }
         false
     }
