@@ -122,3 +122,62 @@ fn disjoint_bytes_of_shared_pages_from_several_nodes() {
 fn system_calls_into_shared_pages_of_another_node() {
     check_app_on_nodes("read-into", &["48"]);
 }
+
+#[test]
+fn one_writer_many_readers_see_every_round() {
+    check_app_on_nodes("fanout", &["128", "3"]);
+}
+
+/// The numbers of the agent log's exit line `page protocol: R read and W
+/// write faults, S requests sent, ...`.
+fn protocol_counts(log: &str) -> (u64, u64) {
+    let line = log
+        .lines()
+        .find(|l| l.contains("page protocol:"))
+        .unwrap_or_else(|| panic!("no page protocol line in:\n{log}"));
+    let num_before = |word: &str| -> u64 {
+        let i = line.find(word).unwrap();
+        line[..i]
+            .split_whitespace()
+            .last()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    (num_before(" read and"), num_before(" requests sent"))
+}
+
+#[test]
+fn a_node_fetches_a_page_once_for_all_its_ranks() {
+    // Ranks 2 and 3 run on node 1 and both read every page rank 0 (node 0)
+    // writes, in each of 3 rounds: node 1 asks for each page once a round
+    // (scattered reads: no prefetch), however many of its ranks read it.
+    let (pages, rounds) = (128u64, 3u64);
+    let home = Home::new();
+    let (ok, out, err) = run_job(
+        &home,
+        &[
+            "-n",
+            "4",
+            "--nodes",
+            "2",
+            app("fanout").to_str().unwrap(),
+            &pages.to_string(),
+            &rounds.to_string(),
+        ],
+        "fanout on 2 nodes",
+    );
+    assert!(ok && out.contains("OK"), "{out}\n{err}");
+    let id = home.jobs().pop().unwrap();
+    let log_path = home.path().join("jobs").join(id).join("logs/agent-1.log");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let (read_faults, requests) = protocol_counts(&log);
+    assert!(
+        requests <= pages * rounds + 8,
+        "node 1 sent {requests} requests for {pages} pages x {rounds} rounds:\n{log}"
+    );
+    assert!(
+        read_faults >= pages * rounds,
+        "node 1 saw only {read_faults} read faults:\n{log}"
+    );
+}
