@@ -57,3 +57,15 @@ else
   echo "demo: MISMATCH — native '$native', restarted mome '$mome'" >&2
   exit 1
 fi
+
+echo
+echo "== the same program on 2 simulated nodes (an agent each, shared pages over TCP on loopback)"
+"$BIN/mome-run" -n 4 --nodes 2 --jobid-file "$work/nodes.id" "$APPS/jacobi" "${ARGS[@]}" | tee "$work/nodes.out"
+nodes=$(grep -o 'checksum .*' "$work/nodes.out" | tail -1)
+"$BIN/mome-status" "$(cat "$work/nodes.id")" | sed -n '/^NODE/,$p'
+if [ "$native" = "$nodes" ]; then
+  echo "demo: OK — on 2 nodes too, the native result ($nodes)"
+else
+  echo "demo: MISMATCH on 2 nodes — native '$native', mome '$nodes'" >&2
+  exit 1
+fi
