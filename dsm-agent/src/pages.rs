@@ -116,7 +116,9 @@ struct Entry {
     epoch: u64,
     /// Copies of an epoch below this one are stale (an invalidation said so).
     min_epoch: u64,
-    pending: Option<Pending>,
+    /// Boxed: most entries never have one, and the table has an entry per
+    /// page touched.
+    pending: Option<Box<Pending>>,
     waiters: Vec<Waiter>,
     queued: VecDeque<Request>,
     hold_until: Option<Instant>,
@@ -501,7 +503,7 @@ impl PageEngine {
             e.epoch += 1;
             e.min_epoch = e.epoch;
             e.copyset = 0;
-            e.pending = Some(Pending {
+            e.pending = Some(Box::new(Pending {
                 req,
                 write: true,
                 since: Instant::now(),
@@ -509,7 +511,7 @@ impl PageEngine {
                 acks: targets,
                 granted: true,
                 data: None,
-            });
+            }));
             let epoch = e.epoch;
             for n in nodes_in(targets) {
                 self.mesh.send(
@@ -528,7 +530,7 @@ impl PageEngine {
             return;
         }
         let to = e.prob_owner;
-        e.pending = Some(Pending {
+        e.pending = Some(Box::new(Pending {
             req,
             write,
             since: Instant::now(),
@@ -536,7 +538,7 @@ impl PageEngine {
             acks: 0,
             granted: false,
             data: None,
-        });
+        }));
         let has_copy = e.access == Access::Read;
         d.stats.requests_sent += 1;
         // Sequential accesses ask for the following pages too (see fault).
