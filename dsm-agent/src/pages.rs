@@ -896,8 +896,9 @@ impl PageEngine {
     /// Read copies of the pages after `page` for `to`, as long as this node
     /// owns them and can give them at once (not busy, not held).
     fn prefetched(&self, d: &mut Directory, page: u64, to: u32, count: u32) -> Vec<(u64, Vec<u8>)> {
-        let mut out = Vec::new();
         let now = Instant::now();
+        let mut n = 0u64;
+        let mut any_writable = false;
         for q in page + 1..=page + count as u64 {
             if self.window_addr(q) >= self.layout.end() {
                 break;
@@ -912,16 +913,55 @@ impl PageEngine {
             if !free {
                 break;
             }
-            if e.access == Access::Write {
-                self.protect_everywhere(d, q);
-            }
-            let data = self.read_page(q);
-            let e = self.entry(d, q);
-            e.access = Access::Read;
-            e.copyset |= 1 << to;
-            out.push((e.epoch, data));
+            any_writable |= e.access == Access::Write;
+            n += 1;
         }
-        out
+        if n == 0 {
+            return Vec::new();
+        }
+        // One write-protect and one read for the whole run (write-protecting
+        // a page already read-only changes nothing).
+        if any_writable {
+            self.protect_run(d, page + 1, n);
+        }
+        let mut run = vec![0u8; (n * PAGE_SIZE) as usize];
+        if let Err(e) = self
+            .memfd
+            .read_exact_at(&mut run, self.file_offset(page + 1))
+        {
+            log!("cannot read pages {}+{n} of the node memory: {e}", page + 1);
+        }
+        run.chunks(PAGE_SIZE as usize)
+            .enumerate()
+            .map(|(i, data)| {
+                let e = self.entry(d, page + 1 + i as u64);
+                e.access = Access::Read;
+                e.copyset |= 1 << to;
+                (e.epoch, data.to_vec())
+            })
+            .collect()
+    }
+
+    /// Write-protects pages `first..first+count` in every local rank: one
+    /// ioctl per rank for the window, one per page mapped elsewhere too.
+    fn protect_run(&self, d: &Directory, first: u64, count: u64) {
+        let start = self.window_addr(first);
+        for view in d.ranks.values() {
+            report(
+                view.uffd
+                    .write_protect(start, count * PAGE_SIZE, true, false),
+                "write-protect",
+            );
+            let aliases = lock(&view.aliases);
+            for q in first..first + count {
+                for addr in aliases.aliases_of(self.window_addr(q)) {
+                    report(
+                        view.uffd.write_protect(addr, PAGE_SIZE, true, false),
+                        "write-protect",
+                    );
+                }
+            }
+        }
     }
 
     /// The answer to one of this node's requests.
@@ -1011,21 +1051,59 @@ impl PageEngine {
     /// node needlessly: its invalidations find nothing to drop).
     fn take_prefetched(&self, d: &mut Directory, from: u32, page: u64, extra: Vec<(u64, Vec<u8>)>) {
         let mut last = page;
+        // Runs of consecutive pages still of use, installed a run at a time.
+        let mut run: Vec<u8> = Vec::new();
+        let mut run_first = 0;
         for (i, (epoch, data)) in extra.into_iter().enumerate() {
             let q = page + 1 + i as u64;
             let e = self.entry(d, q);
-            if e.pending.is_some() || e.owner || e.access != Access::None || epoch < e.min_epoch {
+            let usable =
+                e.pending.is_none() && !e.owner && e.access == Access::None && epoch >= e.min_epoch;
+            if !usable {
+                self.install_run(d, run_first, &run);
+                run.clear();
                 continue;
             }
             e.access = Access::Read;
             e.prob_owner = from;
             e.epoch = epoch;
-            self.protect_everywhere(d, q);
-            self.install(d, q, &data, true, None);
+            if run.is_empty() {
+                run_first = q;
+            }
+            run.extend_from_slice(&data);
             d.stats.prefetched += 1;
             last = q;
         }
+        self.install_run(d, run_first, &run);
         d.reads.advance(page, last);
+    }
+
+    /// Installs read copies of consecutive pages from `first` (`data` holds
+    /// them all): write-protected everywhere first, then one copy for the
+    /// run, or page by page when that fails.
+    fn install_run(&self, d: &Directory, first: u64, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        let count = data.len() as u64 / PAGE_SIZE;
+        self.protect_run(d, first, count);
+        let window = self.window_addr(first);
+        if let Some(view) = d.ranks.values().next() {
+            let whole = view.uffd.copy_with_mode(
+                window,
+                data.as_ptr(),
+                data.len() as u64,
+                copy_mode::WP | copy_mode::DONTWAKE,
+            );
+            if matches!(whole, Ok(Filled::Copied)) {
+                return;
+            }
+        }
+        // A page of the run was there already, or the rank's address space
+        // changed: page by page (each either installed or present).
+        for (i, page) in data.chunks(PAGE_SIZE as usize).enumerate() {
+            self.install(d, first + i as u64, page, true, None);
+        }
     }
 
     pub fn on_invalidate(&self, from: u32, page: u64, epoch: u64, new_owner: u32) {
