@@ -328,13 +328,20 @@ impl BackgroundJob {
         std::fs::read_to_string(&self.err).unwrap_or_default()
     }
 
-    /// Waits until the job's stdout has a line containing `text`.
+    /// Waits until the job's stdout has a line containing `text`; on a
+    /// timeout the panic shows what the job printed on both streams.
     pub fn wait_output(&self, text: &str, secs: u64) {
-        wait_for(
-            || self.stdout().contains(text).then_some(()),
-            secs,
-            &format!("{text:?} in the job's output"),
-        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        while !self.stdout().contains(text) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out after {secs} s waiting for {text:?} in the output of job {}\nstdout:\n{}\nstderr:\n{}",
+                self.id,
+                self.stdout(),
+                self.stderr()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     /// Kills mome-run and everything of the job with SIGKILL, the way a
