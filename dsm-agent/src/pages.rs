@@ -396,7 +396,7 @@ impl PageEngine {
         match access {
             Access::Write if wp => {
                 report(
-                    view.uffd.write_protect(w.addr, PAGE_SIZE, false, false),
+                    retry(|| view.uffd.write_protect(w.addr, PAGE_SIZE, false, false)),
                     "unprotect",
                 );
                 None
@@ -404,9 +404,7 @@ impl PageEngine {
             Access::Write => {
                 // Owned and writable, but not in the memfd: never written
                 // on any node since it was last dropped, so zero.
-                let r = view
-                    .uffd
-                    .copy(w.addr, ZERO_PAGE.0.as_ptr(), PAGE_SIZE)
+                let r = retry(|| view.uffd.copy(w.addr, ZERO_PAGE.0.as_ptr(), PAGE_SIZE))
                     .and_then(|f| wake_if_present(&view.uffd, w.addr, f));
                 report(r, "install a zero page");
                 None
@@ -1193,6 +1191,22 @@ impl PageEngine {
 
 fn nodes_in(set: u64) -> impl Iterator<Item = u32> {
     (0..64u32).filter(move |n| set & (1 << n) != 0)
+}
+
+/// Runs a userfaultfd operation again while the kernel answers EAGAIN (the
+/// rank's address space is changing): giving up would leave the faulting
+/// thread asleep for good.
+fn retry<T>(mut op: impl FnMut() -> Result<T, UffdError>) -> Result<T, UffdError> {
+    let mut tries = 0;
+    loop {
+        match op() {
+            Err(UffdError::Os { errno, .. }) if errno.0 == libc::EAGAIN && tries < 10_000 => {
+                tries += 1;
+                std::thread::yield_now();
+            }
+            other => return other,
+        }
+    }
 }
 
 fn wake_if_present(uffd: &Uffd, addr: u64, filled: Filled) -> Result<(), UffdError> {
