@@ -295,11 +295,19 @@ impl Ckpt {
     }
 
     /// Resumes every parked rank with `stamp`; returns the longest pause
-    /// (µs) and the images of the parked ranks.
-    fn end_pause(&self, stamp: Stamp) -> (u64, Vec<RankImage>) {
+    /// (µs), the images of the parked ranks, and a rank that is gone (its
+    /// session ended after it parked, so its image may be half written):
+    /// then the ranks resume with stamp 0, as from a failed checkpoint.
+    fn end_pause(&self, stamp: Stamp) -> (u64, Vec<RankImage>, Option<u32>) {
         let Some(pause) = lock(&self.shared).pause.take() else {
-            return (0, Vec::new());
+            return (0, Vec::new(), None);
         };
+        let gone = pause
+            .expected
+            .iter()
+            .find(|r| !pause.parked.contains_key(r))
+            .copied();
+        let stamp = if gone.is_some() { 0 } else { stamp };
         let now = monotonic_ns();
         let mut longest = 0;
         let mut images = Vec::new();
@@ -309,7 +317,7 @@ impl Ckpt {
             // A rank gone meanwhile has dropped its receiver.
             let _ = p.resume.send(stamp);
         }
-        (longest, images)
+        (longest, images, gone)
     }
 }
 
@@ -581,8 +589,12 @@ async fn capture(agent: &Arc<Agent>, job: &Job) -> Result<Captured, (CkptError, 
     );
     let outcome = result.map_err(|e| (e, snap.runs()));
     let stamp = if outcome.is_ok() { job.stamp } else { 0 };
-    let (pause_us, mut images) = agent.ckpt.end_pause(stamp);
+    let (pause_us, mut images, gone) = agent.ckpt.end_pause(stamp);
     let (pause_pages, tables, removed) = outcome?;
+    if let Some(rank) = gone {
+        // Without its image the stamp could not restore that rank.
+        return Err((CkptError::Gone(rank), snap.runs()));
+    }
     images.sort_by_key(|i| i.rank);
     Ok(Captured {
         snap,
