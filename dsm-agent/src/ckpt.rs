@@ -74,6 +74,8 @@ pub enum CkptError {
     Refused { rank: u32, reason: String },
     #[error("rank {0} exited during the checkpoint")]
     Gone(u32),
+    #[error("rank {0} is not connected to its agent (it exited, or has not started or been restored yet)")]
+    NotConnected(u32),
     #[error("{} did not reach the checkpoint within {}", ranks_text(.ranks), humantime_ms(*.timeout))]
     ParkTimeout { ranks: Vec<u32>, timeout: Duration },
     #[error("{0}")]
@@ -628,13 +630,16 @@ async fn blocking<T: Send + 'static>(
 /// The connected ranks, each with its pagemap.
 fn members(agent: &Agent) -> Result<Vec<Member>, CkptError> {
     let s = lock(&agent.ckpt.shared);
-    for r in agent
+    // A stamp without a rank's image could not restart that rank: a rank
+    // that is not connected (it exited, or a restored one has not come
+    // back yet) makes the checkpoint fail.
+    if let Some(&r) = agent
         .id
         .local_ranks
         .iter()
-        .filter(|r| !s.memory.contains_key(r))
+        .find(|r| !s.memory.contains_key(r))
     {
-        log!("rank {r} is not connected: not part of the checkpoint");
+        return Err(CkptError::NotConnected(r));
     }
     s.memory
         .iter()
