@@ -511,20 +511,7 @@ impl PageEngine {
                 data: None,
             }));
             let epoch = e.epoch;
-            for n in nodes_in(targets) {
-                self.mesh.send(
-                    n,
-                    PeerMsg::Invalidate {
-                        page,
-                        epoch,
-                        new_owner: me,
-                    },
-                );
-            }
-            d.stats.invalidations += targets.count_ones() as u64;
-            if targets == 0 {
-                self.complete(d, page);
-            }
+            self.invalidate(d, page, epoch, targets);
             return;
         }
         let to = e.prob_owner;
@@ -1027,19 +1014,26 @@ impl PageEngine {
             p.data = data;
             p.acks = targets;
         }
+        self.invalidate(&mut d, page, epoch, targets);
+    }
+
+    /// This node owns `page` from `epoch` on and waits for `targets` (the
+    /// copyset) to drop their copies; with nobody to wait for, the page is
+    /// writable here at once.
+    fn invalidate(&self, d: &mut Directory, page: u64, epoch: u64, targets: u64) {
         for n in nodes_in(targets) {
             self.mesh.send(
                 n,
                 PeerMsg::Invalidate {
                     page,
                     epoch,
-                    new_owner: me,
+                    new_owner: self.node,
                 },
             );
         }
         d.stats.invalidations += targets.count_ones() as u64;
         if targets == 0 {
-            self.complete(&mut d, page);
+            self.complete(d, page);
         }
     }
 
