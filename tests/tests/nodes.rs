@@ -181,3 +181,40 @@ fn a_node_fetches_a_page_once_for_all_its_ranks() {
         "node 1 saw only {read_faults} read faults:\n{log}"
     );
 }
+
+#[test]
+fn sixteen_ranks_on_four_nodes() {
+    // The example: `mome-run -n 16 --nodes 4 ./app`.
+    let native_out = native(&app("jacobi"), &["256", "20"], None);
+    let expected = checksum_line(&stdout(&native_out));
+    for placement in ["block", "cyclic"] {
+        let home = Home::new();
+        let what = format!("jacobi -n 16 --nodes 4 ({placement})");
+        let (ok, out, err) = run_job(
+            &home,
+            &[
+                "-n",
+                "16",
+                "--nodes",
+                "4",
+                "--placement",
+                placement,
+                app("jacobi").to_str().unwrap(),
+                "256",
+                "20",
+            ],
+            &what,
+        );
+        assert!(ok, "{what}:\n{out}\n{err}");
+        assert_eq!(checksum_line(&out), expected, "{what}:\n{out}");
+        let status = home.last_status();
+        let nodes: std::collections::BTreeSet<i64> = status["ranks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["node"].as_i64().unwrap())
+            .collect();
+        assert_eq!(nodes.len(), 4, "{status}");
+        home.assert_nothing_left();
+    }
+}
