@@ -979,7 +979,25 @@ impl PageEngine {
             .pending
             .as_ref()
             .is_some_and(|p| p.req == req && !p.granted && p.write == write);
-        if !matches {
+        if !matches && write && !e.owner {
+            // A request this node gave up (a page handed over with another
+            // grant answered it) was served after all, by an owner that
+            // handed the page back meanwhile: the grant moves ownership
+            // here, and ownership must never be dropped. Take it as the
+            // answer to the node's current request, if any.
+            log!("grant {req} of page {page} from node {from} answers a request this node gave up: taking the ownership it hands over");
+            e.pending = Some(Box::new(Pending {
+                req,
+                write: true,
+                since: Instant::now(),
+                asked: from,
+                acks: 0,
+                granted: false,
+                data: None,
+            }));
+        } else if !matches {
+            // A read copy nobody waits for: dropping it is safe (the owner's
+            // copyset names this node needlessly).
             log!("grant {req} of page {page} from node {from} matches no request: ignored");
             return;
         }
