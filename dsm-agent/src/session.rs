@@ -30,14 +30,13 @@ use mome_protocol::layout::{Zone, HEAP_SIZE, PAGE_SIZE};
 use mome_protocol::rank::{AgentReply, Channel, ErrorCode, RankRequest};
 use mome_protocol::PROTOCOL_VERSION;
 use tokio::net::UnixStream;
-use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::agent::{lock, Agent, SessionId};
 use crate::cluster;
 use crate::faults::{self, Alias, AliasTable, FaultContext, FaultCounters};
 use crate::restore::FaultServer;
-use crate::sync::{Caller, SyncReply};
+use crate::sync::Caller;
 use crate::tables::placeholder;
 use crate::wire::{Wire, WireError};
 use mome_protocol::peer::{SegmentAnswer, SegmentOp, SyncAnswer, SyncOp};
@@ -71,14 +70,14 @@ enum Reply {
     Error { code: ErrorCode, message: String },
 }
 
-impl From<SyncReply> for Reply {
-    fn from(r: SyncReply) -> Reply {
-        match r {
-            SyncReply::Ok => Reply::Ok,
-            SyncReply::BarrierDone { date } => Reply::BarrierDone { date },
-            SyncReply::KeyedBarrierDone { serial } => Reply::KeyedBarrierDone { serial },
-            SyncReply::Busy => Reply::error(ErrorCode::Busy, "busy"),
-            SyncReply::Error(message) => Reply::Error {
+impl From<SyncAnswer> for Reply {
+    fn from(a: SyncAnswer) -> Reply {
+        match a {
+            SyncAnswer::Ok => Reply::Ok,
+            SyncAnswer::BarrierDone { date } => Reply::BarrierDone { date },
+            SyncAnswer::KeyedBarrierDone { serial } => Reply::KeyedBarrierDone { serial },
+            SyncAnswer::Busy => Reply::error(ErrorCode::Busy, "busy"),
+            SyncAnswer::Error(message) => Reply::Error {
                 code: ErrorCode::Invalid,
                 message,
             },
@@ -478,7 +477,7 @@ impl Session {
                         .park(self.rank, entered_ns, image_addr, image_len);
                     match parked {
                         None => Reply::Resume { stamp: 0 },
-                        Some(rx) => match wait(wire, rx).await? {
+                        Some(rx) => match wait(wire, async { rx.await.ok() }).await? {
                             Waited::Done(stamp) => Reply::Resume {
                                 stamp: stamp.unwrap_or(0),
                             },
@@ -551,29 +550,18 @@ impl Session {
         // exists on one node only: multi-node jobs are not checkpointed.
         if self.agent.cluster.is_none() {
             if let Some(r) = lock(&self.agent.sync).replay(self.rank, seq) {
-                return Ok(Some(r.into()));
+                return Ok(Some(SyncAnswer::from(r).into()));
             }
         }
         let pending = cluster::sync_call(&self.agent, self.caller(seq), op);
-        let answer = tokio::select! {
-            biased;
-            got = pending.wait() => got,
-            closed = wire.closed() => {
-                closed?;
-                return Ok(None);
-            }
-        };
-        Ok(Some(match answer {
-            Some(SyncAnswer::Ok) => Reply::Ok,
-            Some(SyncAnswer::BarrierDone { date }) => Reply::BarrierDone { date },
-            Some(SyncAnswer::KeyedBarrierDone { serial }) => Reply::KeyedBarrierDone { serial },
-            Some(SyncAnswer::Busy) => Reply::error(ErrorCode::Busy, "busy"),
-            Some(SyncAnswer::Error(message)) => Reply::error(ErrorCode::Invalid, message),
-            None => Reply::error(
+        Ok(match wait(wire, pending.wait()).await? {
+            Waited::Done(Some(answer)) => Some(answer.into()),
+            Waited::Done(None) => Some(Reply::error(
                 ErrorCode::NodeFailed,
                 "abandoned: the node managing it is gone",
-            ),
-        }))
+            )),
+            Waited::PeerGone => None,
+        })
     }
 
     fn segment_reply(&self, answer: SegmentAnswer) -> Reply {
@@ -896,14 +884,15 @@ impl Session {
     }
 }
 
-/// Waits for a grant from another session, watching for the peer leaving.
+/// Waits for an answer (a grant of another session, a manager's reply),
+/// watching for the peer leaving.
 async fn wait<T>(
     wire: &mut Wire,
-    rx: oneshot::Receiver<T>,
-) -> Result<Waited<Option<T>>, SessionError> {
+    answer: impl std::future::Future<Output = T>,
+) -> Result<Waited<T>, SessionError> {
     tokio::select! {
         biased;
-        got = rx => Ok(Waited::Done(got.ok())),
+        got = answer => Ok(Waited::Done(got)),
         closed = wire.closed() => {
             closed?;
             Ok(Waited::PeerGone)
