@@ -125,6 +125,15 @@ struct Entry {
 }
 
 impl Entry {
+    /// This node owns the page and can give it (or a copy) at once: no
+    /// request of its own or of others in progress, not held.
+    fn free_to_give(&self, now: Instant) -> bool {
+        self.owner
+            && self.pending.is_none()
+            && self.queued.is_empty()
+            && self.hold_until.is_none_or(|t| t <= now)
+    }
+
     fn initial(home: u32, me: u32) -> Entry {
         Entry {
             access: if home == me {
@@ -184,8 +193,6 @@ struct Directory {
     /// Sequential read and write streams, for prefetch.
     reads: Streams,
     writes: Streams,
-    /// Prefetch window of the fault being handled.
-    window: u32,
 }
 
 /// A few concurrent sequential access streams (a program sweeping two
@@ -241,8 +248,8 @@ pub struct PageEngine {
     memfd: std::fs::File,
     mesh: Arc<Mesh>,
     dir: Mutex<Directory>,
-    /// Set once the engine is in an Arc: hold timers reach it through this.
-    me: Mutex<Weak<PageEngine>>,
+    /// The engine itself: hold timers reach it through this.
+    me: Weak<PageEngine>,
 }
 
 /// Pages of a run that share a home: a sequential first touch of a run is
@@ -257,7 +264,7 @@ pub fn home_of(page: u64, nodes: u32) -> u32 {
 
 impl PageEngine {
     pub fn new(layout: WindowLayout, memfd: OwnedFd, mesh: Arc<Mesh>) -> Arc<PageEngine> {
-        let engine = Arc::new(PageEngine {
+        Arc::new_cyclic(|me| PageEngine {
             node: mesh.node,
             nodes: mesh.nodes,
             layout,
@@ -270,12 +277,9 @@ impl PageEngine {
                 stats: PageStats::default(),
                 reads: Streams::default(),
                 writes: Streams::default(),
-                window: 0,
             }),
-            me: Mutex::new(Weak::new()),
-        });
-        *lock(&engine.me) = Arc::downgrade(&engine);
-        engine
+            me: me.clone(),
+        })
     }
 
     pub fn stats(&self) -> PageStats {
@@ -359,7 +363,7 @@ impl PageEngine {
         }
         // Sequential accesses (page after page, whoever serves them) grow
         // the prefetch window of the next request; others reset it.
-        d.window = if write {
+        let prefetch = if write {
             d.writes.touch(page)
         } else {
             d.reads.touch(page)
@@ -373,7 +377,7 @@ impl PageEngine {
         if let Some(write) = self.resolve(&mut d, page, waiter) {
             let e = d.entries.get_mut(&page).expect("present");
             e.waiters.push(waiter);
-            self.start_request(&mut d, page, write);
+            self.start_request(&mut d, page, write, prefetch);
         }
     }
 
@@ -437,12 +441,7 @@ impl PageEngine {
     }
 
     fn read_page(&self, page: u64) -> Vec<u8> {
-        let mut buf = vec![0u8; PAGE_SIZE as usize];
-        // A hole reads as zeros.
-        if let Err(e) = self.memfd.read_exact_at(&mut buf, self.file_offset(page)) {
-            log!("cannot read page {page} of the node memory: {e}");
-        }
-        buf
+        self.read_run(page, 1)
     }
 
     fn punch(&self, page: u64, count: u64) {
@@ -488,7 +487,9 @@ impl PageEngine {
         }
     }
 
-    fn start_request(&self, d: &mut Directory, page: u64, write: bool) {
+    /// Asks for `page` (and, from another node, up to `prefetch` following
+    /// pages: sequential accesses, see [`Streams`]).
+    fn start_request(&self, d: &mut Directory, page: u64, write: bool, prefetch: u32) {
         let req = d.next_req;
         d.next_req += 1;
         let me = self.node;
@@ -526,8 +527,6 @@ impl PageEngine {
         }));
         let has_copy = e.access == Access::Read;
         d.stats.requests_sent += 1;
-        // Sequential accesses ask for the following pages too (see fault).
-        let prefetch = std::mem::take(&mut d.window);
         self.mesh.send(
             to,
             PeerMsg::PageRequest {
@@ -581,7 +580,7 @@ impl PageEngine {
                 let e = self.entry(d, page);
                 e.waiters.push(w);
                 e.waiters.extend(rest);
-                self.start_request(d, page, write);
+                self.start_request(d, page, write, 0);
                 return;
             }
         }
@@ -698,7 +697,7 @@ impl PageEngine {
 
     /// Serves queued requests of `page` once its hold time is over.
     fn after_hold(&self, page: u64, until: Instant) {
-        let me = lock(&self.me).clone();
+        let me = self.me.clone();
         // The runtime's timers tick in milliseconds, ten times the hold:
         // a blocking-pool thread sleeps it precisely instead.
         tokio::task::spawn_blocking(move || {
@@ -808,38 +807,67 @@ impl PageEngine {
         to: u32,
         count: u32,
     ) -> Vec<(u64, Vec<u8>)> {
-        let mut out = Vec::new();
+        let others = !(1u64 << self.node) & !(1u64 << to);
+        let (n, any_writable) = self.givable_run(d, page, count, |e| e.copyset & others == 0);
+        if n == 0 {
+            return Vec::new();
+        }
+        // Stop local writers, read the run, drop it: one call each. Sent
+        // even where `to` holds the copy: it replaces it.
+        if any_writable {
+            self.protect_run(d, page + 1, n);
+        }
+        let run = self.read_run(page + 1, n);
+        self.punch(page + 1, n);
+        run.chunks(PAGE_SIZE as usize)
+            .enumerate()
+            .map(|(i, data)| {
+                let e = self.entry(d, page + 1 + i as u64);
+                e.access = Access::None;
+                e.owner = false;
+                e.prob_owner = to;
+                e.copyset = 0;
+                e.epoch += 1;
+                e.min_epoch = e.epoch;
+                (e.epoch, data.to_vec())
+            })
+            .collect()
+    }
+
+    /// How many pages after `page` (at most `count`, inside the window)
+    /// this node can give at once and pass `also`; and whether one of them
+    /// is writable here.
+    fn givable_run(
+        &self,
+        d: &mut Directory,
+        page: u64,
+        count: u32,
+        also: impl Fn(&Entry) -> bool,
+    ) -> (u64, bool) {
         let now = Instant::now();
-        let me = self.node;
+        let mut n = 0u64;
+        let mut any_writable = false;
         for q in page + 1..=page + count as u64 {
             if self.window_addr(q) >= self.layout.end() {
                 break;
             }
             let e = self.entry(d, q);
-            let free = e.owner
-                && e.pending.is_none()
-                && e.queued.is_empty()
-                && e.hold_until.is_none_or(|t| t <= now)
-                && e.copyset & !(1 << me) & !(1 << to) == 0;
-            if !free {
+            if !e.free_to_give(now) || !also(e) {
                 break;
             }
-            if e.access == Access::Write {
-                self.protect_everywhere(d, q);
-            }
-            // Sent even when `to` holds the copy: it replaces it.
-            let data = self.read_page(q);
-            self.punch(q, 1);
-            let e = self.entry(d, q);
-            e.access = Access::None;
-            e.owner = false;
-            e.prob_owner = to;
-            e.copyset = 0;
-            e.epoch += 1;
-            e.min_epoch = e.epoch;
-            out.push((e.epoch, data));
+            any_writable |= e.access == Access::Write;
+            n += 1;
         }
-        out
+        (n, any_writable)
+    }
+
+    /// Pages `first..first+count` of the node's memory (holes read as zeros).
+    fn read_run(&self, first: u64, count: u64) -> Vec<u8> {
+        let mut run = vec![0u8; (count * PAGE_SIZE) as usize];
+        if let Err(e) = self.memfd.read_exact_at(&mut run, self.file_offset(first)) {
+            log!("cannot read pages {first}+{count} of the node memory: {e}");
+        }
+        run
     }
 
     /// This node owns `page` from `epoch` on, with `data`, handed over with
@@ -881,26 +909,9 @@ impl PageEngine {
     /// Read copies of the pages after `page` for `to`, as long as this node
     /// owns them and can give them at once (not busy, not held).
     fn prefetched(&self, d: &mut Directory, page: u64, to: u32, count: u32) -> Vec<(u64, Vec<u8>)> {
-        let now = Instant::now();
-        let mut n = 0u64;
-        let mut any_writable = false;
-        for q in page + 1..=page + count as u64 {
-            if self.window_addr(q) >= self.layout.end() {
-                break;
-            }
-            let e = self.entry(d, q);
-            let free = e.owner
-                && e.pending.is_none()
-                && e.queued.is_empty()
-                && e.hold_until.is_none_or(|t| t <= now)
-                && e.access != Access::None
-                && e.copyset & (1 << to) == 0;
-            if !free {
-                break;
-            }
-            any_writable |= e.access == Access::Write;
-            n += 1;
-        }
+        let (n, any_writable) = self.givable_run(d, page, count, |e| {
+            e.access != Access::None && e.copyset & (1 << to) == 0
+        });
         if n == 0 {
             return Vec::new();
         }
@@ -909,13 +920,7 @@ impl PageEngine {
         if any_writable {
             self.protect_run(d, page + 1, n);
         }
-        let mut run = vec![0u8; (n * PAGE_SIZE) as usize];
-        if let Err(e) = self
-            .memfd
-            .read_exact_at(&mut run, self.file_offset(page + 1))
-        {
-            log!("cannot read pages {}+{n} of the node memory: {e}", page + 1);
-        }
+        let run = self.read_run(page + 1, n);
         run.chunks(PAGE_SIZE as usize)
             .enumerate()
             .map(|(i, data)| {
@@ -1006,7 +1011,7 @@ impl PageEngine {
                 // Overtaken by an invalidation: ask again.
                 e.pending = None;
                 d.stats.stale_grants += 1;
-                self.start_request(&mut d, page, false);
+                self.start_request(&mut d, page, false, 0);
                 return;
             }
             e.prob_owner = from;
