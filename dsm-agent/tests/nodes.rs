@@ -159,8 +159,7 @@ fn closed(s: &mut TcpStream) -> bool {
 fn peers_must_prove_the_secret() {
     let home = tempfile::tempdir().unwrap();
     let config = fast_config();
-    let job = common::write_job_with(home.path(), 2, 2, config.clone());
-    std::fs::write(job.path.join("secret"), format!("{}\n", common::SECRET)).unwrap();
+    let job = common::write_cluster_job(home.path(), 2, 2, &config);
     // Only node 0 runs: its node-1 slot is free for impostors.
     let mut a0 = common::spawn_node(home, &job, 0, 2, "0", &config);
     let addr = a0.peer_addr.clone().unwrap();
@@ -241,8 +240,7 @@ fn proof(side: &[u8], first: &[u8], second: &[u8]) -> [u8; 32] {
 fn an_authenticated_peer_breaking_the_protocol_is_a_failed_node() {
     let home = tempfile::tempdir().unwrap();
     let config = fast_config();
-    let job = common::write_job_with(home.path(), 2, 2, config.clone());
-    std::fs::write(job.path.join("secret"), format!("{}\n", common::SECRET)).unwrap();
+    let job = common::write_cluster_job(home.path(), 2, 2, &config);
     let mut a0 = common::spawn_node(home, &job, 0, 2, "0", &config);
     let addr = a0.peer_addr.clone().unwrap();
     // A node 1 that knows the secret...

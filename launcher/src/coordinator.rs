@@ -2277,21 +2277,13 @@ impl Coordinator {
         if self.wait_for_agents(AGENT_EOF_WAIT) {
             return;
         }
-        for agent in self.agents.iter().filter(|a| a.alive()) {
-            if let Some(pid) = agent.pid {
-                let _ = os::signal_process(pid, libc::SIGTERM);
-            }
+        for (_, pid) in self.live_agents() {
+            let _ = os::signal_process(pid, libc::SIGTERM);
         }
         if self.wait_for_agents(AGENT_STOP_WAIT) {
             return;
         }
-        let stuck: Vec<(u32, i32)> = self
-            .agents
-            .iter()
-            .filter(|a| a.alive())
-            .filter_map(|a| Some((a.node, a.pid?)))
-            .collect();
-        for (node, pid) in stuck {
+        for (node, pid) in self.live_agents() {
             self.say(format!(
                 "mome: the agent of node {node} (pid {pid}) did not exit within {} of SIGTERM; killing it",
                 humantime::format_duration(AGENT_STOP_WAIT)
@@ -2301,17 +2293,20 @@ impl Coordinator {
         if self.wait_for_agents(AGENT_STOP_WAIT) {
             return;
         }
-        let stuck: Vec<(u32, i32)> = self
-            .agents
-            .iter()
-            .filter(|a| a.alive())
-            .filter_map(|a| Some((a.node, a.pid?)))
-            .collect();
-        for (node, pid) in stuck {
+        for (node, pid) in self.live_agents() {
             self.say(format!(
                 "mome: the agent of node {node} (pid {pid}) did not die after SIGKILL; leaving it"
             ));
         }
+    }
+
+    /// (node, pid) of the agents still running.
+    fn live_agents(&self) -> Vec<(u32, i32)> {
+        self.agents
+            .iter()
+            .filter(|a| a.alive())
+            .filter_map(|a| Some((a.node, a.pid?)))
+            .collect()
     }
 
     /// Waits up to `timeout` for every agent to have exited.

@@ -195,8 +195,7 @@ pub const SECRET: &str = "00112233445566778899aabbccddeeff00112233445566778899aa
 pub fn start_cluster(nranks: u32, placement: &[&str], config: Config) -> Vec<Agent> {
     let home = tempfile::tempdir().unwrap();
     let nodes = placement.len() as u32;
-    let job = write_job_with(home.path(), nranks, nodes, config.clone());
-    std::fs::write(job.path.join("secret"), format!("{SECRET}\n")).unwrap();
+    let job = write_cluster_job(home.path(), nranks, nodes, &config);
     let mut agents = Vec::new();
     let mut home = Some(home);
     for (k, local) in placement.iter().enumerate() {
@@ -263,6 +262,18 @@ pub fn spawn_node(
         node: k,
         peer_addr: Some(addr),
     }
+}
+
+/// job.yaml of a job of `nodes` nodes, and its secret ([`SECRET`]).
+pub fn write_cluster_job(
+    home: &std::path::Path,
+    nranks: u32,
+    nodes: u32,
+    config: &Config,
+) -> JobDir {
+    let job = write_job_with(home, nranks, nodes, config.clone());
+    std::fs::write(job.path.join("secret"), format!("{SECRET}\n")).unwrap();
+    job
 }
 
 pub fn write_job(home: &std::path::Path, nranks: u32) -> JobDir {
