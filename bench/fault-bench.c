@@ -26,25 +26,14 @@
 
 #include "mome.h"
 
-static double now_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e6 + (double)ts.tv_nsec / 1e3;
-}
-
-static int cmp(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
+#include "timing.h"
 
 static void report(const char *name, double *t, long n)
 {
     double sum = 0;
     for (long i = 0; i < n; i++)
         sum += t[i];
-    qsort(t, (size_t)n, sizeof *t, cmp);
+    sort_samples(t, n);
     printf("phase %s pages %ld median_us %.1f p90_us %.1f mean_us %.1f\n", name, n, t[n / 2],
            t[n * 9 / 10], sum / (double)n);
     fflush(stdout);

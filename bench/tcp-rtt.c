@@ -15,18 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static double now_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e6 + (double)ts.tv_nsec / 1e3;
-}
-
-static int cmp(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
+#include "timing.h"
 
 static int full(int fd, char *buf, size_t len, int writing)
 {
@@ -78,7 +67,7 @@ int main(int argc, char **argv)
     }
     close(s);
     waitpid(child, NULL, 0);
-    qsort(t, (size_t)rounds, sizeof *t, cmp);
+    sort_samples(t, rounds);
     printf("rtt_us median %.1f p90 %.1f\n", t[rounds / 2], t[rounds * 9 / 10]);
     return 0;
 }
