@@ -394,6 +394,17 @@ fn job_pids(job: &JobDir) -> Vec<i32> {
         .collect()
 }
 
+/// SIGKILLs agent `pid` of the running job `child`, then waits for
+/// mome-run: it must exit 1 within `within`.
+fn kill_agent_and_wait(child: std::process::Child, pid: i32, within: Duration) -> Finished {
+    let start = Instant::now();
+    send_signal(pid as u32, libc::SIGKILL);
+    let finished = wait_output(child, start);
+    assert_eq!(finished.code(), 1, "{finished:?}");
+    assert!(finished.elapsed < within, "{:?}", finished.elapsed);
+    finished
+}
+
 #[test]
 fn killing_one_agent_fails_its_node_and_ends_the_job() {
     let env = node_env();
@@ -401,15 +412,7 @@ fn killing_one_agent_fails_its_node_and_ends_the_job() {
     let pids = job_pids(&job);
     let status = job.read_status().unwrap();
     let agent = status.agents[1].pid.unwrap();
-    let start = Instant::now();
-    send_signal(agent as u32, libc::SIGKILL);
-    let finished = wait_output(child, start);
-    assert_eq!(finished.code(), 1, "{finished:?}");
-    assert!(
-        finished.elapsed < Duration::from_secs(4),
-        "{:?}",
-        finished.elapsed
-    );
+    let finished = kill_agent_and_wait(child, agent, Duration::from_secs(4));
     let failed: Vec<&str> = finished
         .stderr
         .lines()
@@ -679,15 +682,7 @@ fn killing_a_real_agent_fails_its_node() {
     let (job, status) = wait_until_running(&env);
     let pids = job_pids(&job);
     let victim = status.agents[1].pid.unwrap();
-    let start = Instant::now();
-    send_signal(victim as u32, libc::SIGKILL);
-    let finished = wait_output(child, start);
-    assert_eq!(finished.code(), 1, "{finished:?}");
-    assert!(
-        finished.elapsed < Duration::from_secs(5),
-        "{:?}",
-        finished.elapsed
-    );
+    let finished = kill_agent_and_wait(child, victim, Duration::from_secs(5));
     let failed: Vec<&str> = finished
         .stderr
         .lines()
