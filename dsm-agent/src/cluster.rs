@@ -64,6 +64,18 @@ pub fn manager_of(id: u64, nodes: u32) -> u32 {
     ((id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % nodes.max(1) as u64) as u32
 }
 
+/// Node managing sync operation `op`: node 0 for `mome_barrier`, the
+/// hash of the id otherwise.
+fn manager(op: &SyncOp, nodes: u32) -> u32 {
+    match *op {
+        SyncOp::Barrier => 0,
+        SyncOp::Lock { id }
+        | SyncOp::TryLock { id }
+        | SyncOp::Unlock { id }
+        | SyncOp::KeyedBarrier { id, .. } => manager_of(id, nodes),
+    }
+}
+
 /// A sync operation on its way to its answer.
 #[derive(Debug)]
 pub enum Pending {
@@ -132,13 +144,7 @@ pub fn sync_call(agent: &Agent, caller: Caller, op: SyncOp) -> Pending {
         return sync_local(agent, caller, op);
     };
     let mesh = &cluster.mesh;
-    let manager = match op {
-        SyncOp::Barrier => 0,
-        SyncOp::Lock { id }
-        | SyncOp::TryLock { id }
-        | SyncOp::Unlock { id }
-        | SyncOp::KeyedBarrier { id, .. } => manager_of(id, mesh.nodes),
-    };
+    let manager = manager(&op, mesh.nodes);
     if manager == mesh.node {
         return sync_local(agent, caller, op);
     }
@@ -370,13 +376,7 @@ fn check(agent: &Agent, msg: &PeerMsg) -> Result<(), String> {
             page_ok(*first, count - 1)
         }
         PeerMsg::Sync { op, .. } => {
-            let manager = match *op {
-                SyncOp::Barrier => 0,
-                SyncOp::Lock { id }
-                | SyncOp::TryLock { id }
-                | SyncOp::Unlock { id }
-                | SyncOp::KeyedBarrier { id, .. } => manager_of(id, nodes),
-            };
+            let manager = manager(op, nodes);
             if manager == agent.id.node {
                 Ok(())
             } else {

@@ -233,16 +233,20 @@ impl Mesh {
             let _ = tx.send(msg);
             return;
         }
+        thread_local! {
+            // Encoding buffer of the sending thread: a frame is encoded here
+            // and only its length copied to the outbox.
+            static SCRATCH: std::cell::RefCell<Vec<u8>> =
+                std::cell::RefCell::new(vec![0; HEADER + MAX_FRAME]);
+        }
         let mut out = lock(&peer.out);
         let start = out.pending.len();
-        out.pending.resize(start + HEADER + MAX_FRAME, 0);
-        match frame::encode(&msg, &mut out.pending[start..]) {
-            Ok(len) => out.pending.truncate(start + len),
-            Err(e) => {
-                out.pending.truncate(start);
-                log!("cannot encode {} for node {to}: {e}; dropped", msg.name());
-                return;
-            }
+        let encoded = SCRATCH.with_borrow_mut(|buf| {
+            frame::encode(&msg, buf).map(|len| out.pending.extend_from_slice(&buf[..len]))
+        });
+        if let Err(e) = encoded {
+            log!("cannot encode {} for node {to}: {e}; dropped", msg.name());
+            return;
         }
         self.sent.fetch_add(1, Ordering::Relaxed);
         if start == 0 {
