@@ -84,6 +84,23 @@ pub enum CkptError {
     Store(#[from] mome_store::StoreError),
     #[error("checkpoint task failed: {0}")]
     Task(String),
+    #[error("{count} page request(s) of this node still in flight after {}: the page traffic did not drain", humantime_ms(*.timeout))]
+    Drain { count: usize, timeout: Duration },
+    #[error("no `{step}` from the coordinator within {} (the other nodes did not all get there)", humantime_ms(*.timeout))]
+    NoStep {
+        step: &'static str,
+        timeout: Duration,
+    },
+    #[error("aborted by the coordinator (another node failed it)")]
+    Aborted,
+}
+
+/// Coordinated checkpoints: what the coordinator lets this node do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Capture,
+    Resume,
+    Abort,
 }
 
 fn ranks_text(ranks: &[u32]) -> String {
@@ -170,6 +187,8 @@ pub struct Ckpt {
     signal: i32,
     shared: Mutex<Shared>,
     engine: Mutex<EngineState>,
+    /// Coordinated checkpoint in progress: its stamp and where its steps go.
+    steps: Mutex<Option<(Stamp, mpsc::UnboundedSender<Step>)>>,
 }
 
 /// One checkpoint's parameters and the engine state it starts from.
@@ -183,6 +202,8 @@ struct Job {
     started: Instant,
     base: Option<Arc<NodeIndex>>,
     carry: Runs,
+    /// Coordinated checkpoints: the coordinator's steps.
+    steps: Option<mpsc::UnboundedReceiver<Step>>,
 }
 
 /// What the pause produced.
@@ -208,6 +229,7 @@ impl Ckpt {
                 base,
                 ..EngineState::default()
             }),
+            steps: Mutex::new(None),
         }
     }
 
@@ -346,6 +368,7 @@ pub fn command(agent: &Arc<Agent>, cmd: AgentCommand) {
             fsync,
             precopy_rounds,
             park_timeout_ms,
+            coordinated,
         } => {
             let started = Instant::now();
             let job = match start(agent, stamp) {
@@ -358,6 +381,11 @@ pub fn command(agent: &Arc<Agent>, cmd: AgentCommand) {
                     started,
                     base,
                     carry,
+                    steps: coordinated.then(|| {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        *lock(&agent.ckpt.steps) = Some((stamp, tx));
+                        rx
+                    }),
                 },
                 Err(e) => {
                     log!("checkpoint {stamp} refused: {e}");
@@ -386,7 +414,10 @@ pub fn command(agent: &Arc<Agent>, cmd: AgentCommand) {
                 }
             }
         }
+        AgentCommand::Capture { stamp } => step(agent, stamp, Step::Capture),
+        AgentCommand::Resume { stamp } => step(agent, stamp, Step::Resume),
         AgentCommand::Abort { stamp } => {
+            step(agent, stamp, Step::Abort);
             let mut e = lock(&agent.ckpt.engine);
             match e.pending.take() {
                 Some(p) if p.stamp == stamp => {
@@ -394,7 +425,10 @@ pub fn command(agent: &Arc<Agent>, cmd: AgentCommand) {
                         "checkpoint {stamp} aborted: its {} pages go into the next increment",
                         p.pages.pages()
                     );
-                    e.carry = e.carry.union(&p.pages);
+                    drop(e);
+                    let carry = carry_back(agent, p.pages);
+                    let mut e = lock(&agent.ckpt.engine);
+                    e.carry = e.carry.union(&carry);
                 }
                 other => {
                     log!("abort of stamp {stamp}, which is not the pending checkpoint; ignored");
@@ -402,6 +436,68 @@ pub fn command(agent: &Arc<Agent>, cmd: AgentCommand) {
                 }
             }
         }
+    }
+}
+
+/// Passes a coordinator step to the coordinated checkpoint of `stamp`.
+fn step(agent: &Agent, stamp: Stamp, step: Step) {
+    match lock(&agent.ckpt.steps).as_ref() {
+        Some((s, tx)) if *s == stamp => {
+            let _ = tx.send(step);
+        }
+        _ if step == Step::Abort => {}
+        _ => log!("{step:?} for stamp {stamp}, which is not a checkpoint in its pause: ignored"),
+    }
+}
+
+/// Coordinated checkpoints: waits for the coordinator's `want` (an abort,
+/// or nothing within the park timeout, fails the checkpoint).
+async fn wait_step(job: &mut Job, want: Step) -> Result<(), CkptError> {
+    let Some(rx) = job.steps.as_mut() else {
+        return Ok(());
+    };
+    let name = match want {
+        Step::Capture => "capture",
+        _ => "resume",
+    };
+    loop {
+        match tokio::time::timeout(job.park_timeout, rx.recv()).await {
+            Ok(Some(s)) if s == want => return Ok(()),
+            Ok(Some(Step::Abort)) => return Err(CkptError::Aborted),
+            Ok(Some(other)) => log!(
+                "checkpoint {}: {other:?} while waiting for {name}: ignored",
+                job.stamp
+            ),
+            Ok(None) => return Err(CkptError::Task("step channel closed".into())),
+            Err(_) => {
+                return Err(CkptError::NoStep {
+                    step: name,
+                    timeout: job.park_timeout,
+                })
+            }
+        }
+    }
+}
+
+/// Coordinated checkpoints: waits until no page request of this node is
+/// in flight (its ranks are parked, so none starts).
+async fn drain(agent: &Agent, job: &Job) -> Result<(), CkptError> {
+    let Some(cluster) = agent.cluster.as_ref() else {
+        return Ok(());
+    };
+    let deadline = Instant::now() + job.park_timeout;
+    loop {
+        let count = cluster.pages.outstanding();
+        if count == 0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(CkptError::Drain {
+                count,
+                timeout: job.park_timeout,
+            });
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
     }
 }
 
@@ -428,14 +524,14 @@ fn start(agent: &Agent, stamp: Stamp) -> Result<(Option<Arc<NodeIndex>>, Runs), 
             "checkpoint {} was neither committed nor aborted before checkpoint {stamp}: treating it as aborted",
             p.stamp
         );
-        e.carry = e.carry.union(&p.pages);
+        e.carry = e.carry.union(&carry_back(agent, p.pages));
     }
     e.busy = Some(stamp);
     Ok((e.base.clone(), std::mem::take(&mut e.carry)))
 }
 
 /// One checkpoint, from pre-copy to durability.
-async fn run(agent: Arc<Agent>, job: Job) {
+async fn run(agent: Arc<Agent>, mut job: Job) {
     let stamp = job.stamp;
     log!(
         "checkpoint {stamp}: {} pre-copy rounds, base {}",
@@ -444,7 +540,11 @@ async fn run(agent: Arc<Agent>, job: Job) {
             .as_ref()
             .map_or("none (full)".into(), |b| b.stamp.to_string())
     );
-    let captured = match capture(&agent, &job).await {
+    let captured = capture(&agent, &mut job).await;
+    if job.steps.is_some() {
+        *lock(&agent.ckpt.steps) = None;
+    }
+    let captured = match captured {
         Ok(c) => c,
         Err((e, copied)) => {
             log!("checkpoint {stamp} failed: {e}");
@@ -504,6 +604,7 @@ async fn run(agent: Arc<Agent>, job: Job) {
 
 /// The checkpoint is over: the engine is free again.
 fn finish(agent: &Agent, pending: Option<Pending>, carry: Runs) {
+    let carry = carry_back(agent, carry);
     let mut e = lock(&agent.ckpt.engine);
     e.busy = None;
     e.carry = e.carry.union(&carry);
@@ -522,7 +623,7 @@ struct Member {
 
 /// Pre-copy and pause. On failure, the pages copied so far (re-armed, so
 /// to be carried) come with the error.
-async fn capture(agent: &Arc<Agent>, job: &Job) -> Result<Captured, (CkptError, Runs)> {
+async fn capture(agent: &Arc<Agent>, job: &mut Job) -> Result<Captured, (CkptError, Runs)> {
     let members = members(agent).map_err(|e| (e, Runs::new()))?;
     let full = job.base.is_none();
     let mut snap = Snapshot::new();
@@ -558,10 +659,25 @@ async fn capture(agent: &Arc<Agent>, job: &Job) -> Result<Captured, (CkptError, 
         agent.ckpt.end_pause(0);
         return Err((e, snap.runs()));
     }
+    if job.steps.is_some() {
+        // Several nodes: the shared zone holds still once every node's
+        // ranks are parked and no page message is in flight anywhere.
+        let agreed = async {
+            drain(agent, job).await?;
+            agent.events.send(AgentEvent::Parked { stamp: job.stamp });
+            wait_step(job, Step::Capture).await
+        }
+        .await;
+        if let Err(e) = agreed {
+            agent.ckpt.end_pause(0);
+            return Err((e, snap.runs()));
+        }
+    }
     // Every rank is parked: the window and the tables hold still.
     let a = agent.clone();
     let parked_at = Instant::now();
     let stamp = job.stamp;
+    let base = job.base.clone();
     let (snap, result) = blocking(snap, move |snap| {
         let t0 = Instant::now();
         // Punched pages: holes now (removed) unless written again, or
@@ -570,12 +686,27 @@ async fn capture(agent: &Arc<Agent>, job: &Job) -> Result<Captured, (CkptError, 
         // Every data page was taken already unless no pre-copy round ran.
         let full = full && extra.is_some();
         let extra = extra.unwrap_or_default().union(&punched);
-        let copied = copy_round(&a, &members, snap, Some(extra), full)?;
+        let mut copied = copy_round(&a, &members, snap, Some(extra), full)?;
+        let (shared_removed, shared_changed) = capture_shared(&a, base.as_deref());
+        snap.copy_from(a.memory.as_fd(), &shared_changed)?;
+        copied += shared_changed.pages();
         let t1 = Instant::now();
         // Holes can only come from punches: the rest of the snapshot still
         // holds data.
-        let removed = punched.subtract(&data_within(a.memory.as_fd(), &punched)?);
-        let rank_of = |id| a.ckpt.rank_of(id);
+        let punched = match private_zone(&a) {
+            Some(zone) => punched.intersect(&zone),
+            None => punched,
+        };
+        let removed = punched
+            .subtract(&data_within(a.memory.as_fd(), &punched)?)
+            .union(&shared_removed);
+        let rank_of = |id| {
+            a.ckpt.rank_of(id).or_else(|| {
+                a.cluster
+                    .as_ref()
+                    .and_then(|c| c.rank_of_remote(id))
+            })
+        };
         let tables = TablesState::capture(&a, &rank_of).encode()?;
         log!(
             "checkpoint {stamp}: pause work: scan + copy of {copied} pages {} us, holes + tables {} us",
@@ -589,7 +720,13 @@ async fn capture(agent: &Arc<Agent>, job: &Job) -> Result<Captured, (CkptError, 
         "checkpoint {stamp}: {} us from the last rank parked to resume",
         parked_at.elapsed().as_micros()
     );
-    let outcome = result.map_err(|e| (e, snap.runs()));
+    let mut outcome = result.map_err(|e| (e, snap.runs()));
+    if outcome.is_ok() && job.steps.is_some() {
+        agent.events.send(AgentEvent::Captured { stamp: job.stamp });
+        if let Err(e) = wait_step(job, Step::Resume).await {
+            outcome = Err((e, snap.runs()));
+        }
+    }
     let stamp = if outcome.is_ok() { job.stamp } else { 0 };
     let (pause_us, mut images, gone) = agent.ckpt.end_pause(stamp);
     let (pause_pages, tables, removed) = outcome?;
@@ -716,9 +853,79 @@ fn copy_round(
             set = set.union(&data_runs(agent.memory.as_fd(), layout.size)?);
         }
     }
+    // Several nodes: the shared zone is the page protocol's (see
+    // `capture_shared`); this node's memory there holds read copies too.
+    if let Some(zone) = private_zone(agent) {
+        set = set.intersect(&zone);
+    }
     let set = data_within(agent.memory.as_fd(), &set)?;
     snap.copy_from(agent.memory.as_fd(), &set)?;
     Ok(set.pages())
+}
+
+/// Several nodes: the pages of the private zone (heaps, each on the node
+/// of its rank); `None` on one node, where the whole window is the node's.
+fn private_zone(agent: &Agent) -> Option<Runs> {
+    agent.cluster.as_ref()?;
+    let layout = agent.id.layout;
+    let end = layout.private_size / PAGE_SIZE;
+    Some(Runs::from_ranges(std::iter::once(0..end).collect()))
+}
+
+/// First store page number (window page) of the shared zone.
+fn shared_first_page(agent: &Agent) -> u64 {
+    let layout = agent.id.layout;
+    (layout.shared_base() - layout.base) / PAGE_SIZE
+}
+
+/// Several nodes: this node's part of the shared zone (called in the
+/// coordinated pause). Returns the shared pages of the base that this node
+/// no longer holds (removed from its index: another node's index has them
+/// now, or they are zero), and the pages it holds that changed since the
+/// base (to copy), as window page numbers.
+fn capture_shared(agent: &Agent, base: Option<&NodeIndex>) -> (Runs, Runs) {
+    let Some(cluster) = agent.cluster.as_ref() else {
+        return (Runs::new(), Runs::new());
+    };
+    let first = shared_first_page(agent);
+    let shift = |runs: Vec<std::ops::Range<u64>>| {
+        Runs::from_ranges(
+            runs.into_iter()
+                .map(|r| r.start + first..r.end + first)
+                .collect(),
+        )
+    };
+    let (owned, changed) = cluster.pages.capture();
+    let (owned, changed) = (shift(owned), shift(changed));
+    let in_base = Runs::from_ranges(
+        base.map(|b| {
+            b.extents()
+                .filter(|&(p, ..)| p >= first)
+                .map(|(p, n, ..)| p..p + u64::from(n))
+                .collect()
+        })
+        .unwrap_or_default(),
+    );
+    (in_base.subtract(&owned), changed)
+}
+
+/// Pages of a checkpoint that did not make it, to take again next time:
+/// the private part is returned (the carry); shared pages are marked
+/// changed again in the page protocol (the next capture takes them if
+/// this node still holds them then).
+fn carry_back(agent: &Agent, pages: Runs) -> Runs {
+    let (Some(cluster), Some(zone)) = (agent.cluster.as_ref(), private_zone(agent)) else {
+        return pages;
+    };
+    let first = shared_first_page(agent);
+    let shared = pages.subtract(&zone);
+    cluster.pages.mark_written(
+        shared
+            .ranges()
+            .iter()
+            .map(|r| r.start - first..r.end - first),
+    );
+    pages.intersect(&zone)
 }
 
 /// Pages of the window in use: heaps owned by some session and the
@@ -735,7 +942,12 @@ fn in_use(agent: &Agent) -> Runs {
             first..first + u64::from(r.end - r.start) * heap_pages
         })
         .collect();
-    let slots = lock(&agent.segments).taken_slot_sizes();
+    // Several nodes: segments are in the shared zone (`capture_shared`).
+    let slots = if agent.cluster.is_some() {
+        Vec::new()
+    } else {
+        lock(&agent.segments).taken_slot_sizes()
+    };
     for (slot, size) in slots {
         // The segment's size, not its whole reservation (16 GiB by
         // default): scanning costs ~1 ms per GiB of range, per rank. Pages

@@ -10,8 +10,10 @@
 //! every call below goes straight to the local tables.
 //!
 //! Checkpoint replay of sync requests (answering a restored rank's request
-//! from the record) is a single-node affair: multi-node jobs are not
-//! checkpointed yet, so managers never replay.
+//! from the record) happens at the manager: each manager records, per rank,
+//! the last request of that rank it served, and a rank has one request in
+//! flight at a time, so a request number at or below the record was served
+//! there.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,6 +38,9 @@ pub struct Cluster {
     next_req: AtomicU64,
     sync_waiting: Mutex<HashMap<u64, oneshot::Sender<SyncAnswer>>>,
     segment_waiting: Mutex<HashMap<u64, oneshot::Sender<SegmentAnswer>>>,
+    /// Rank of each session of another node seen by this node's tables
+    /// (a checkpoint names lock holders and segment users by rank).
+    remote_ranks: Mutex<HashMap<SessionId, u32>>,
 }
 
 impl Cluster {
@@ -46,7 +51,33 @@ impl Cluster {
             next_req: AtomicU64::new(1),
             sync_waiting: Mutex::new(HashMap::new()),
             segment_waiting: Mutex::new(HashMap::new()),
+            remote_ranks: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Session `id` of another node is rank `rank`'s. The first time, what
+    /// the rank's placeholder holds in this node's tables (a restored job:
+    /// locks, segments in use) becomes the session's.
+    /// Locks go to the rank's sync session (`sync`), segment uses to its
+    /// memory session, as on the rank's own node (`session::take_over`).
+    pub fn remote_rank(&self, agent: &Agent, id: SessionId, rank: u32, sync: bool) {
+        if lock(&self.remote_ranks).insert(id, rank).is_some() {
+            return;
+        }
+        let from = crate::tables::placeholder(rank);
+        let (what, moved) = if sync {
+            ("lock(s)", lock(&agent.sync).reassign(from, id))
+        } else {
+            ("segment use(s)", lock(&agent.segments).reassign(from, id))
+        };
+        if moved > 0 {
+            log!("rank {rank} (a session of another node) took back {moved} {what}");
+        }
+    }
+
+    /// Rank of a session of another node, as last seen.
+    pub fn rank_of_remote(&self, id: SessionId) -> Option<u32> {
+        lock(&self.remote_ranks).get(&id).copied()
     }
 
     fn req(&self) -> u64 {
@@ -57,6 +88,68 @@ impl Cluster {
 /// How a session of node `node` is named in a manager's tables.
 pub fn remote_session(node: u32, session: u64) -> SessionId {
     SessionId(((node as u64 + 1) << 48) | session)
+}
+
+/// Restore of a multi-node job, before any rank connects: puts the pages
+/// of the shared zone this node owned at the stamp back in its memory,
+/// takes their ownership, and tells each page's home node where it is
+/// (the pages' other nodes ask the home first). `mesh_ready` then waits
+/// for every other node's hints.
+pub fn restore_shared(agent: &Agent, restore: &crate::restore::Restore) -> Result<u64, String> {
+    let Some(cluster) = agent.cluster.as_ref() else {
+        return Ok(0);
+    };
+    let layout = agent.id.layout;
+    let first = (layout.shared_base() - layout.base) / PAGE_SIZE;
+    let mut owned: Vec<u64> = Vec::new();
+    let mut failed = None;
+    let count = restore
+        .shared_pages(|page, data| {
+            let offset = layout.file_offset(layout.base + page * PAGE_SIZE);
+            if let Err(e) = agent.memory.write_at(data, offset) {
+                failed.get_or_insert(format!("cannot put page {page} back: {e}"));
+            }
+            owned.push(page - first);
+        })
+        .map_err(|e| e.to_string())?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let runs = crate::pages::runs_of(&owned);
+    cluster.pages.restore_owned(&runs);
+    let mesh = &cluster.mesh;
+    mesh.await_hints();
+    // Hints by home node: a run is cut where the home changes.
+    let mut by_home: HashMap<u32, Vec<(u64, u32)>> = HashMap::new();
+    for r in &runs {
+        let mut p = r.start;
+        while p < r.end {
+            let home = crate::pages::home_of(p, mesh.nodes);
+            let mut end = p + 1;
+            while end < r.end
+                && crate::pages::home_of(end, mesh.nodes) == home
+                && end - p < u64::from(u32::MAX)
+            {
+                end += 1;
+            }
+            if home != mesh.node {
+                by_home.entry(home).or_default().push((p, (end - p) as u32));
+            }
+            p = end;
+        }
+    }
+    for (home, hints) in by_home {
+        for part in hints.chunks(mome_protocol::peer::MAX_HINT_RUNS) {
+            mesh.send(
+                home,
+                PeerMsg::OwnerHints {
+                    runs: part.to_vec(),
+                },
+            );
+        }
+    }
+    mesh.broadcast(&PeerMsg::HintsDone);
+    Ok(count)
 }
 
 /// Node managing lock or keyed barrier `id`.
@@ -118,6 +211,11 @@ impl From<SyncReply> for SyncAnswer {
 /// Runs `op` on this node's sync table (this node manages it).
 fn sync_local(agent: &Agent, caller: Caller, op: SyncOp) -> Pending {
     let mut sync = lock(&agent.sync);
+    // A restored rank sends again the request it waited in; the manager
+    // that served it before the stamp answers from its record.
+    if let Some(r) = sync.replay(caller.rank, caller.seq) {
+        return Pending::Now(r.into());
+    }
     match op {
         SyncOp::Barrier => Pending::Barrier(sync.barrier_arrive(caller)),
         SyncOp::Lock { id } => match sync.lock(caller, id) {
@@ -262,6 +360,7 @@ pub fn segment_local(
 pub async fn segment_call(
     agent: &Agent,
     session: SessionId,
+    rank: u32,
     op: SegmentOp,
     label: &str,
 ) -> SegmentAnswer {
@@ -276,6 +375,7 @@ pub async fn segment_call(
         PeerMsg::Segment {
             req,
             session: session.0,
+            rank,
             op,
         },
     );
@@ -375,6 +475,9 @@ fn check(agent: &Agent, msg: &PeerMsg) -> Result<(), String> {
             }
             page_ok(*first, count - 1)
         }
+        PeerMsg::OwnerHints { runs } => runs
+            .iter()
+            .try_for_each(|&(first, count)| page_ok(first, u64::from(count.max(1)) - 1)),
         PeerMsg::Sync { op, .. } => {
             let manager = manager(op, nodes);
             if manager == agent.id.node {
@@ -446,6 +549,7 @@ pub fn dispatch(agent: &Arc<Agent>, from: u32, msg: PeerMsg) {
                 rank,
                 seq,
             };
+            cluster.remote_rank(agent, caller.session, rank, true);
             match sync_local(agent, caller, op) {
                 Pending::Now(answer) => mesh.send(from, PeerMsg::SyncDone { req, answer }),
                 pending => {
@@ -466,10 +570,17 @@ pub fn dispatch(agent: &Arc<Agent>, from: u32, msg: PeerMsg) {
             }
             None => log!("SyncDone {req} from node {from} matches no request: ignored"),
         },
-        PeerMsg::Segment { req, session, op } => {
+        PeerMsg::Segment {
+            req,
+            session,
+            rank,
+            op,
+        } => {
             let answer = if mesh.node == 0 {
                 let label = format!("node {from} session {session}");
-                segment_local(agent, remote_session(from, session), &op, &label)
+                let id = remote_session(from, session);
+                cluster.remote_rank(agent, id, rank, false);
+                segment_local(agent, id, &op, &label)
             } else {
                 SegmentAnswer::Error {
                     code: ErrorCode::Invalid,
@@ -486,6 +597,7 @@ pub fn dispatch(agent: &Arc<Agent>, from: u32, msg: PeerMsg) {
         },
         PeerMsg::SessionEnded { session } => {
             let id = remote_session(from, session);
+            lock(&cluster.remote_ranks).remove(&id);
             lock(&agent.sync).session_ended(id);
             if mesh.node == 0 {
                 let freed = lock(&agent.segments).session_ended(id);
@@ -494,6 +606,12 @@ pub fn dispatch(agent: &Arc<Agent>, from: u32, msg: PeerMsg) {
                 }
             }
         }
+        PeerMsg::OwnerHints { runs } => {
+            for (first, count) in runs {
+                pages.restore_owner_hint(from, first, u64::from(count));
+            }
+        }
+        PeerMsg::HintsDone => mesh.hints_done(from),
         other => log!(
             "node {from} sent {} after the handshake: ignored",
             other.name()

@@ -38,7 +38,7 @@ use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use mome_protocol::ckpt::{AgentEvent, Stamp};
@@ -138,6 +138,8 @@ enum StartError {
     Agent(#[from] crate::agent::AgentError),
     #[error("{0}")]
     Mesh(#[from] crate::mesh::MeshError),
+    #[error("cannot restore the shared zone: {0}")]
+    RestoreShared(String),
     #[error("cannot listen for other nodes on {addr}: {source}")]
     PeerListen {
         addr: String,
@@ -150,10 +152,6 @@ fn main() -> ExitCode {
     log::set_node(cli.node);
     if cli.nodes == 0 || cli.nodes > 64 {
         log!("--nodes {}: a job has 1 to 64 nodes", cli.nodes);
-        return ExitCode::from(2);
-    }
-    if cli.restore.is_some() && cli.nodes > 1 {
-        log!("--restore: multi-node jobs cannot be restored yet");
         return ExitCode::from(2);
     }
     if cli.node >= cli.nodes {
@@ -197,7 +195,14 @@ fn run(cli: Cli) -> Result<(), StartError> {
     let (events, event_rx) = Events::new();
     let restore = match (cli.restore, &cli.ckpt_dir) {
         (Some(stamp), Some(root)) => {
-            let r = Restore::load(root, cli.node, stamp, identity.layout, events.clone())?;
+            let r = Restore::load(
+                root,
+                cli.node,
+                stamp,
+                identity.layout,
+                cli.nodes > 1,
+                events.clone(),
+            )?;
             log!(
                 "restoring stamp {stamp} from {}: {} pages in {} blocks, {} rank images",
                 root.display(),
@@ -211,6 +216,17 @@ fn run(cli: Cli) -> Result<(), StartError> {
     };
     let listen_addr = identity.listen.clone();
     let agent = Arc::new(Agent::new(identity, memory, events, restore)?);
+    if let Some(r) = agent.restore.as_ref() {
+        let started = Instant::now();
+        let pages = cluster::restore_shared(&agent, r).map_err(StartError::RestoreShared)?;
+        if agent.cluster.is_some() {
+            log!(
+                "restore: {pages} shared-zone pages of stamp {} back in {} us",
+                r.stamp,
+                started.elapsed().as_micros()
+            );
+        }
+    }
     let result = runtime.block_on(async {
         let peers =
             match agent.cluster.as_ref() {

@@ -92,6 +92,22 @@ impl NodeMemory {
         .map_err(err)
     }
 
+    /// Writes `data` at `offset` (restore of pages before any rank maps
+    /// them: nobody can see a partly written page).
+    pub fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        let mut done = 0;
+        while done < data.len() {
+            let n = nix::sys::uio::pwrite(
+                &self.fd,
+                &data[done..],
+                (offset + done as u64) as libc::off_t,
+            )
+            .map_err(std::io::Error::from)?;
+            done += n;
+        }
+        Ok(())
+    }
+
     /// Pages touched by punches since the last call (whole pages, partial
     /// ones included).
     pub fn take_punched(&self) -> Vec<Range<u64>> {

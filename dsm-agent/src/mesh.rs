@@ -169,6 +169,10 @@ pub struct Mesh {
     /// When `Peers` arrived, for the MeshReady event.
     peers_at: Mutex<Option<Instant>>,
     ready_sent: AtomicBool,
+    /// Restore of a multi-node job: the nodes whose `HintsDone` is still
+    /// awaited (the directory of the shared zone is complete without them
+    /// only once all arrived); empty otherwise.
+    hints_awaited: Mutex<BTreeSet<u32>>,
     /// Frames received / sent, for the exit log line.
     pub received: AtomicU64,
     pub sent: AtomicU64,
@@ -215,6 +219,7 @@ impl Mesh {
             events,
             peers_at: Mutex::new(None),
             ready_sent: AtomicBool::new(false),
+            hints_awaited: Mutex::new(BTreeSet::new()),
             received: AtomicU64::new(0),
             sent: AtomicU64::new(0),
         }
@@ -313,10 +318,27 @@ impl Mesh {
             .all(|(n, p)| n as u32 == self.node || p.connected.load(Ordering::Relaxed))
     }
 
-    /// Says `mesh_ready` once `Peers` arrived and every peer is connected.
+    /// Restore: `mesh_ready` waits for every other node's `HintsDone`.
+    pub fn await_hints(&self) {
+        *lock(&self.hints_awaited) = (0..self.nodes).filter(|&n| n != self.node).collect();
+    }
+
+    /// Node `node` sent all its owner hints.
+    pub fn hints_done(&self, node: u32) {
+        lock(&self.hints_awaited).remove(&node);
+        self.maybe_ready();
+    }
+
+    /// Says `mesh_ready` once `Peers` arrived, every peer is connected and
+    /// (restore) every peer's owner hints are in.
     fn maybe_ready(&self) {
         let got_peers = lock(&self.peers_at).is_some();
-        if got_peers && self.all_connected() && !self.ready_sent.swap(true, Ordering::Relaxed) {
+        let hints_in = lock(&self.hints_awaited).is_empty();
+        if got_peers
+            && hints_in
+            && self.all_connected()
+            && !self.ready_sent.swap(true, Ordering::Relaxed)
+        {
             let elapsed_us = lock(&self.peers_at)
                 .map(|t| t.elapsed().as_micros() as u64)
                 .unwrap_or(0);

@@ -193,6 +193,10 @@ struct Directory {
     /// Sequential read and write streams, for prefetch.
     reads: Streams,
     writes: Streams,
+    /// Pages that became writable here since the last checkpoint capture:
+    /// the only ones whose content this node can have changed (a capture
+    /// takes write access back from every page it leaves to this node).
+    written: std::collections::BTreeSet<u64>,
 }
 
 /// A few concurrent sequential access streams (a program sweeping two
@@ -277,6 +281,7 @@ impl PageEngine {
                 stats: PageStats::default(),
                 reads: Streams::default(),
                 writes: Streams::default(),
+                written: std::collections::BTreeSet::new(),
             }),
             me: me.clone(),
         })
@@ -399,6 +404,8 @@ impl PageEngine {
         };
         match access {
             Access::Write if wp => {
+                d.written.insert(page);
+                let view = &d.ranks[&w.session];
                 report(
                     retry(|| view.uffd.write_protect(w.addr, PAGE_SIZE, false, false)),
                     "unprotect",
@@ -408,6 +415,8 @@ impl PageEngine {
             Access::Write => {
                 // Owned and writable, but not in the memfd: never written
                 // on any node since it was last dropped, so zero.
+                d.written.insert(page);
+                let view = &d.ranks[&w.session];
                 let r = retry(|| view.uffd.copy(w.addr, ZERO_PAGE.0.as_ptr(), PAGE_SIZE))
                     .and_then(|f| wake_if_present(&view.uffd, w.addr, f));
                 report(r, "install a zero page");
@@ -551,6 +560,9 @@ impl PageEngine {
         e.access = if p.write { Access::Write } else { Access::Read };
         if !waiters.is_empty() {
             e.hold_until = Some(Instant::now() + HOLD);
+        }
+        if p.write {
+            d.written.insert(page);
         }
         // The first waiter that missed the page gets it copied straight to
         // its address, woken by the copy.
@@ -892,6 +904,7 @@ impl PageEngine {
         if !waiters.is_empty() {
             e.hold_until = Some(Instant::now() + HOLD);
         }
+        d.written.insert(page);
         if had_copy {
             self.punch(page, 1);
         }
@@ -1174,6 +1187,97 @@ impl PageEngine {
         }
     }
 
+    /// Requests of this node still in flight (checkpoints wait for none,
+    /// on every node, before taking the shared zone).
+    pub fn outstanding(&self) -> usize {
+        lock(&self.dir)
+            .entries
+            .values()
+            .filter(|e| e.pending.is_some())
+            .count()
+    }
+
+    /// This node's part of a checkpoint of the shared zone, taken while
+    /// every rank of the job is parked and no page message is in flight:
+    /// the pages this node owns and holds (shared-zone page numbers, in
+    /// runs), and those of them it may have changed since the last capture.
+    /// Each page of the zone that is not zero is owned by exactly one node
+    /// then, so the nodes' parts do not overlap. Write access is taken back
+    /// from the pages it keeps (owner, read-only): the next write to one
+    /// of them is a local fault, which marks it changed for the next
+    /// capture.
+    pub fn capture(&self) -> (Vec<std::ops::Range<u64>>, Vec<std::ops::Range<u64>>) {
+        let mut d = lock(&self.dir);
+        let mut owned: Vec<u64> = d
+            .entries
+            .iter()
+            .filter(|(_, e)| e.owner && e.access != Access::None)
+            .map(|(&p, _)| p)
+            .filter(|&p| self.present(p))
+            .collect();
+        owned.sort_unstable();
+        let written = std::mem::take(&mut d.written);
+        let changed: Vec<u64> = owned
+            .iter()
+            .copied()
+            .filter(|p| written.contains(p))
+            .collect();
+        let mut writable: Vec<u64> = Vec::new();
+        for (&p, e) in d.entries.iter_mut() {
+            if e.owner && e.access == Access::Write {
+                e.access = Access::Read;
+                writable.push(p);
+            }
+        }
+        writable.sort_unstable();
+        for r in runs_of(&writable) {
+            self.protect_run(&d, r.start, r.end - r.start);
+        }
+        (runs_of(&owned), runs_of(&changed))
+    }
+
+    /// Pages of a capture whose checkpoint did not make it: changed still.
+    pub fn mark_written(&self, runs: impl Iterator<Item = std::ops::Range<u64>>) {
+        let mut d = lock(&self.dir);
+        for r in runs {
+            d.written.extend(r);
+        }
+    }
+
+    /// Restore: this node owned `pages` (shared-zone page numbers) at the
+    /// stamp, and their content is already in its memory file.
+    pub fn restore_owned(&self, pages: &[std::ops::Range<u64>]) {
+        let mut d = lock(&self.dir);
+        for r in pages {
+            for p in r.clone() {
+                let e = self.entry(&mut d, p);
+                e.owner = true;
+                e.prob_owner = self.node;
+                e.access = Access::Read;
+                e.copyset = 0;
+            }
+        }
+    }
+
+    /// Restore: node `owner` owns `pages` (so this node, their home, sends
+    /// requests there instead of serving them as zero pages).
+    pub fn restore_owner_hint(&self, owner: u32, first: u64, count: u64) {
+        if owner == self.node {
+            return;
+        }
+        let mut d = lock(&self.dir);
+        for p in first..first + count {
+            let e = self.entry(&mut d, p);
+            if e.owner && e.access != Access::None && self.present(p) {
+                log!("restore: node {owner} claims page {p}, which this node holds: kept here");
+                continue;
+            }
+            e.owner = false;
+            e.access = Access::None;
+            e.prob_owner = owner;
+        }
+    }
+
     /// The oldest request of this node older than `limit`, as (node asked,
     /// description), for failure detection.
     pub fn stuck(&self, limit: Duration) -> Option<(u32, String)> {
@@ -1204,6 +1308,18 @@ impl PageEngine {
             Some((node, what))
         })
     }
+}
+
+/// Ascending page numbers as half-open runs.
+pub fn runs_of(pages: &[u64]) -> Vec<std::ops::Range<u64>> {
+    let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
+    for &p in pages {
+        match runs.last_mut() {
+            Some(r) if r.end == p => r.end = p + 1,
+            _ => runs.push(p..p + 1),
+        }
+    }
+    runs
 }
 
 fn nodes_in(set: u64) -> impl Iterator<Item = u32> {

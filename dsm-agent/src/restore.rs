@@ -92,6 +92,10 @@ pub struct Restore {
     prefetch_started: AtomicBool,
     filled: AtomicBool,
     pub faults: AtomicU64,
+    /// Pages from this one on are not restored lazily: several nodes, the
+    /// shared zone, whose pages go back into the node's memory before any
+    /// rank starts (see [`Restore::shared_pages`]).
+    lazy_end: u64,
 }
 
 /// A fault thread of one restoring rank; stops when dropped.
@@ -116,6 +120,7 @@ impl Restore {
         node: u32,
         stamp: Stamp,
         layout: WindowLayout,
+        multi_node: bool,
         events: Events,
     ) -> Result<Restore, RestoreError> {
         let path = files::index_file(root, node, stamp);
@@ -134,8 +139,14 @@ impl Restore {
                 found_node: index.node,
             });
         }
-        let empty = index.blocks().len() == 0;
+        let lazy_end = if multi_node {
+            layout.private_size / PAGE_SIZE
+        } else {
+            layout.size / PAGE_SIZE
+        };
+        let empty = !index.extents().any(|(first, ..)| first < lazy_end);
         Ok(Restore {
+            lazy_end,
             stamp,
             index: Arc::new(index),
             node,
@@ -302,6 +313,40 @@ impl Restore {
     }
 
     /// A block's pages, from the cache or the store.
+    /// Several nodes: every page of the index in the shared zone (window
+    /// page numbers), block by block, to `put` (the node owned them at the
+    /// stamp). Returns the pages given.
+    pub fn shared_pages(&self, mut put: impl FnMut(u64, &[u8])) -> Result<u64, RestoreError> {
+        let mut count = 0;
+        let mut data = Vec::new();
+        let mut loaded: Option<BlockKey> = None;
+        for (first, n, block, first_in_block) in self.index.extents() {
+            let from = first.max(self.lazy_end);
+            let end = first + u64::from(n);
+            if from >= end {
+                continue;
+            }
+            let key = (block.file, block.offset);
+            if loaded != Some(key) {
+                self.reader
+                    .read_block(block, &mut data)
+                    .map_err(|source| RestoreError::Load {
+                        stamp: self.stamp,
+                        node: self.node,
+                        path: self.reader.path(block.file).display().to_string(),
+                        source,
+                    })?;
+                loaded = Some(key);
+            }
+            for page in from..end {
+                let at = (first_in_block as usize + (page - first) as usize) * PAGE;
+                put(page, &data[at..at + PAGE]);
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
     fn block(&self, block: &BlockRef) -> Result<Arc<Vec<u8>>, StoreError> {
         let key = (block.file, block.offset);
         if let Some((_, data)) = lock(&self.cache).iter().find(|(k, _)| *k == key) {
@@ -339,6 +384,10 @@ impl Restore {
         // Which pages each block holds: (first page, pages, first in block).
         let mut parts: HashMap<BlockKey, Vec<(u64, u32, u32)>> = HashMap::new();
         for (first, n, block, first_in_block) in self.index.extents() {
+            if first >= self.lazy_end {
+                continue;
+            }
+            let n = n.min((self.lazy_end - first) as u32);
             parts
                 .entry((block.file, block.offset))
                 .or_default()
@@ -347,6 +396,9 @@ impl Restore {
         let (mut copied, mut present, mut bad) = (0u64, 0u64, 0u64);
         let mut data = Vec::new();
         for block in self.index.blocks() {
+            if !parts.contains_key(&(block.file, block.offset)) {
+                continue;
+            }
             if let Err(e) = self.reader.read_block(block, &mut data) {
                 let first = parts
                     .get(&(block.file, block.offset))

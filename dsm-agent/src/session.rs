@@ -463,7 +463,9 @@ impl Session {
                 }
                 ref req if segment_op(req).is_some() => {
                     let op = segment_op(req).expect("checked");
-                    let answer = cluster::segment_call(&self.agent, self.id, op, &self.label).await;
+                    let answer =
+                        cluster::segment_call(&self.agent, self.id, self.rank, op, &self.label)
+                            .await;
                     self.segment_reply(answer)
                 }
                 RankRequest::CkptParked {
@@ -546,13 +548,7 @@ impl Session {
         op: SyncOp,
         seq: u64,
     ) -> Result<Option<Reply>, SessionError> {
-        // Replay (a restored rank sending again the request it waited in)
-        // exists on one node only: multi-node jobs are not checkpointed.
-        if self.agent.cluster.is_none() {
-            if let Some(r) = lock(&self.agent.sync).replay(self.rank, seq) {
-                return Ok(Some(SyncAnswer::from(r).into()));
-            }
-        }
+        // Replay of a restored rank's request: see `cluster::sync_local`.
         let pending = cluster::sync_call(&self.agent, self.caller(seq), op);
         Ok(match wait(wire, pending.wait()).await? {
             Waited::Done(Some(answer)) => Some(answer.into()),
@@ -746,8 +742,12 @@ impl Session {
                 )
             })
             .collect();
-        for (slot, _) in lock(&self.agent.segments).taken_slot_sizes() {
-            ranges.push((layout.segment_addr(slot), layout.segment_reserve));
+        // Several nodes: segments are in the shared zone, back in the node's
+        // memory before any rank started (`cluster::restore_shared`).
+        if self.agent.cluster.is_none() {
+            for (slot, _) in lock(&self.agent.segments).taken_slot_sizes() {
+                ranges.push((layout.segment_addr(slot), layout.segment_reserve));
+            }
         }
         // SAFETY: the descriptor stays owned by `fd`; ManuallyDrop keeps this
         // borrowed view from closing it.

@@ -126,6 +126,9 @@ struct InFlight {
     timeout: Duration,
     paused: Option<Paused>,
     durable: BTreeMap<u32, Durable>,
+    /// Several nodes: the nodes parked (and drained), then captured.
+    parked: std::collections::BTreeSet<u32>,
+    captured: std::collections::BTreeSet<u32>,
 }
 
 /// The checkpoints of one incarnation of a job.
@@ -217,6 +220,8 @@ impl Checkpointer {
             timeout,
             paused: None,
             durable: BTreeMap::new(),
+            parked: Default::default(),
+            captured: Default::default(),
         });
         let mut actions = vec![Action::Log(format!(
             "checkpoint {stamp} started ({}; base {}; up to {})",
@@ -237,6 +242,10 @@ impl Checkpointer {
                     fsync: self.settings.fsync,
                     precopy_rounds: self.settings.precopy_rounds,
                     park_timeout_ms: self.settings.park_timeout.as_millis() as u64,
+                    // Several nodes: the shared zone is taken when every
+                    // node is parked and drained (Parked -> Capture ->
+                    // Captured -> Resume).
+                    coordinated: self.identity.nodes > 1,
                 },
             });
         }
@@ -357,6 +366,24 @@ impl Checkpointer {
                 }
                 actions
             }
+            AgentEvent::Parked { stamp } => {
+                f.parked.insert(node);
+                let all = f.parked.len() as u32 == self.identity.nodes;
+                self.to_all_when(
+                    all,
+                    AgentCommand::Capture { stamp },
+                    format!("checkpoint {stamp}: every node parked and drained: capture"),
+                )
+            }
+            AgentEvent::Captured { stamp } => {
+                f.captured.insert(node);
+                let all = f.captured.len() as u32 == self.identity.nodes;
+                self.to_all_when(
+                    all,
+                    AgentCommand::Resume { stamp },
+                    format!("checkpoint {stamp}: every node captured: resume"),
+                )
+            }
             AgentEvent::Failed { reason, .. } => {
                 // The agent dropped the stamp already; Abort says so again,
                 // harmlessly, and keeps one way of ending a checkpoint.
@@ -367,6 +394,19 @@ impl Checkpointer {
             | AgentEvent::MeshReady { .. }
             | AgentEvent::NodeFailed { .. } => Vec::new(),
         }
+    }
+
+    /// `command` to every agent (and `log`) when `all`.
+    fn to_all_when(&self, all: bool, command: AgentCommand, log: String) -> Vec<Action> {
+        if !all {
+            return Vec::new();
+        }
+        let mut actions = vec![Action::Log(log)];
+        actions.extend((0..self.identity.nodes).map(|node| Action::ToAgent {
+            node,
+            command: command.clone(),
+        }));
+        actions
     }
 
     /// An agent exited (or closed its stdout): the checkpoint cannot end.
@@ -531,6 +571,8 @@ impl Checkpointer {
 fn event_stamp(event: &AgentEvent) -> Option<Stamp> {
     match event {
         AgentEvent::Progress { stamp, .. }
+        | AgentEvent::Parked { stamp }
+        | AgentEvent::Captured { stamp }
         | AgentEvent::Paused { stamp, .. }
         | AgentEvent::Durable { stamp, .. }
         | AgentEvent::Failed { stamp, .. } => Some(*stamp),

@@ -64,10 +64,6 @@ pub enum RunError {
     MoreNodesThanRanks { nodes: u32, ranks: u32 },
     #[error("--nodes {nodes} is out of range: a job runs on 1 to {MAX_NODES} nodes")]
     NodesOutOfRange { nodes: u32 },
-    #[error("periodic checkpoints (--ckpt-interval or checkpoint.interval: {interval}) cannot be used with --nodes {nodes}: {MULTI_NODE_CKPT}")]
-    MultiNodeCkpt { nodes: u32, interval: String },
-    #[error("job {id} ran on {nodes} nodes: {MULTI_NODE_CKPT}, so it cannot be restarted")]
-    MultiNodeRestart { id: String, nodes: u32 },
     #[error("cannot determine the current directory: {0}")]
     Cwd(std::io::Error),
     #[error(transparent)]
@@ -102,9 +98,7 @@ pub enum RunError {
 impl RunError {
     pub fn exit_code(&self) -> i32 {
         match self {
-            RunError::MoreNodesThanRanks { .. }
-            | RunError::NodesOutOfRange { .. }
-            | RunError::MultiNodeCkpt { .. } => 2,
+            RunError::MoreNodesThanRanks { .. } | RunError::NodesOutOfRange { .. } => 2,
             RunError::Preflight(e) => e.exit_code(),
             RunError::Spawn(e) => e.exit_code(),
             RunError::PidNs(_) => 2,
@@ -216,10 +210,6 @@ const FINAL_READ: usize = 4 << 20;
 /// Most nodes (agents) of one job.
 pub const MAX_NODES: u32 = 64;
 
-/// Why mome-ckpt, `--ckpt-interval` and mome-restart are refused for a job
-/// on several nodes (the page protocol has no coordinated snapshot yet).
-pub const MULTI_NODE_CKPT: &str = "checkpoints of multi-node jobs are not available yet";
-
 /// Runs the job and returns mome-run's exit status.
 pub fn run(opts: RunOptions) -> i32 {
     let prepared = match prepare(&opts) {
@@ -253,8 +243,7 @@ struct Prepared {
     home: PathBuf,
 }
 
-/// The node counts mome-run accepts: 1 to MAX_NODES, at most one per rank,
-/// and no checkpoints with several (periodic ones or a restart).
+/// The node counts mome-run accepts: 1 to MAX_NODES, at most one per rank.
 fn check_nodes(opts: &RunOptions) -> Result<(), RunError> {
     let nodes = opts.nodes;
     if nodes == 0 || nodes > MAX_NODES {
@@ -265,21 +254,6 @@ fn check_nodes(opts: &RunOptions) -> Result<(), RunError> {
             nodes,
             ranks: opts.ranks,
         });
-    }
-    if nodes > 1 {
-        if let Some(r) = &opts.restart {
-            return Err(RunError::MultiNodeRestart {
-                id: r.spec.id.clone(),
-                nodes,
-            });
-        }
-        let interval = opts.config.checkpoint.interval.0;
-        if !interval.is_zero() {
-            return Err(RunError::MultiNodeCkpt {
-                nodes,
-                interval: humantime::format_duration(interval).to_string(),
-            });
-        }
     }
     Ok(())
 }
@@ -1112,13 +1086,7 @@ impl Coordinator {
         let ControlRequest::Checkpoint { timeout_ms } = request else {
             return;
         };
-        let refused = if self.agents.len() > 1 {
-            Some(format!(
-                "job {} runs on {} nodes: {MULTI_NODE_CKPT}",
-                self.job.id,
-                self.agents.len()
-            ))
-        } else if self.phase != Phase::Running {
+        let refused = if self.phase != Phase::Running {
             Some(format!(
                 "job {} is not running (it is {})",
                 self.job.id,

@@ -10,7 +10,7 @@ use mome_protocol::ckpt::Stamp;
 use mome_protocol::job::{JobDir, JobError, JobSpec, JobState};
 use mome_store::{StoreError, VerifyLevel};
 
-use crate::coordinator::{store_root, RestartFrom, MULTI_NODE_CKPT};
+use crate::coordinator::{store_root, RestartFrom};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestartError {
@@ -20,8 +20,6 @@ pub enum RestartError {
     Running { id: String, pid: i32 },
     #[error("job {id} is still running (its control socket {socket} answers)")]
     Answering { id: String, socket: PathBuf },
-    #[error("job {id} ran on {nodes} nodes: {MULTI_NODE_CKPT}, so it cannot be restarted")]
-    MultiNode { id: String, nodes: u32 },
     #[error("cannot list the checkpoints of job {id} in {root}: {source}")]
     List {
         id: String,
@@ -156,12 +154,6 @@ pub fn plan(
     let job = JobDir::open(home, id)?;
     let spec: JobSpec = job.read_spec()?;
     check_not_running(&job)?;
-    if spec.nodes > 1 {
-        return Err(RestartError::MultiNode {
-            id: id.to_string(),
-            nodes: spec.nodes,
-        });
-    }
     let root = store_root(&spec.config, &job, &spec.cwd);
     let committed = mome_store::list_committed(&root).or_else(|e| {
         if e.is_not_found() {
@@ -290,21 +282,6 @@ mod tests {
         let e = plan(home.path(), &job.id, None, VerifyLevel::Quick, &mut |_| {}).unwrap_err();
         assert!(matches!(e, RestartError::NoCheckpoint { .. }), "{e}");
         assert_eq!(e.exit_code(), 3);
-        job.write_spec(&JobSpec {
-            nodes: 2,
-            placement: vec![0, 1],
-            ranks: 2,
-            ..spec
-        })
-        .unwrap();
-        let e = plan(home.path(), &job.id, None, VerifyLevel::Quick, &mut |_| {}).unwrap_err();
-        assert!(matches!(e, RestartError::MultiNode { nodes: 2, .. }), "{e}");
-        assert!(
-            e.to_string()
-                .contains("checkpoints of multi-node jobs are not available yet"),
-            "{e}"
-        );
-        assert_eq!(e.exit_code(), 1);
         let e = plan(home.path(), "nope", None, VerifyLevel::Quick, &mut |_| {}).unwrap_err();
         assert!(e.to_string().contains("nope"), "{e}");
     }

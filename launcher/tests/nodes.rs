@@ -17,9 +17,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use mome_protocol::job::{JobDir, JobState, ProcessState};
 
-const MOME_CKPT: &str = env!("CARGO_BIN_EXE_mome-ckpt");
-const MOME_RESTART: &str = env!("CARGO_BIN_EXE_mome-restart");
-
 /// A fake agent of a multi-node job. It records its arguments, the
 /// secret it finds and every command line in `$FAKE_DIR/agent-<node>`,
 /// prints `ready 127.0.0.1:<41000+node>`, and answers `peers` with
@@ -234,7 +231,7 @@ fn cyclic_placement_from_the_command_line_or_the_config() {
 }
 
 #[test]
-fn bad_node_counts_and_checkpoints_are_refused_at_start() {
+fn bad_node_counts_are_refused_at_start() {
     let env = node_env();
     let out = run(nodes_run(&env).args(["-n", "2", "--nodes", "3", "true"]));
     assert_eq!(out.code(), 2, "{out:?}");
@@ -254,25 +251,6 @@ fn bad_node_counts_and_checkpoints_are_refused_at_start() {
         run(nodes_run(&env).args(["-n", "2", "--nodes", "2", "--placement", "random", "true"]));
     assert_eq!(out.code(), 2, "{out:?}");
 
-    let out =
-        run(nodes_run(&env).args(["-n", "2", "--nodes", "2", "--ckpt-interval", "10s", "true"]));
-    assert_eq!(out.code(), 2, "{out:?}");
-    assert_eq!(
-        out.stderr,
-        "mome-run: periodic checkpoints (--ckpt-interval or checkpoint.interval: 10s) cannot be used with --nodes 2: checkpoints of multi-node jobs are not available yet\n"
-    );
-    let config = env.config("checkpoint:\n  interval: 1min\n");
-    let out = run(nodes_run(&env)
-        .arg("--config")
-        .arg(&config)
-        .args(["-n", "2", "--nodes", "2", "true"]));
-    assert_eq!(out.code(), 2, "{out:?}");
-    assert!(
-        out.stderr
-            .contains("checkpoints of multi-node jobs are not available yet"),
-        "{}",
-        out.stderr
-    );
     assert!(
         env.job_ids().is_empty(),
         "a refused job leaves no directory"
@@ -320,47 +298,6 @@ fn the_secret_is_written_before_the_agents_start() {
     let single = TestEnv::new();
     assert_eq!(run(single.mome_run().args(["-n", "2", "true"])).code(), 0);
     assert!(!single.only_job().secret_path().exists());
-}
-
-#[test]
-fn checkpoints_and_restarts_of_multi_node_jobs_are_refused() {
-    let env = node_env();
-    let child = nodes_run(&env)
-        .args(["-n", "2", "--nodes", "2", "sleep", "30"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (job, _) = wait_until_running(&env);
-    let out = run(Command::new(MOME_CKPT)
-        .env("MOME_HOME", &env.home)
-        .arg(&job.id));
-    assert_eq!(out.code(), 1, "{out:?}");
-    assert_eq!(
-        out.stderr,
-        format!(
-            "mome-ckpt: job {} runs on 2 nodes: checkpoints of multi-node jobs are not available yet\n",
-            job.id
-        )
-    );
-    // The job goes on.
-    assert_eq!(job.read_status().unwrap().state, JobState::Running);
-    send_signal(child.id(), libc::SIGTERM);
-    let finished = wait_output(child, Instant::now());
-    assert_eq!(finished.code(), 143, "{finished:?}");
-
-    let out = run(Command::new(MOME_RESTART)
-        .env("MOME_HOME", &env.home)
-        .arg(&job.id));
-    assert_eq!(out.code(), 1, "{out:?}");
-    assert_eq!(
-        out.stderr,
-        format!(
-            "mome-restart: job {} ran on 2 nodes: checkpoints of multi-node jobs are not available yet, so it cannot be restarted\n",
-            job.id
-        )
-    );
 }
 
 /// Starts `-n 2 --nodes 2 sleep 30` and waits until its ranks run.

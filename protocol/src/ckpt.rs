@@ -42,6 +42,23 @@ pub enum AgentCommand {
         precopy_rounds: u32,
         /// How long ranks may take to park, in milliseconds.
         park_timeout_ms: u64,
+        /// Multi-node jobs: the pause is coordinated across nodes. Once its
+        /// ranks are parked and its page traffic drained the agent reports
+        /// `Parked` and waits for `Capture`; once it took its part of the
+        /// stamp it reports `Captured` and waits for `Resume` before its
+        /// ranks run again (each wait bounded by `park_timeout_ms`).
+        #[serde(default)]
+        coordinated: bool,
+    },
+    /// Coordinated checkpoints: every node is parked and drained, take the
+    /// stamp's pages.
+    Capture {
+        stamp: Stamp,
+    },
+    /// Coordinated checkpoints: every node has taken its part, the ranks
+    /// may run again.
+    Resume {
+        stamp: Stamp,
     },
     Commit {
         stamp: Stamp,
@@ -70,6 +87,12 @@ pub enum AgentEvent {
         done_bytes: u64,
         total_bytes: u64,
     },
+    /// Coordinated checkpoints: this node's ranks are parked and no page
+    /// request of this node is in flight.
+    Parked { stamp: Stamp },
+    /// Coordinated checkpoints: this node took its part of the stamp (its
+    /// ranks wait for `Resume`).
+    Captured { stamp: Stamp },
     /// Ranks resumed: the application-visible pause is over.
     Paused {
         stamp: Stamp,

@@ -23,7 +23,7 @@ use crate::layout::PAGE_SIZE;
 use crate::rank::ErrorCode;
 
 /// Bumped whenever a [`PeerMsg`] changes shape.
-pub const PEER_PROTOCOL_VERSION: u32 = 1;
+pub const PEER_PROTOCOL_VERSION: u32 = 2;
 /// Bytes of a nonce and of a proof.
 pub const NONCE_LEN: usize = 32;
 /// Most pages a read grant carries after the one asked for (a frame holds
@@ -176,6 +176,9 @@ pub enum PeerMsg {
     Segment {
         req: u64,
         session: u64,
+        /// The session's rank: node 0 names segment users by rank in a
+        /// checkpoint, and a restored rank takes back what it used.
+        rank: u32,
         op: SegmentOp,
     },
     SegmentDone {
@@ -190,7 +193,19 @@ pub enum PeerMsg {
     /// The sender is shutting down cleanly (the job ended): its connection
     /// closing next is not a failure.
     Leaving,
+    /// Restore of a multi-node job: the sender owned these shared-zone
+    /// pages (first page, count) at the stamp; sent to their home node,
+    /// which points its requests there.
+    OwnerHints {
+        runs: Vec<(u64, u32)>,
+    },
+    /// Restore: the sender sent all its `OwnerHints` (this connection is
+    /// ordered: the receiver has them all).
+    HintsDone,
 }
+
+/// Most runs in one `OwnerHints` message (a frame is at most 64 KiB).
+pub const MAX_HINT_RUNS: usize = 2048;
 
 impl PeerMsg {
     /// Short name, for logs.
@@ -212,6 +227,8 @@ impl PeerMsg {
             PeerMsg::SegmentDone { .. } => "SegmentDone",
             PeerMsg::SessionEnded { .. } => "SessionEnded",
             PeerMsg::Leaving => "Leaving",
+            PeerMsg::OwnerHints { .. } => "OwnerHints",
+            PeerMsg::HintsDone => "HintsDone",
         }
     }
 
@@ -238,6 +255,10 @@ impl PeerMsg {
                 "request for {prefetch} prefetched pages, more than {MAX_PREFETCH}"
             )),
             PeerMsg::Hello { job, .. } if job.len() > MAX_TEXT => Err("job id too long".into()),
+            PeerMsg::OwnerHints { runs } if runs.len() > MAX_HINT_RUNS => Err(format!(
+                "{} owner hints, more than {MAX_HINT_RUNS}",
+                runs.len()
+            )),
             PeerMsg::Segment {
                 op: SegmentOp::Open { name, .. } | SegmentOp::Unlink { name },
                 ..

@@ -463,12 +463,21 @@ fn arb_peer_msg() -> impl Strategy<Value = PeerMsg> {
             }),
         (any::<u64>(), arb_sync_answer())
             .prop_map(|(req, answer)| PeerMsg::SyncDone { req, answer }),
-        (any::<u64>(), any::<u64>(), arb_segment_op())
-            .prop_map(|(req, session, op)| PeerMsg::Segment { req, session, op }),
+        (any::<u64>(), any::<u64>(), any::<u32>(), arb_segment_op()).prop_map(
+            |(req, session, rank, op)| PeerMsg::Segment {
+                req,
+                session,
+                rank,
+                op
+            }
+        ),
         (any::<u64>(), arb_segment_answer())
             .prop_map(|(req, answer)| PeerMsg::SegmentDone { req, answer }),
         any::<u64>().prop_map(|session| PeerMsg::SessionEnded { session }),
         Just(PeerMsg::Leaving),
+        proptest::collection::vec((any::<u64>(), any::<u32>()), 0..8)
+            .prop_map(|runs| PeerMsg::OwnerHints { runs }),
+        Just(PeerMsg::HintsDone),
     ]
 }
 
@@ -492,9 +501,11 @@ fn peer_tag(m: &PeerMsg) -> u8 {
         PeerMsg::SegmentDone { .. } => 13,
         PeerMsg::SessionEnded { .. } => 14,
         PeerMsg::Leaving => 15,
+        PeerMsg::OwnerHints { .. } => 16,
+        PeerMsg::HintsDone => 17,
     }
 }
-const PEER_VARIANTS: u8 = 16;
+const PEER_VARIANTS: u8 = 18;
 
 /// What `validate` must answer, written independently of it.
 fn expected_valid(m: &PeerMsg) -> bool {
@@ -899,6 +910,7 @@ fn huge_claims(len: u128, filler_len: usize) -> Vec<(&'static str, Kind, Vec<u8>
     let seg_open = body(encode_frame(&PeerMsg::Segment {
         req: 1,
         session: 2,
+        rank: 3,
         op: SegmentOp::Open {
             name: String::new(),
             size: 3,
@@ -906,6 +918,7 @@ fn huge_claims(len: u128, filler_len: usize) -> Vec<(&'static str, Kind, Vec<u8>
             exclusive: false,
         },
     }));
+    let hints = body(encode_frame(&PeerMsg::OwnerHints { runs: Vec::new() }));
     let sync_err = body(encode_frame(&PeerMsg::SyncDone {
         req: 1,
         answer: SyncAnswer::Error(String::new()),
@@ -957,7 +970,8 @@ fn huge_claims(len: u128, filler_len: usize) -> Vec<(&'static str, Kind, Vec<u8>
         ),
         ("Hello.job", Kind::Peer, &hello, 2),
         ("Refused.reason", Kind::Peer, &refused, last(&refused)),
-        ("Segment.Open.name", Kind::Peer, &seg_open, 4),
+        ("Segment.Open.name", Kind::Peer, &seg_open, 5),
+        ("OwnerHints.runs", Kind::Peer, &hints, 1),
         ("SyncDone.Error", Kind::Peer, &sync_err, last(&sync_err)),
         (
             "SegmentDone.Error.message",
@@ -1310,6 +1324,7 @@ fn peer_samples() -> Vec<(String, PeerMsg)> {
         .map(|op| PeerMsg::Segment {
             req: 20,
             session: 21,
+            rank: 2,
             op,
         }),
     );
@@ -1331,6 +1346,10 @@ fn peer_samples() -> Vec<(String, PeerMsg)> {
     );
     out.push(PeerMsg::SessionEnded { session: 21 });
     out.push(PeerMsg::Leaving);
+    out.push(PeerMsg::OwnerHints {
+        runs: vec![(0, 16), (4096, 3)],
+    });
+    out.push(PeerMsg::HintsDone);
     out.push(PeerMsg::PageGrant {
         page: 1,
         req: 2,
@@ -1648,6 +1667,7 @@ fn corpus() -> Vec<(&'static str, String, Vec<u8>)> {
             encode_frame(&PeerMsg::Segment {
                 req: 1,
                 session: 2,
+                rank: 3,
                 op: SegmentOp::Unlink {
                     name: "s".repeat(4097),
                 },

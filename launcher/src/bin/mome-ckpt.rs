@@ -27,8 +27,7 @@ mome-restart JOBID runs the job again from the newest good one.
 Exit status:
   0  the checkpoint is committed
   1  it could not be taken: refused (job starting or ending, another
-     checkpoint in progress, a rank that cannot be checkpointed, a job on
-     several nodes: checkpoints of multi-node jobs are not available yet),
+     checkpoint in progress, a rank that cannot be checkpointed),
      failed, or not committed within the timeout (it is then aborted)
   2  bad command line
   3  no such job, or the job is not running

@@ -32,9 +32,8 @@ What it does:
 
 Exit status:
   as mome-run (the job's exit status once it ends; 1 when the agent cannot
-  restore the job's memory); 1 when the job is still running, its
-  program changed, or it ran on several nodes (checkpoints of multi-node
-  jobs are not available yet); 3 when there is no usable checkpoint.
+  restore the job's memory); 1 when the job is still running or its
+  program changed; 3 when there is no usable checkpoint.
 
 Environment:
   MOME_HOME         where job directories live (default ~/.mome)

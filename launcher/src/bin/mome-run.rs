@@ -60,8 +60,9 @@ Nodes:
   dies, or another agent loses it), mome-run prints
   `mome: node K failed: reason; ending the job`, ends the ranks as for a
   failing rank, stops every agent and exits 1. Checkpoints of multi-node
-  jobs are not available yet: mome-ckpt, --ckpt-interval and mome-restart
-  are refused for them.
+  jobs are coordinated: every node's ranks park, the page traffic drains,
+  each node takes the shared pages it owns and its ranks' heaps, then all
+  resume; mome-restart restores every node.
 
 Checkpoints:
   `mome-ckpt <id>` (or --ckpt-interval) saves the job to the checkpoint

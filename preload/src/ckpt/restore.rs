@@ -32,7 +32,8 @@ struct Plan {
     mem_fd: i32,
     sync_fd: i32,
     memfd: i32,
-    _pad: i32,
+    /// Several nodes: the new userfaultfd of the shared zone (-1 on one).
+    shared_uffd: i32,
 }
 
 /// Everything the constructor knows when it finds MOME_RESTORE set.
@@ -102,8 +103,10 @@ pub fn run(s: Start<'_>, map_window: impl FnOnce(&WindowLayout, i32)) -> Passthr
         restoring: true,
     };
     let mut buf = [0u8; REPLY_BUF];
-    let (layout, memfd) = match ch.call(&req, None, &mut buf, "Hello (restore)", false) {
-        Ok((AgentReply::Welcome { layout, .. }, Some(fd))) => (layout, agent::move_high(fd)),
+    let (layout, nodes, memfd) = match ch.call(&req, None, &mut buf, "Hello (restore)", false) {
+        Ok((AgentReply::Welcome { layout, nodes, .. }, Some(fd))) => {
+            (layout, nodes, agent::move_high(fd))
+        }
         Ok((AgentReply::Error { message, .. }, _)) => fatal(format_args!(
             "rank {rank}: the agent refused the restore: {message}"
         )),
@@ -116,7 +119,16 @@ pub fn run(s: Start<'_>, map_window: impl FnOnce(&WindowLayout, i32)) -> Passthr
 
     // The same userfaultfd tracks dirty pages (async write-protect) as
     // before; the agent adds MISSING mode on the heaps and segments the
-    // checkpoint held, whose pages it then serves from the store.
+    // checkpoint held, whose pages it then serves from the store. Several
+    // nodes: that is the private zone; the shared zone is the page
+    // protocol's, as in a fresh start (`state::start`), and its pages the
+    // stamp held are back in the node's memory before the rank starts.
+    let multi_node = nodes > 1;
+    let restored_len = if multi_node {
+        layout.private_size
+    } else {
+        layout.size
+    };
     let uffd = crate::state::make_uffd(
         rank,
         "restored",
@@ -124,7 +136,7 @@ pub fn run(s: Start<'_>, map_window: impl FnOnce(&WindowLayout, i32)) -> Passthr
             | feature::WP_HUGETLBFS_SHMEM
             | feature::WP_ASYNC
             | feature::WP_UNPOPULATED,
-        (layout.base, layout.size),
+        (layout.base, restored_len),
         uffd_mode::WP,
     );
     call_ok(
@@ -137,6 +149,30 @@ pub fn run(s: Start<'_>, map_window: impl FnOnce(&WindowLayout, i32)) -> Passthr
         rank,
     );
     crate::sys::close(uffd);
+    let shared_uffd = if multi_node {
+        let fd = crate::state::make_uffd(
+            rank,
+            "shared",
+            feature::MISSING_SHMEM | feature::WP_HUGETLBFS_SHMEM,
+            (layout.shared_base(), layout.shared_size()),
+            uffd_mode::MISSING | uffd_mode::WP,
+        );
+        let kept = agent::move_high(fd);
+        // SCM_RIGHTS hands the agent a copy; the rank keeps `kept` (aliases
+        // are registered on it later, as in a fresh start).
+        call_ok(
+            &ch,
+            &RankRequest::RegisterUffd {
+                zone: mome_protocol::layout::Zone::Shared,
+            },
+            Some(kept),
+            "RegisterUffd",
+            rank,
+        );
+        kept
+    } else {
+        -1
+    };
     crate::state::register_pagemap(&ch, rank);
 
     let (addr, len) = match ch.call(
@@ -186,7 +222,7 @@ pub fn run(s: Start<'_>, map_window: impl FnOnce(&WindowLayout, i32)) -> Passthr
         return Passthrough;
     }
     check_files(h, addr, rank);
-    restore_aliases(h, addr, &layout, &ch, rank);
+    restore_aliases(h, addr, &layout, &ch, rank, (memfd, shared_uffd));
     move_vdso(h, rank);
 
     let sync_fd = if h.sync_fd >= 0 {
@@ -206,7 +242,7 @@ pub fn run(s: Start<'_>, map_window: impl FnOnce(&WindowLayout, i32)) -> Passthr
         mem_fd: ch.fd(),
         sync_fd,
         memfd,
-        _pad: 0,
+        shared_uffd,
     };
     core::mem::forget(ch);
     let top = (addr + h.run_bytes) & !15;
@@ -218,7 +254,20 @@ pub fn run(s: Start<'_>, map_window: impl FnOnce(&WindowLayout, i32)) -> Passthr
 /// Views of the window outside it (Fortran common blocks): their pages are
 /// fetched now through the window (the view itself is not registered with
 /// the userfaultfd), and the agent learns of them again.
-fn restore_aliases(h: &Header, base: u64, layout: &WindowLayout, ch: &Channel, rank: u32) {
+///
+/// Several nodes (`shared_uffd` >= 0): the view is mapped here already and
+/// registered with the shared zone's userfaultfd before the agent hears of
+/// it, as `segments::map_alias` does, so that writes through it go by the
+/// page protocol (the agent write-protects the pages it holds read-only at
+/// every address of a page, the view's included).
+fn restore_aliases(
+    h: &Header,
+    base: u64,
+    layout: &WindowLayout,
+    ch: &Channel,
+    rank: u32,
+    (memfd, shared_uffd): (i32, i32),
+) {
     // SAFETY: the image is complete (checked by the caller).
     let regions = unsafe { h.regions(base as *const u8) };
     for r in regions.iter().filter(|r| r.kind == kind::ALIAS) {
@@ -229,6 +278,34 @@ fn restore_aliases(h: &Header, base: u64, layout: &WindowLayout, ch: &Channel, r
                 "rank {rank}: the image has a view at {:#x} of memory outside the window",
                 r.start
             ));
+        }
+        if shared_uffd >= 0 {
+            let off = layout.file_offset(window_addr);
+            if crate::sys::mmap(
+                r.start,
+                len,
+                r.prot as i32,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                memfd,
+                off,
+            )
+            .is_err()
+            {
+                fatal(format_args!(
+                    "rank {rank}: cannot map the view at {:#x} of the window again",
+                    r.start
+                ));
+            }
+            // SAFETY: shared_uffd is our open userfaultfd; the temporary
+            // Uffd is not dropped, so the fd stays open.
+            let uffd =
+                core::mem::ManuallyDrop::new(unsafe { mome_uffd::Uffd::from_raw_fd(shared_uffd) });
+            if let Err(e) = uffd.register(r.start, len, uffd_mode::MISSING | uffd_mode::WP) {
+                fatal(format_args!(
+                    "rank {rank}: cannot register the view at {:#x}: {e}",
+                    r.start
+                ));
+            }
         }
         let mut p = window_addr;
         while p < window_addr + len {
@@ -473,6 +550,10 @@ fn same_mapping(maps: &[u8], r: &Region) -> bool {
             continue;
         };
         if m.start == r.start && m.end == r.end {
+            if r.kind == kind::ALIAS {
+                // Mapped again (and registered) by `restore_aliases`.
+                return m.shared && m.offset == r.file_offset;
+            }
             let file = r.kind == kind::FILE || r.kind == kind::FILE_SHARED;
             return (!file || (m.inode == r.inode && m.offset == r.file_offset))
                 && (m.shared == (r.kind == kind::FILE_SHARED));
@@ -642,6 +723,7 @@ fn restore_fds(h: &Header, base: *const u8, plan: &Plan) {
         fd == h.mem_fd
             || fd == h.sync_fd
             || fd == h.memfd
+            || fd == h.shared_uffd
             || fds.iter().any(|f| f.fd == fd && f.kind != fd_kind::STDIO)
     };
     // Our new descriptors out of the way of every number to be restored.
@@ -649,6 +731,7 @@ fn restore_fds(h: &Header, base: *const u8, plan: &Plan) {
         (plan.mem_fd, h.mem_fd),
         (plan.sync_fd, h.sync_fd),
         (plan.memfd, h.memfd),
+        (plan.shared_uffd, h.shared_uffd),
     ];
     for (new, old) in ours.iter_mut() {
         if *new < 0 || *new == *old || !wanted(*new) {
