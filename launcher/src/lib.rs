@@ -16,6 +16,8 @@
 //! - [`pidns`]: pid pinning (mome-rankinit: a pid namespace per rank);
 //! - [`restart`]: choosing the stamp a job restarts from;
 //! - [`status`]: what mome-status shows;
+//! - [`stores`]: where a job's checkpoints are (keepers' memory, disk) and
+//!   which store each node of a stamp restores from;
 //! - [`os`]: thin wrappers over process and fd system calls.
 
 pub mod checkpoint;
@@ -30,3 +32,4 @@ pub mod restart;
 pub mod signals;
 pub mod spawn;
 pub mod status;
+pub mod stores;

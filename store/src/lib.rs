@@ -25,6 +25,13 @@
 //!   [`prune`]. Stamps: [`next_stamp`]; listing: [`list_committed`];
 //!   checking before restart: [`verify`] (Quick or Full), then
 //!   [`read_manifest`]; for mome-status: [`stamp_sizes`].
+//! * Partial stores (a node's checkpoint memory, which holds the files of
+//!   only some nodes, laid out as above, next to the manifests of every
+//!   committed stamp): [`verify_node`] checks one node's share of a stamp
+//!   in one store against the authoritative manifest (read from the disk
+//!   root), so a restart can take each node from a different store;
+//!   [`prune_held`] prunes such a store (nodes it does not hold are no
+//!   error).
 //! * Agent, restore: [`NodeIndex::load`] on `ROOT/<IndexRef::index>` (or
 //!   `files::index_file`), then [`NodeIndex::lookup`] per page and
 //!   [`BlockReader::read_block`] to get the block's pages;
@@ -77,8 +84,8 @@ pub use error::StoreError;
 pub use increment::{write_increment, IncrementInput, IncrementSummary, IncrementWriter};
 pub use index::{IndexRef, NodeIndex, RankImage};
 pub use manifest::{commit_manifest, list_committed, next_stamp, read_manifest, Manifest};
-pub use prune::{prune, stamp_sizes, PruneSummary, StampSizes};
-pub use verify::{verify, VerifyLevel, VerifySummary};
+pub use prune::{prune, prune_held, stamp_sizes, PruneSummary, StampSizes};
+pub use verify::{verify, verify_node, NodeSummary, VerifyLevel, VerifySummary};
 
 /// Re-exported so users need not depend on mome-protocol for it.
 pub use mome_protocol::ckpt::Stamp;

@@ -1,5 +1,5 @@
-//! Removing old checkpoints ([`prune`]) and measuring what a stamp uses
-//! ([`stamp_sizes`]).
+//! Removing old checkpoints ([`prune`], and [`prune_held`] for a partial
+//! store) and measuring what a stamp uses ([`stamp_sizes`]).
 //!
 //! Prune keeps the newest N committed stamps. It first works out every file
 //! the kept stamps need (their indexes and the pages files those indexes
@@ -40,6 +40,22 @@ pub struct PruneSummary {
 /// Fails, before removing anything, when a kept stamp's manifest or index
 /// cannot be read (the files it needs could not be known).
 pub fn prune(root: &Path, keep: usize) -> Result<PruneSummary, StoreError> {
+    prune_store(root, keep, false)
+}
+
+/// [`prune`] for a partial store, one that holds only some nodes' files
+/// (a node's checkpoint memory: its own node and the nodes it holds
+/// copies for) next to the manifests of every committed stamp. A node
+/// whose index of a kept stamp is absent from `root` is simply not held
+/// here (no error, nothing of that node is needed by that stamp); an index
+/// that is present but does not match the manifest is still an error, as
+/// is an unreadable manifest. What is removed is decided as in [`prune`].
+pub fn prune_held(root: &Path, keep: usize) -> Result<PruneSummary, StoreError> {
+    prune_store(root, keep, true)
+}
+
+/// [`prune`], or [`prune_held`] with `partial`.
+fn prune_store(root: &Path, keep: usize, partial: bool) -> Result<PruneSummary, StoreError> {
     if keep == 0 {
         return Err(StoreError::InvalidInput(
             "prune must keep at least one stamp".into(),
@@ -57,7 +73,12 @@ pub fn prune(root: &Path, keep: usize) -> Result<PruneSummary, StoreError> {
     for &stamp in kept {
         let manifest = read_manifest(root, stamp)?;
         for iref in &manifest.indexes {
-            let index = load_checked_index(root, &manifest, iref.node)?;
+            let index = match load_checked_index(root, &manifest, iref.node) {
+                Ok(index) => index,
+                // Not held here: only a missing file, never a damaged one.
+                Err(e) if partial && e.is_not_found() => continue,
+                Err(e) => return Err(e),
+            };
             needed.insert(root.join(&iref.index));
             for file in index.referenced_files() {
                 needed.insert(files::pages_file(root, iref.node, file));

@@ -1,6 +1,9 @@
 //! Checking that a committed stamp can be restored: its manifest, its node
 //! indexes and the pages files they reference, and with
-//! [`VerifyLevel::Full`] every block's data.
+//! [`VerifyLevel::Full`] every block's data. [`verify`] checks a whole
+//! stamp in one store; [`verify_node`] checks one node's share, also in a
+//! partial store (one holding only some nodes' files) against a manifest
+//! read elsewhere.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -13,7 +16,7 @@ use crate::error::StoreError;
 use crate::index::NodeIndex;
 use crate::manifest::{read_manifest, Manifest};
 
-/// How much [`verify`] reads.
+/// How much [`verify`] and [`verify_node`] read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VerifyLevel {
     /// Manifest checksum; every index present with the length and xxh3 the
@@ -112,8 +115,94 @@ fn check_index_list(root: &Path, manifest: &Manifest) -> Result<(), StoreError> 
     Ok(())
 }
 
-/// Checks that committed stamp `stamp` can be restored; the error says what
-/// is wrong and in which file.
+/// What [`verify_node`] looked at: one node's share of a stamp.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeSummary {
+    pub node: u32,
+    /// Non-zero pages of the node.
+    pub pages: u64,
+    /// Live blocks of the node.
+    pub blocks: u64,
+    /// Stored bytes of the live blocks.
+    pub data_bytes: u64,
+    /// Pages files the node's index uses.
+    pub pages_files: u64,
+    /// Blocks read and checked (0 for Quick).
+    pub blocks_checked: u64,
+}
+
+/// Checks that `root` holds a restorable copy of node `node`'s share of
+/// the committed stamp `manifest` describes: the node's index, checked
+/// against the manifest's [`IndexRef`](crate::IndexRef) (length, xxh3, node
+/// and stamp), every pages file it uses (header, long enough for its
+/// blocks) and, with [`VerifyLevel::Full`], every block's data.
+///
+/// The manifest need not come from `root`: a partial store (one that holds
+/// only some nodes' files, such as a node's checkpoint memory) is checked
+/// against the authoritative manifest read elsewhere. A copy of another
+/// stamp, or of another run that reused the stamp number, fails the xxh3
+/// check. An absent index is an [`StoreError::Io`] error for which
+/// [`StoreError::is_not_found`] is true: the node's share is not held.
+pub fn verify_node(
+    root: &Path,
+    manifest: &Manifest,
+    node: u32,
+    level: VerifyLevel,
+) -> Result<NodeSummary, StoreError> {
+    let stamp = manifest.stamp;
+    let index = load_checked_index(root, manifest, node)?;
+    let mut summary = NodeSummary {
+        node,
+        pages: index.page_count(),
+        blocks: index.blocks().len() as u64,
+        data_bytes: index.data_bytes(),
+        ..Default::default()
+    };
+
+    // The furthest block end in each pages file.
+    let mut ends: BTreeMap<Stamp, (u64, u64, u32)> = BTreeMap::new();
+    for b in index.blocks() {
+        let e = ends.entry(b.file).or_default();
+        if b.end() > e.0 {
+            *e = (b.end(), b.offset, b.clen);
+        }
+    }
+    summary.pages_files = ends.len() as u64;
+    for (&file, &(end, offset, clen)) in &ends {
+        let path = files::pages_file(root, node, file);
+        let f = File::open(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                StoreError::corrupt(
+                    &path,
+                    format!("pages file used by node {node} index of stamp {stamp} is missing"),
+                )
+            } else {
+                StoreError::io("open", &path)(e)
+            }
+        })?;
+        check_pages_header(&f, &path, node, file)?;
+        let len = f.metadata().map_err(StoreError::io("stat", &path))?.len();
+        if len < end {
+            return Err(StoreError::corrupt(
+                &path,
+                format!("pages file is {len} bytes, block at {offset}+{clen} goes past it"),
+            ));
+        }
+    }
+
+    if level == VerifyLevel::Full {
+        let reader = BlockReader::new(root, node);
+        for b in index.blocks() {
+            reader.verify_block(b)?;
+            summary.blocks_checked += 1;
+        }
+    }
+    Ok(summary)
+}
+
+/// Checks that committed stamp `stamp` can be restored from `root` alone
+/// (its manifest and every node's files, with [`verify_node`]); the error
+/// says what is wrong and in which file.
 pub fn verify(root: &Path, stamp: Stamp, level: VerifyLevel) -> Result<VerifySummary, StoreError> {
     let manifest = read_manifest(root, stamp)?;
     check_index_list(root, &manifest)?;
@@ -127,49 +216,12 @@ pub fn verify(root: &Path, stamp: Stamp, level: VerifyLevel) -> Result<VerifySum
         blocks_checked: 0,
     };
     for node in 0..manifest.nodes {
-        let index = load_checked_index(root, &manifest, node)?;
-        summary.pages += index.page_count();
-        summary.blocks += index.blocks().len() as u64;
-        summary.data_bytes += index.data_bytes();
-
-        // The furthest block end in each pages file.
-        let mut ends: BTreeMap<Stamp, (u64, u64, u32)> = BTreeMap::new();
-        for b in index.blocks() {
-            let e = ends.entry(b.file).or_default();
-            if b.end() > e.0 {
-                *e = (b.end(), b.offset, b.clen);
-            }
-        }
-        summary.pages_files += ends.len() as u64;
-        for (&file, &(end, offset, clen)) in &ends {
-            let path = files::pages_file(root, node, file);
-            let f = File::open(&path).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    StoreError::corrupt(
-                        &path,
-                        format!("pages file used by node {node} index of stamp {stamp} is missing"),
-                    )
-                } else {
-                    StoreError::io("open", &path)(e)
-                }
-            })?;
-            check_pages_header(&f, &path, node, file)?;
-            let len = f.metadata().map_err(StoreError::io("stat", &path))?.len();
-            if len < end {
-                return Err(StoreError::corrupt(
-                    &path,
-                    format!("pages file is {len} bytes, block at {offset}+{clen} goes past it"),
-                ));
-            }
-        }
-
-        if level == VerifyLevel::Full {
-            let reader = BlockReader::new(root, node);
-            for b in index.blocks() {
-                reader.verify_block(b)?;
-                summary.blocks_checked += 1;
-            }
-        }
+        let n = verify_node(root, &manifest, node, level)?;
+        summary.pages += n.pages;
+        summary.blocks += n.blocks;
+        summary.data_bytes += n.data_bytes;
+        summary.pages_files += n.pages_files;
+        summary.blocks_checked += n.blocks_checked;
     }
     Ok(summary)
 }
