@@ -54,6 +54,8 @@ pub struct Identity {
     pub listen: String,
     /// Several nodes: the job's secret and the mesh timings.
     pub mesh: Option<(crate::mesh::Secret, crate::mesh::Timing)>,
+    /// Diskless checkpoints: the node's memory store root.
+    pub mem_store: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug)]
@@ -133,7 +135,16 @@ impl Agent {
             heaps: Mutex::new(heaps),
             segments: Mutex::new(segments),
             sync: Mutex::new(sync),
-            ckpt: Ckpt::new(id.ckpt_signal, restore.as_ref().map(|r| r.index.clone())),
+            // Diskless: the first checkpoint after a restore is full, so
+            // that every holder (a replacement among them) gets every page
+            // of the node, not just what changed since the stamp.
+            ckpt: Ckpt::new(
+                id.ckpt_signal,
+                restore
+                    .as_ref()
+                    .filter(|_| id.mem_store.is_none())
+                    .map(|r| r.index.clone()),
+            ),
             id,
             memory,
             connections: AtomicU64::new(0),

@@ -93,6 +93,10 @@ pub enum CkptError {
     },
     #[error("aborted by the coordinator (another node failed it)")]
     Aborted,
+    #[error("{0}")]
+    Replicate(#[from] crate::replicate::ReplicateError),
+    #[error("{0}")]
+    Parity(#[from] crate::parity::ParityError),
 }
 
 /// Coordinated checkpoints: what the coordinator lets this node do next.
@@ -204,6 +208,11 @@ struct Job {
     carry: Runs,
     /// Coordinated checkpoints: the coordinator's steps.
     steps: Option<mpsc::UnboundedReceiver<Step>>,
+    /// Diskless: nodes to hold a copy, and the disk store to copy to.
+    replicas: Vec<u32>,
+    disk: Option<PathBuf>,
+    /// Parity schemes: this node's group.
+    parity: Option<mome_protocol::ckpt::ParityPlan>,
 }
 
 /// What the pause produced.
@@ -369,9 +378,13 @@ pub fn command(agent: &Arc<Agent>, cmd: AgentCommand) {
             precopy_rounds,
             park_timeout_ms,
             coordinated,
+            replicas,
+            disk,
+            parity,
+            full,
         } => {
             let started = Instant::now();
-            let job = match start(agent, stamp) {
+            let job = match start(agent, stamp, full) {
                 Ok((base, carry)) => Job {
                     stamp,
                     store,
@@ -386,6 +399,9 @@ pub fn command(agent: &Arc<Agent>, cmd: AgentCommand) {
                         *lock(&agent.ckpt.steps) = Some((stamp, tx));
                         rx
                     }),
+                    replicas,
+                    disk,
+                    parity,
                 },
                 Err(e) => {
                     log!("checkpoint {stamp} refused: {e}");
@@ -398,7 +414,16 @@ pub fn command(agent: &Arc<Agent>, cmd: AgentCommand) {
             };
             tokio::spawn(run(agent.clone(), job));
         }
-        AgentCommand::Commit { stamp } => {
+        AgentCommand::Commit {
+            stamp,
+            manifest,
+            keep,
+        } => {
+            if let (Some(root), Some(text)) = (agent.id.mem_store.as_ref(), manifest.as_ref()) {
+                if let Err(e) = crate::replicate::commit(root, stamp, text, keep) {
+                    log!("checkpoint {stamp}: {e}");
+                }
+            }
             let mut e = lock(&agent.ckpt.engine);
             match e.pending.take() {
                 Some(p) if p.stamp == stamp => {
@@ -503,7 +528,11 @@ async fn drain(agent: &Agent, job: &Job) -> Result<(), CkptError> {
 
 /// Checks that a checkpoint may start and marks the engine busy; returns
 /// the base and the carry it takes over.
-fn start(agent: &Agent, stamp: Stamp) -> Result<(Option<Arc<NodeIndex>>, Runs), CkptError> {
+fn start(
+    agent: &Agent,
+    stamp: Stamp,
+    full: bool,
+) -> Result<(Option<Arc<NodeIndex>>, Runs), CkptError> {
     if let Some(r) = agent.restore.as_ref().filter(|r| !r.filled()) {
         return Err(CkptError::Restoring(r.stamp));
     }
@@ -527,7 +556,9 @@ fn start(agent: &Agent, stamp: Stamp) -> Result<(Option<Arc<NodeIndex>>, Runs), 
         e.carry = e.carry.union(&carry_back(agent, p.pages));
     }
     e.busy = Some(stamp);
-    Ok((e.base.clone(), std::mem::take(&mut e.carry)))
+    // A full checkpoint has no base: every page goes in.
+    let base = e.base.clone().filter(|_| !full);
+    Ok((base, std::mem::take(&mut e.carry)))
 }
 
 /// One checkpoint, from pre-copy to durability.
@@ -897,6 +928,12 @@ fn capture_shared(agent: &Agent, base: Option<&NodeIndex>) -> (Runs, Runs) {
     };
     let (owned, changed) = cluster.pages.capture();
     let (owned, changed) = (shift(owned), shift(changed));
+    // A full checkpoint takes every page the node holds.
+    let changed = if base.is_none() {
+        owned.clone()
+    } else {
+        changed
+    };
     let in_base = Runs::from_ranges(
         base.map(|b| {
             b.extents()
@@ -1097,6 +1134,41 @@ fn write(
     let write_started = Instant::now();
     let (index, summary) = mome_store::write_increment(input, iter, &mut progress)
         .map_err(|e| (e.into(), copied.clone()))?;
+    let copy_started = Instant::now();
+    let timeout = agent
+        .cluster
+        .as_ref()
+        .map_or(Duration::from_secs(10), |c| c.mesh.timing.peer_timeout);
+    if !job.replicas.is_empty() {
+        let sent = crate::replicate::send(agent, &job.store, job.stamp, &job.replicas, timeout)
+            .map_err(|e| (e.into(), copied.clone()))?;
+        log!(
+            "checkpoint {}: {sent} bytes copied to node(s) {:?} in {} ms",
+            job.stamp,
+            job.replicas,
+            copy_started.elapsed().as_millis()
+        );
+    }
+    if let Some(plan) = &job.parity {
+        let sent = crate::parity::exchange(agent, &job.store, job.stamp, plan, timeout)
+            .map_err(|e| (e.into(), copied.clone()))?;
+        log!(
+            "checkpoint {}: {sent} bytes of chunks sent to the parity holders of group {:?} in {} ms",
+            job.stamp,
+            plan.members,
+            copy_started.elapsed().as_millis()
+        );
+    }
+    if let Some(disk) = &job.disk {
+        let bytes = crate::replicate::copy_to_disk(&job.store, disk, agent.id.node, &index)
+            .map_err(|e| (e.into(), copied.clone()))?;
+        log!(
+            "checkpoint {}: {bytes} bytes copied to the disk store {}",
+            job.stamp,
+            disk.display()
+        );
+    }
+    let copy_us = copy_started.elapsed().as_micros() as u64;
     let elapsed_us = job.started.elapsed().as_micros() as u64;
     log!(
         "checkpoint {}: durable, {} pages ({} zero, {} removed), {} bytes written in {} ms ({} ms from the command)",
@@ -1118,6 +1190,9 @@ fn write(
         bytes_written: summary.bytes_written,
         image_bytes,
         elapsed_us,
+        held_by: job.replicas.clone(),
+        on_disk: job.disk.is_some(),
+        copy_us,
     };
     Ok((index, copied, event))
 }

@@ -41,6 +41,10 @@ pub struct Cluster {
     /// Rank of each session of another node seen by this node's tables
     /// (a checkpoint names lock holders and segment users by rank).
     remote_ranks: Mutex<HashMap<SessionId, u32>>,
+    /// Diskless checkpoints: copies in flight.
+    pub replicas: crate::replicate::Replicas,
+    /// Parity schemes: shards being built.
+    pub parity: crate::parity::Parity,
 }
 
 impl Cluster {
@@ -52,6 +56,8 @@ impl Cluster {
             sync_waiting: Mutex::new(HashMap::new()),
             segment_waiting: Mutex::new(HashMap::new()),
             remote_ranks: Mutex::new(HashMap::new()),
+            replicas: Default::default(),
+            parity: Default::default(),
         }
     }
 
@@ -612,6 +618,47 @@ pub fn dispatch(agent: &Arc<Agent>, from: u32, msg: PeerMsg) {
             }
         }
         PeerMsg::HintsDone => mesh.hints_done(from),
+        PeerMsg::StoreChunk {
+            source,
+            stamp,
+            index,
+            offset,
+            total,
+            data,
+        } => crate::replicate::receive(agent, from, source, stamp, index, offset, total, &data),
+        PeerMsg::ParityInfo {
+            source,
+            stamp,
+            pages_len,
+            index_len,
+        } => {
+            if source == from {
+                crate::parity::info(agent, source, stamp, pages_len, index_len);
+            }
+        }
+        PeerMsg::ParityChunk {
+            source,
+            stamp,
+            chunk,
+            offset,
+            total,
+            data,
+        } => {
+            if source == from {
+                crate::parity::chunk(agent, source, stamp, chunk, offset, total, &data);
+            }
+        }
+        PeerMsg::StoreHeld {
+            source,
+            stamp,
+            error,
+        } => {
+            if source == mesh.node {
+                crate::replicate::held(agent, from, stamp, error);
+            } else {
+                log!("node {from} says it holds node {source}'s stamp {stamp}: not this node's; ignored");
+            }
+        }
         other => log!(
             "node {from} sent {} after the handshake: ignored",
             other.name()

@@ -161,7 +161,11 @@ mod tests {
     fn parses_commands_and_rejects_garbage() {
         assert_eq!(
             parse(br#"{"cmd":"commit","stamp":3}"#),
-            Ok(Some(AgentCommand::Commit { stamp: 3 }))
+            Ok(Some(AgentCommand::Commit {
+                stamp: 3,
+                manifest: None,
+                keep: 0
+            }))
         );
         assert_eq!(parse(b"  "), Ok(None));
         assert!(parse(b"{\"cmd\":\"dance\"}").is_err());

@@ -22,6 +22,8 @@ mod heaps;
 mod memfd;
 mod mesh;
 mod pages;
+mod parity;
+mod replicate;
 mod restore;
 mod segments;
 mod session;
@@ -111,6 +113,11 @@ struct Cli {
     /// Checkpoint store root (the job's checkpoint directory), for --restore.
     #[arg(long, value_name = "ROOT", requires = "restore")]
     ckpt_dir: Option<PathBuf>,
+    /// Diskless checkpoints: this node's memory store (its keeper's store
+    /// path, see mome-keeper): the node's increments and the copies it
+    /// holds for other nodes go there.
+    #[arg(long, value_name = "ROOT")]
+    mem_store: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -318,6 +325,7 @@ fn identity(cli: &Cli) -> Result<Identity, StartError> {
         ckpt_signal: spec.config.checkpoint.signal,
         listen: spec.config.nodes.listen.clone(),
         mesh,
+        mem_store: cli.mem_store.clone(),
     })
 }
 

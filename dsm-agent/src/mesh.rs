@@ -270,6 +270,18 @@ impl Mesh {
         }
     }
 
+    /// Bytes waiting in node `to`'s outbox.
+    pub fn queued(&self, to: u32) -> usize {
+        self.peers
+            .get(to as usize)
+            .map_or(0, |p| lock(&p.out).pending.len())
+    }
+
+    /// Node `node` was reported failed.
+    pub fn failed(&self, node: u32) -> bool {
+        lock(&self.failed).contains(&node)
+    }
+
     /// Queues `msg` for every other node.
     pub fn broadcast(&self, msg: &PeerMsg) {
         for n in (0..self.nodes).filter(|&n| n != self.node) {

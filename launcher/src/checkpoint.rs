@@ -30,6 +30,8 @@ pub enum CheckpointError {
         root: PathBuf,
         source: mome_store::StoreError,
     },
+    #[error("node {node} has no memory store for diskless checkpoints: {why}")]
+    NoMemoryStore { node: u32, why: String },
     #[error("cannot create the checkpoint directory {root}: {source}")]
     Root {
         root: PathBuf,
@@ -49,6 +51,24 @@ pub struct Settings {
     pub precopy_rounds: u32,
     pub park_timeout: Duration,
     pub timeout: Duration,
+    /// Diskless checkpoints (several nodes), set once the keepers run.
+    pub memory: Option<MemoryStores>,
+}
+
+/// Where a diskless checkpoint goes: each node's memory store (its
+/// keeper's; `None`: that node has none, so checkpoints fail saying so),
+/// the nodes holding a copy of each node's increment, and the disk level.
+#[derive(Debug, Clone)]
+pub struct MemoryStores {
+    pub stores: Vec<Option<PathBuf>>,
+    pub replicas: Vec<Vec<u32>>,
+    /// Parity schemes: each node's group (then no replicas; every stamp
+    /// is a full checkpoint).
+    pub parity: Vec<Option<mome_protocol::ckpt::ParityPlan>>,
+    /// Every this many stamps, also to `root` (0: never).
+    pub disk_every: u32,
+    /// Why a node has no store, for the error.
+    pub missing: String,
 }
 
 impl Settings {
@@ -61,6 +81,7 @@ impl Settings {
             precopy_rounds: c.precopy_rounds,
             park_timeout: c.park_timeout.0,
             timeout: c.timeout.0,
+            memory: None,
         }
     }
 }
@@ -129,6 +150,10 @@ struct InFlight {
     /// Several nodes: the nodes parked (and drained), then captured.
     parked: std::collections::BTreeSet<u32>,
     captured: std::collections::BTreeSet<u32>,
+    /// Diskless: which nodes hold a copy of each node's increment, and
+    /// whether every node also wrote the stamp to the disk store.
+    held_by: BTreeMap<u32, Vec<u32>>,
+    on_disk: bool,
 }
 
 /// The checkpoints of one incarnation of a job.
@@ -145,6 +170,9 @@ pub struct Checkpointer {
     next_periodic: Option<Instant>,
     /// Committed by this incarnation, oldest first.
     pub history: Vec<CheckpointDone>,
+    /// Diskless: the newest committed stamp whose files are all in the
+    /// disk store (its manifest is kept there until a newer one is).
+    last_on_disk: Option<Stamp>,
 }
 
 impl Checkpointer {
@@ -158,7 +186,30 @@ impl Checkpointer {
             inflight: None,
             next_periodic: None,
             history: Vec::new(),
+            last_on_disk: None,
         }
+    }
+
+    /// The newest committed stamp of the job (this incarnation's, or the
+    /// one it was restored from).
+    pub fn committed(&self) -> Option<Stamp> {
+        self.parent
+    }
+
+    /// Diskless checkpoints from now on.
+    pub fn set_memory(&mut self, memory: MemoryStores) {
+        // The newest stamp the disk store holds whole (a restarted job
+        // keeps it until the next disk-level stamp).
+        let root = &self.settings.root;
+        self.last_on_disk = mome_store::list_committed(root)
+            .unwrap_or_default()
+            .into_iter()
+            .rev()
+            .find(|&s| {
+                mome_store::read_manifest(root, s)
+                    .is_ok_and(|m| m.indexes.iter().all(|i| root.join(&i.index).is_file()))
+            });
+        self.settings.memory = Some(memory);
     }
 
     pub fn settings(&self) -> &Settings {
@@ -210,7 +261,20 @@ impl Checkpointer {
             source,
         })?;
         let stamp = next.max(self.last_stamp + 1);
+        if let Some(m) = &self.settings.memory {
+            if let Some(node) = m.stores.iter().position(Option::is_none) {
+                return Err(CheckpointError::NoMemoryStore {
+                    node: node as u32,
+                    why: m.missing.clone(),
+                });
+            }
+        }
         self.last_stamp = stamp;
+        // Diskless: every `disk_every`-th stamp of this incarnation also
+        // goes to the disk store.
+        let to_disk = self.settings.memory.as_ref().is_some_and(|m| {
+            m.disk_every > 0 && (self.history.len() as u32 + 1).is_multiple_of(m.disk_every)
+        });
         let timeout = timeout.unwrap_or(self.settings.timeout);
         self.inflight = Some(InFlight {
             stamp,
@@ -222,6 +286,8 @@ impl Checkpointer {
             durable: BTreeMap::new(),
             parked: Default::default(),
             captured: Default::default(),
+            held_by: BTreeMap::new(),
+            on_disk: to_disk || self.settings.memory.is_none(),
         });
         let mut actions = vec![Action::Log(format!(
             "checkpoint {stamp} started ({}; base {}; up to {})",
@@ -234,11 +300,15 @@ impl Checkpointer {
             humantime::format_duration(timeout)
         ))];
         for node in 0..self.identity.nodes {
+            let memory = self.settings.memory.as_ref();
+            let store = memory
+                .and_then(|m| m.stores[node as usize].clone())
+                .unwrap_or_else(|| root.clone());
             actions.push(Action::ToAgent {
                 node,
                 command: AgentCommand::Checkpoint {
                     stamp,
-                    store: root.clone(),
+                    store,
                     fsync: self.settings.fsync,
                     precopy_rounds: self.settings.precopy_rounds,
                     park_timeout_ms: self.settings.park_timeout.as_millis() as u64,
@@ -246,6 +316,12 @@ impl Checkpointer {
                     // node is parked and drained (Parked -> Capture ->
                     // Captured -> Resume).
                     coordinated: self.identity.nodes > 1,
+                    replicas: memory
+                        .map(|m| m.replicas[node as usize].clone())
+                        .unwrap_or_default(),
+                    disk: to_disk.then(|| root.clone()),
+                    parity: memory.and_then(|m| m.parity[node as usize].clone()),
+                    full: memory.is_some_and(|m| m.parity[node as usize].is_some()),
                 },
             });
         }
@@ -345,7 +421,12 @@ impl Checkpointer {
                 bytes_written,
                 image_bytes,
                 elapsed_us,
+                held_by,
+                on_disk,
+                copy_us,
             } => {
+                f.on_disk &= on_disk;
+                f.held_by.insert(durable_node, held_by.clone());
                 f.durable.insert(
                     durable_node,
                     Durable {
@@ -357,8 +438,17 @@ impl Checkpointer {
                         image_bytes,
                     },
                 );
+                let copies = if held_by.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        ", copies on node(s) {} in {} ms",
+                        crate::coordinator::rank_list(&held_by),
+                        copy_us / 1000
+                    )
+                };
                 let mut actions = vec![Action::Log(format!(
-                    "checkpoint {stamp}: node {durable_node} durable after {} ms ({pages} page(s), {bytes_written} bytes written)",
+                    "checkpoint {stamp}: node {durable_node} durable after {} ms ({pages} page(s), {bytes_written} bytes written{copies})",
                     elapsed_us / 1000
                 ))];
                 if (0..self.identity.nodes).all(|n| f.durable.contains_key(&n)) {
@@ -503,14 +593,44 @@ impl Checkpointer {
         }
         let f = self.inflight.take().expect("checked above");
         let mut actions = Vec::new();
+        // Diskless: each memory store keeps the manifest next to the data.
+        let text = self.settings.memory.as_ref().and_then(|_| {
+            std::fs::read_to_string(mome_protocol::ckpt::files::manifest_file(
+                &self.settings.root,
+                stamp,
+            ))
+            .ok()
+        });
         for node in 0..self.identity.nodes {
             actions.push(Action::ToAgent {
                 node,
-                command: AgentCommand::Commit { stamp },
+                command: AgentCommand::Commit {
+                    stamp,
+                    manifest: text.clone(),
+                    keep: self.settings.keep,
+                },
             });
         }
         self.parent = Some(stamp);
-        let kept = match mome_store::prune(&self.settings.root, self.settings.keep as usize) {
+        if self.settings.memory.is_some() && f.on_disk {
+            self.last_on_disk = Some(stamp);
+        }
+        let pruned = match &self.settings.memory {
+            None => mome_store::prune(&self.settings.root, self.settings.keep as usize),
+            Some(_) => {
+                // The disk store of a diskless job holds the manifests and
+                // the disk-level stamps: it keeps the `keep` newest
+                // manifests, and everything back to the newest stamp it
+                // holds whole.
+                let committed = mome_store::list_committed(&self.settings.root).unwrap_or_default();
+                let back_to_disk = self
+                    .last_on_disk
+                    .map_or(0, |d| committed.iter().filter(|&&s| s >= d).count());
+                let keep = (self.settings.keep as usize).max(back_to_disk).max(1);
+                mome_store::prune_held(&self.settings.root, keep)
+            }
+        };
+        let kept = match pruned {
             Ok(summary) => {
                 if !summary.removed_stamps.is_empty() || summary.files_removed > 0 {
                     actions.push(Action::Log(format!(
@@ -632,6 +752,9 @@ mod tests {
             bytes_written: 4096,
             image_bytes: 100,
             elapsed_us: 5000,
+            held_by: Vec::new(),
+            on_disk: false,
+            copy_us: 0,
         }
     }
 
@@ -683,7 +806,11 @@ mod tests {
         let actions = c.on_event(0, durable(1), now);
         assert!(actions.contains(&Action::ToAgent {
             node: 0,
-            command: AgentCommand::Commit { stamp: 1 }
+            command: AgentCommand::Commit {
+                stamp: 1,
+                manifest: None,
+                keep: 1
+            }
         }));
         let done = actions
             .iter()

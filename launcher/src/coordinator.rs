@@ -39,8 +39,8 @@ use std::path::PathBuf;
 use std::process::ChildStdin;
 use std::time::{Duration, Instant};
 
-use mome_protocol::ckpt::{AgentCommand, AgentEvent, Stamp};
-use mome_protocol::config::{Placement, PrefixMode};
+use mome_protocol::ckpt::{AgentCommand, AgentEvent, ParityPlan, Stamp};
+use mome_protocol::config::{OnFailure, Placement, PrefixMode, SchemeName};
 use mome_protocol::job::{
     mome_home, now_rfc3339, signal_name, AgentStatus, ControlReply, ControlRequest, JobDir,
     JobError, JobSpec, JobState, JobStatus, ProcessState, RankStatus,
@@ -121,6 +121,9 @@ pub struct RunOptions {
     /// mome-restart: run this existing job again from a stamp (program,
     /// arguments, environment, cwd and ranks come from its job.yaml).
     pub restart: Option<RestartFrom>,
+    /// mome-restart: each node's store root for the stamp (empty: the
+    /// checkpoint directory for every node).
+    pub node_roots: Vec<PathBuf>,
 }
 
 /// A job to restart, as mome-restart chose it.
@@ -228,7 +231,38 @@ pub fn run(opts: RunOptions) -> i32 {
     };
     coordinator.boot();
     coordinator.event_loop();
-    coordinator.finish()
+    let no_prefix = coordinator.tagged_off();
+    let id = coordinator.job.id.clone();
+    let (code, recover) = coordinator.finish();
+    if recover {
+        recover_with_restart(&id, no_prefix);
+    }
+    code
+}
+
+/// A node failed and a committed stamp can bring the job back: this
+/// process becomes `mome-restart <id>` (same pid, same output, same
+/// parent waiting for the job's status), which picks the newest stamp
+/// every node can be restored from (memory of the live nodes, copies on
+/// other nodes, the disk level), gives the failed node's ranks a
+/// replacement node and runs the job on. Only returns when the exec fails.
+fn recover_with_restart(id: &str, no_prefix: bool) {
+    let own_dir = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(std::path::Path::to_path_buf))
+        .unwrap_or_default();
+    let restart = own_dir.join("mome-restart");
+    let mut cmd = std::process::Command::new(&restart);
+    if no_prefix {
+        cmd.arg("--no-prefix");
+    }
+    cmd.arg(id);
+    use std::os::unix::process::CommandExt;
+    let e = cmd.exec();
+    os::print_stderr(&format!(
+        "mome-run: cannot run {} to recover the job: {e}\n",
+        restart.display()
+    ));
 }
 
 /// What is checked and set up before the job directory exists: a failure
@@ -534,6 +568,14 @@ struct Coordinator {
     /// The stamp this incarnation restores, and the ranks restored so far.
     restore: Option<Stamp>,
     restored: BTreeSet<u32>,
+    /// Restart: each node's store root for the restored stamp (its own
+    /// memory store, another node's, or the disk store).
+    node_roots: Vec<PathBuf>,
+    /// Diskless checkpoints: each node's keeper.
+    keepers: Vec<Option<crate::keepers::Keeper>>,
+    /// A node failed and the job goes on from its newest recoverable
+    /// stamp: once this incarnation is torn down, mome-restart takes over.
+    recover: bool,
 }
 
 impl Coordinator {
@@ -696,6 +738,8 @@ impl Coordinator {
                     ranks: ranks_of(node),
                     addr: None,
                     failed: None,
+                    store: None,
+                    holders: Vec::new(),
                 })
                 .collect(),
             exit_code: None,
@@ -806,6 +850,9 @@ impl Coordinator {
             mesh_sent: None,
             restore: restore.map(|(stamp, _)| stamp),
             restored: BTreeSet::new(),
+            node_roots: opts.node_roots.clone(),
+            keepers: Vec::new(),
+            recover: false,
         })
     }
 
@@ -827,18 +874,27 @@ impl Coordinator {
                 self.job.secret_path().display()
             ));
         }
-        let extra: Vec<OsString> = match self.restore {
-            Some(stamp) => vec![
-                "--restore".into(),
-                stamp.to_string().into(),
-                "--ckpt-dir".into(),
-                self.ckpt.settings().root.clone().into_os_string(),
-            ],
-            None => Vec::new(),
-        };
+        self.start_keepers();
         let timeout = self.config.job.agent_ready_timeout.0;
         for index in 0..self.agents.len() {
             let node = self.agents[index].node;
+            let mut extra: Vec<OsString> = Vec::new();
+            if let Some(stamp) = self.restore {
+                let root = self
+                    .node_roots
+                    .get(node as usize)
+                    .cloned()
+                    .unwrap_or_else(|| self.ckpt.settings().root.clone());
+                extra.extend([
+                    "--restore".into(),
+                    stamp.to_string().into(),
+                    "--ckpt-dir".into(),
+                    root.into_os_string(),
+                ]);
+            }
+            if let Some(k) = self.keepers.get(node as usize).and_then(Option::as_ref) {
+                extra.extend(["--mem-store".into(), k.path.clone().into_os_string()]);
+            }
             let ranks = self.agents[index].ranks.clone();
             match spawn::spawn_agent(&self.install, &self.job, node, nodes, &ranks, &extra) {
                 Ok(child) => {
@@ -889,6 +945,147 @@ impl Coordinator {
             awaiting: Awaiting::Ready,
         };
         self.flush_status();
+    }
+
+    /// Several nodes, diskless checkpoints: every node's keeper, adopted
+    /// from a previous incarnation when it still runs, else started. A
+    /// node without one makes its checkpoints fail with the reason (the
+    /// job itself runs).
+    fn start_keepers(&mut self) {
+        let nodes = self.agents.len() as u32;
+        let red = self.config.redundancy.clone();
+        if nodes < 2 || red.scheme == SchemeName::Disk {
+            return;
+        }
+        let scheme = match red.scheme {
+            SchemeName::Mirror => mome_redundancy::Scheme::Mirror { copies: red.copies },
+            SchemeName::Xor => mome_redundancy::Scheme::Xor { group: red.group },
+            SchemeName::Rs => mome_redundancy::Scheme::Rs {
+                data: red.data,
+                parity: red.parity,
+            },
+            SchemeName::Disk => unreachable!("returned above"),
+        };
+        if let Err(e) = mome_redundancy::validate(&scheme, nodes) {
+            self.say(format!(
+                "mome: redundancy: {e}; checkpoints of this job will fail"
+            ));
+            return;
+        }
+        let (replicas, parity): (Vec<Vec<u32>>, Vec<Option<ParityPlan>>) = (0..nodes)
+            .map(|n| match scheme {
+                mome_redundancy::Scheme::Mirror { copies } => {
+                    (mome_redundancy::mirror_holders(n, nodes, copies), None)
+                }
+                // Parity groups: every member keeps parity shards of the
+                // others' stripes (shown as the node's holders).
+                _ => (
+                    Vec::new(),
+                    Some(ParityPlan {
+                        members: mome_redundancy::group_of(&scheme, n, nodes),
+                        xor: red.scheme == SchemeName::Xor,
+                        parity: if red.scheme == SchemeName::Xor {
+                            1
+                        } else {
+                            red.parity
+                        },
+                    }),
+                ),
+            })
+            .unzip();
+        let mut missing = String::new();
+        let bin = crate::keepers::locate(&self.install.agent);
+        for node in 0..nodes {
+            let adopted = if self.restore.is_some() {
+                match crate::keepers::Keeper::adopt(&self.job, node) {
+                    Ok(k) => k,
+                    Err(e) => {
+                        self.log.line(format_args!("{e}"));
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let keeper = match (adopted, &bin) {
+                (Some(k), _) => {
+                    self.log.line(format_args!(
+                        "node {node}: adopted its keeper (pid {}), store {}",
+                        k.pid,
+                        k.path.display()
+                    ));
+                    Some(k)
+                }
+                (None, Some(bin)) => match crate::keepers::Keeper::spawn(
+                    bin,
+                    &self.job,
+                    node,
+                    red.memory_limit.0,
+                    red.grace.0,
+                ) {
+                    Ok(k) => {
+                        self.log.line(format_args!(
+                            "node {node}: keeper started (pid {}), store {}",
+                            k.pid,
+                            k.path.display()
+                        ));
+                        Some(k)
+                    }
+                    Err(e) => {
+                        missing = e.to_string();
+                        self.log.line(format_args!("{e}"));
+                        None
+                    }
+                },
+                (None, None) => {
+                    missing = "mome-keeper was not found next to mome-agent (set MOME_KEEPER_BIN, or redundancy.scheme: disk)".into();
+                    None
+                }
+            };
+            if let (Some(k), Some(status)) = (&keeper, self.status.agents.get_mut(node as usize)) {
+                status.store = Some(k.path.display().to_string());
+                status.holders = match &parity[node as usize] {
+                    Some(plan) => plan
+                        .members
+                        .iter()
+                        .copied()
+                        .filter(|&m| m != node)
+                        .collect(),
+                    None => replicas[node as usize].clone(),
+                };
+            }
+            self.keepers.push(keeper);
+        }
+        if !missing.is_empty() {
+            self.log.line(format_args!(
+                "diskless checkpoints unavailable on some nodes: {missing}"
+            ));
+        }
+        let stores = self
+            .keepers
+            .iter()
+            .map(|k| k.as_ref().map(|k| k.path.clone()))
+            .collect();
+        self.ckpt.set_memory(crate::checkpoint::MemoryStores {
+            stores,
+            replicas,
+            parity,
+            disk_every: red.disk_every,
+            missing,
+        });
+        self.status_dirty = true;
+    }
+
+    /// The keepers at the end: a clean end frees their memory; any other
+    /// (failure, recovery by mome-restart) leaves it for the grace period.
+    fn stop_keepers(&mut self, clean: bool) {
+        for k in self.keepers.drain(..).flatten() {
+            if clean {
+                k.end();
+            } else {
+                k.release();
+            }
+        }
     }
 
     fn fail_setup(&mut self, code: i32, message: String) {
@@ -1526,7 +1723,8 @@ impl Coordinator {
     fn kill_leftovers_once(&mut self) {
         let me = std::process::id() as i32;
         for pid in os::children_of(me) {
-            if self.agents.iter().any(|a| a.pid == Some(pid) && a.alive())
+            if self.is_keeper(pid)
+                || self.agents.iter().any(|a| a.pid == Some(pid) && a.alive())
                 || self
                     .ranks
                     .iter()
@@ -1709,6 +1907,21 @@ impl Coordinator {
     /// first such news ends the job, later ones are only logged.
     fn node_failed(&mut self, node: u32, reason: String) {
         let running = matches!(self.phase, Phase::AgentStarting { .. } | Phase::Running);
+        if running && self.cause.is_none() && self.phase == Phase::Running {
+            if let Some(stamp) = self.recoverable() {
+                if let Some(agent) = self.status.agents.get_mut(node as usize) {
+                    agent.failed = Some(reason.clone());
+                }
+                self.say(format!(
+                    "mome: node {node} failed: {reason}; restarting the job from its newest recoverable checkpoint (stamp {stamp} or older)"
+                ));
+                self.cause = Some(EndCause::NodeFailed { node, reason });
+                self.recover = true;
+                // The ranks go back to the stamp: nothing they do now counts.
+                self.begin_ending(libc::SIGKILL);
+                return;
+            }
+        }
         if self.cause.is_some() || !running {
             // Often a consequence of the first failure (agents that lose a
             // peer, or are being stopped): not marked as failed.
@@ -1731,6 +1944,26 @@ impl Coordinator {
             // Still starting: no rank runs yet.
             self.phase = Phase::Done;
         }
+    }
+
+    /// A node failure can be recovered from: diskless checkpoints with
+    /// `redundancy.on_failure: restart` and a committed stamp; returns it.
+    fn recoverable(&self) -> Option<Stamp> {
+        let on = self.config.redundancy.on_failure == OnFailure::Restart;
+        let stores = self.keepers.iter().any(Option::is_some);
+        on.then_some(())?;
+        stores.then_some(())?;
+        self.ckpt.committed()
+    }
+
+    /// `pid` is one of the job's keepers (they outlive the job's processes).
+    fn is_keeper(&self, pid: i32) -> bool {
+        self.keepers.iter().flatten().any(|k| k.pid == pid)
+    }
+
+    /// The ranks' output goes untagged.
+    fn tagged_off(&self) -> bool {
+        !self.tagged
     }
 
     // ---- the agents ----
@@ -2191,8 +2424,9 @@ impl Coordinator {
     // ---- the end ----
 
     /// Stops the agent, kills what is left, writes the final status,
-    /// flushes the output; returns the job's exit status.
-    fn finish(mut self) -> i32 {
+    /// flushes the output; returns the job's exit status, and whether the
+    /// job is to be recovered by mome-restart.
+    fn finish(mut self) -> (i32, bool) {
         let actions = self.ckpt.on_job_end();
         self.apply(actions);
         if let Some(control) = self.control.as_mut() {
@@ -2230,7 +2464,10 @@ impl Coordinator {
                 .unwrap_or_default()
         ));
         self.flush_output();
-        exit_code
+        self.stop_keepers(exit_code == 0 && self.cause.is_none());
+        // Decoded data of a parity restart (RAM) is no longer needed.
+        crate::parity::remove_decoded(&self.job.id);
+        (exit_code, self.recover)
     }
 
     /// Stops every agent, all at once: EOF on its stdin first (its cue to
@@ -2297,7 +2534,10 @@ impl Coordinator {
         let deadline = Instant::now() + LEFTOVER_WAIT;
         loop {
             self.reap_children();
-            let left = os::children_of(std::process::id() as i32);
+            let left: Vec<i32> = os::children_of(std::process::id() as i32)
+                .into_iter()
+                .filter(|&p| !self.is_keeper(p))
+                .collect();
             if left.is_empty() {
                 return;
             }

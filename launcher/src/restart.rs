@@ -193,7 +193,27 @@ pub fn plan_with_roots(
     // The roots of the stamp last found usable: the chosen one.
     let mut usable: Option<(Stamp, Vec<(PathBuf, String)>)> = None;
     let mut check = |stamp: Stamp| {
-        let roots = stamp_roots(&root, stamp, &candidates, level)?;
+        let roots = match stamp_roots(&root, stamp, &candidates, level) {
+            Ok(roots) => roots,
+            Err(reason) => {
+                // Parity schemes: a lost member's data is decoded from the
+                // others' and their shards.
+                let decoded = crate::parity::decode_lost(
+                    &job.id,
+                    &spec.config.redundancy,
+                    spec.nodes,
+                    stamp,
+                    &candidates,
+                )
+                .map_err(|e| format!("{reason}. {e}"))?;
+                if decoded.is_empty() {
+                    return Err(reason);
+                }
+                let mut all = candidates.clone();
+                all.extend(decoded);
+                stamp_roots(&root, stamp, &all, level)?
+            }
+        };
         usable = Some((stamp, roots));
         Ok(())
     };

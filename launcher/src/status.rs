@@ -507,10 +507,46 @@ pub fn render_detail(d: &JobDetail) -> String {
             ]
         })
         .collect();
-    out.push_str(&render_table(
-        &["NODE", "PID", "STATE", "LISTEN", "RANKS"],
-        &agents,
-    ));
+    if d.agents.iter().any(|a| a.store.is_some()) {
+        // Diskless checkpoints: who holds copies of each node's increments,
+        // and the checkpoint memory each node's keeper uses now.
+        let rows: Vec<[String; 7]> = d
+            .agents
+            .iter()
+            .zip(&agents)
+            .map(|(a, row)| {
+                let [n, p, s, l, r] = row.clone();
+                let copies = if a.holders.is_empty() {
+                    "-".to_string()
+                } else {
+                    crate::coordinator::rank_list(&a.holders)
+                };
+                let memory = a
+                    .store
+                    .as_deref()
+                    .and_then(store_usage)
+                    .map_or("-".to_string(), human_bytes);
+                [n, p, s, l, r, copies, memory]
+            })
+            .collect();
+        out.push_str(&render_table(
+            &[
+                "NODE",
+                "PID",
+                "STATE",
+                "LISTEN",
+                "RANKS",
+                "COPIES ON",
+                "CKPT MEMORY",
+            ],
+            &rows,
+        ));
+    } else {
+        out.push_str(&render_table(
+            &["NODE", "PID", "STATE", "LISTEN", "RANKS"],
+            &agents,
+        ));
+    }
     for a in &d.agents {
         if let Some(reason) = &a.failed {
             out.push_str(&format!("node {} failed: {reason}\n", a.node));
@@ -560,6 +596,12 @@ pub fn render_detail(d: &JobDetail) -> String {
 }
 
 /// `18.2 MB`, `512 B`.
+/// Bytes used in a keeper's store (its tmpfs), if it is reachable.
+fn store_usage(path: &str) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    Some((st.blocks() - st.blocks_free()) as u64 * st.fragment_size() as u64)
+}
+
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
     let mut value = n as f64;

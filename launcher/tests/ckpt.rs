@@ -86,7 +86,7 @@ fn mome_ckpt_commits_and_mome_status_lists_it() {
     );
     let commands = std::fs::read_to_string(env.path("commands")).unwrap();
     assert!(
-        commands.contains(r#"{"cmd":"commit","stamp":3}"#),
+        commands.contains(r#"{"cmd":"commit","stamp":3,"#),
         "{commands}"
     );
 

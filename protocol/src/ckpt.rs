@@ -49,6 +49,24 @@ pub enum AgentCommand {
         /// ranks run again (each wait bounded by `park_timeout_ms`).
         #[serde(default)]
         coordinated: bool,
+        /// Diskless checkpoints: the nodes that keep a copy of this node's
+        /// increment (in their memory stores); `Durable` comes once each
+        /// holds it.
+        #[serde(default)]
+        replicas: Vec<u32>,
+        /// Also copy the stamp's files (and the older pages files its index
+        /// uses) to this store root on disk (the disk level).
+        #[serde(default)]
+        disk: Option<PathBuf>,
+        /// Parity schemes (xor, rs): this node's parity group; its
+        /// increment is striped over the group and each member keeps
+        /// parity shards of the others'.
+        #[serde(default)]
+        parity: Option<ParityPlan>,
+        /// Take every page, not only what changed since the base (parity
+        /// sets cover one stamp: each is a full checkpoint).
+        #[serde(default)]
+        full: bool,
     },
     /// Coordinated checkpoints: every node is parked and drained, take the
     /// stamp's pages.
@@ -62,6 +80,13 @@ pub enum AgentCommand {
     },
     Commit {
         stamp: Stamp,
+        /// Diskless checkpoints: the committed manifest (the file's text),
+        /// kept in the node's memory store next to the data, and how many
+        /// committed stamps that store keeps.
+        #[serde(default)]
+        manifest: Option<String>,
+        #[serde(default)]
+        keep: u32,
     },
     Abort {
         stamp: Stamp,
@@ -73,6 +98,17 @@ pub enum AgentCommand {
     Peers {
         addrs: Vec<String>,
     },
+}
+
+/// A parity group, as the coordinator tells each member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParityPlan {
+    /// Node numbers of the members, in group order.
+    pub members: Vec<u32>,
+    /// xor (one parity shard per stripe, plain XOR) or Reed-Solomon with
+    /// `parity` shards per stripe.
+    pub xor: bool,
+    pub parity: u32,
 }
 
 /// Agent -> coordinator, one JSON object per line on the agent's stdout.
@@ -122,6 +158,15 @@ pub enum AgentEvent {
         image_bytes: u64,
         /// Microseconds from the command to durability.
         elapsed_us: u64,
+        /// Diskless checkpoints: the other nodes that hold a copy.
+        #[serde(default)]
+        held_by: Vec<u32>,
+        /// The stamp is also in the disk store.
+        #[serde(default)]
+        on_disk: bool,
+        /// Microseconds spent sending the copies (and writing to disk).
+        #[serde(default)]
+        copy_us: u64,
     },
     /// The checkpoint cannot be taken: ranks were resumed (or never
     /// stopped), nothing of `stamp` is to be used.

@@ -41,6 +41,69 @@ pub struct Config {
     pub output: OutputConfig,
     pub checkpoint: CheckpointConfig,
     pub nodes: NodesConfig,
+    pub redundancy: RedundancyConfig,
+}
+
+/// Diskless checkpoints of multi-node jobs: where each node's checkpoint
+/// data is kept besides the node itself, and what happens when a node
+/// fails. A one-node job writes to `checkpoint.dir` as before.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedundancyConfig {
+    /// mirror (each node's increment held in memory by `copies` other
+    /// nodes), xor (parity groups of `group` nodes), rs (Reed-Solomon,
+    /// `data` + `parity` nodes per group), or disk (no memory copies: every
+    /// stamp goes to `checkpoint.dir`, as on one node).
+    pub scheme: SchemeName,
+    pub copies: u32,
+    pub group: u32,
+    pub data: u32,
+    pub parity: u32,
+    /// Every this many stamps the stamp also goes to `checkpoint.dir`
+    /// (whole-system failures); 0: never.
+    pub disk_every: u32,
+    /// Memory each node may use for checkpoint data (its own and what it
+    /// holds for others); 0: no limit of its own.
+    pub memory_limit: ByteSize,
+    /// How long a node keeps its checkpoint memory after mome-run ended
+    /// abnormally, for `mome-restart`.
+    pub grace: Span,
+    /// What mome-run does when a node fails: restart (from the newest
+    /// recoverable stamp, the failed node's ranks on a replacement node)
+    /// or stop (end the job, as without checkpoints).
+    pub on_failure: OnFailure,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SchemeName {
+    Mirror,
+    Xor,
+    Rs,
+    Disk,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    Restart,
+    Stop,
+}
+
+impl Default for RedundancyConfig {
+    fn default() -> Self {
+        RedundancyConfig {
+            scheme: SchemeName::Mirror,
+            copies: 2,
+            group: 4,
+            data: 2,
+            parity: 1,
+            disk_every: 0,
+            memory_limit: ByteSize(0),
+            grace: Span(Duration::from_secs(600)),
+            on_failure: OnFailure::Restart,
+        }
+    }
 }
 
 /// How ranks are placed on nodes and how the node agents talk to each other.

@@ -349,6 +349,13 @@ pub struct AgentStatus {
     /// reported it), when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed: Option<String>,
+    /// Diskless checkpoints: the node's memory store (its keeper's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    /// Diskless checkpoints: the nodes that hold a copy of this node's
+    /// increments (mirror), or the other members of its parity group.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<u32>,
 }
 
 /// Live and final state of a job, kept in status.json and served on the

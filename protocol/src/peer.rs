@@ -202,7 +202,48 @@ pub enum PeerMsg {
     /// Restore: the sender sent all its `OwnerHints` (this connection is
     /// ordered: the receiver has them all).
     HintsDone,
+    /// Diskless checkpoints: a piece of node `source`'s file of `stamp`
+    /// (its index when `index`, else its pages file) for the receiver's
+    /// memory store: `data` goes at `offset` of a file of `total` bytes.
+    /// The pages file comes first, the index last.
+    StoreChunk {
+        source: u32,
+        stamp: u64,
+        index: bool,
+        offset: u64,
+        total: u64,
+        data: Vec<u8>,
+    },
+    /// Parity schemes: the sizes of node `source`'s files of `stamp`
+    /// (every member of its group needs them to stripe alike).
+    ParityInfo {
+        source: u32,
+        stamp: u64,
+        pages_len: u64,
+        index_len: u64,
+    },
+    /// Parity schemes: a piece of chunk `chunk` of node `source`'s
+    /// striped files of `stamp` (the chunk is `total` bytes), for the
+    /// parity shard the receiver keeps of that chunk's stripe.
+    ParityChunk {
+        source: u32,
+        stamp: u64,
+        chunk: u32,
+        offset: u64,
+        total: u64,
+        data: Vec<u8>,
+    },
+    /// The receiver holds node `source`'s files of `stamp` (complete and
+    /// checked), or could not keep them (`error`).
+    StoreHeld {
+        source: u32,
+        stamp: u64,
+        error: Option<String>,
+    },
 }
+
+/// Most bytes of file data in one `StoreChunk` (a frame is at most 64 KiB).
+pub const MAX_STORE_CHUNK: usize = 60 * 1024;
 
 /// Most runs in one `OwnerHints` message (a frame is at most 64 KiB).
 pub const MAX_HINT_RUNS: usize = 2048;
@@ -229,6 +270,10 @@ impl PeerMsg {
             PeerMsg::Leaving => "Leaving",
             PeerMsg::OwnerHints { .. } => "OwnerHints",
             PeerMsg::HintsDone => "HintsDone",
+            PeerMsg::StoreChunk { .. } => "StoreChunk",
+            PeerMsg::StoreHeld { .. } => "StoreHeld",
+            PeerMsg::ParityInfo { .. } => "ParityInfo",
+            PeerMsg::ParityChunk { .. } => "ParityChunk",
         }
     }
 
@@ -255,6 +300,45 @@ impl PeerMsg {
                 "request for {prefetch} prefetched pages, more than {MAX_PREFETCH}"
             )),
             PeerMsg::Hello { job, .. } if job.len() > MAX_TEXT => Err("job id too long".into()),
+            PeerMsg::ParityChunk { data, .. } if data.len() > MAX_STORE_CHUNK => Err(format!(
+                "parity chunk of {} bytes, more than {MAX_STORE_CHUNK}",
+                data.len()
+            )),
+            PeerMsg::ParityChunk {
+                offset,
+                total,
+                data,
+                ..
+            } if offset
+                .checked_add(data.len() as u64)
+                .is_none_or(|end| end > *total) =>
+            {
+                Err(format!(
+                    "parity chunk {offset}+{} past its {total} bytes",
+                    data.len()
+                ))
+            }
+            PeerMsg::StoreChunk { data, .. } if data.len() > MAX_STORE_CHUNK => Err(format!(
+                "store chunk of {} bytes, more than {MAX_STORE_CHUNK}",
+                data.len()
+            )),
+            PeerMsg::StoreChunk {
+                offset,
+                total,
+                data,
+                ..
+            } if offset
+                .checked_add(data.len() as u64)
+                .is_none_or(|end| end > *total) =>
+            {
+                Err(format!(
+                    "store chunk {offset}+{} past the file's {total} bytes",
+                    data.len()
+                ))
+            }
+            PeerMsg::StoreHeld { error: Some(e), .. } if e.len() > MAX_TEXT => {
+                Err("store error text too long".into())
+            }
             PeerMsg::OwnerHints { runs } if runs.len() > MAX_HINT_RUNS => Err(format!(
                 "{} owner hints, more than {MAX_HINT_RUNS}",
                 runs.len()

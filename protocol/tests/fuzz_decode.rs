@@ -478,6 +478,57 @@ fn arb_peer_msg() -> impl Strategy<Value = PeerMsg> {
         proptest::collection::vec((any::<u64>(), any::<u32>()), 0..8)
             .prop_map(|runs| PeerMsg::OwnerHints { runs }),
         Just(PeerMsg::HintsDone),
+        (
+            any::<u32>(),
+            any::<u64>(),
+            any::<bool>(),
+            any::<u64>(),
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 0..64)
+        )
+            .prop_map(|(source, stamp, index, offset, total, data)| {
+                PeerMsg::StoreChunk {
+                    source,
+                    stamp,
+                    index,
+                    offset,
+                    total,
+                    data,
+                }
+            }),
+        (any::<u32>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+            |(source, stamp, pages_len, index_len)| PeerMsg::ParityInfo {
+                source,
+                stamp,
+                pages_len,
+                index_len
+            }
+        ),
+        (
+            any::<u32>(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<u64>(),
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 0..64)
+        )
+            .prop_map(|(source, stamp, chunk, offset, total, data)| {
+                PeerMsg::ParityChunk {
+                    source,
+                    stamp,
+                    chunk,
+                    offset,
+                    total,
+                    data,
+                }
+            }),
+        (any::<u32>(), any::<u64>(), proptest::option::of(".{0,20}")).prop_map(
+            |(source, stamp, error)| PeerMsg::StoreHeld {
+                source,
+                stamp,
+                error
+            }
+        ),
     ]
 }
 
@@ -503,9 +554,13 @@ fn peer_tag(m: &PeerMsg) -> u8 {
         PeerMsg::Leaving => 15,
         PeerMsg::OwnerHints { .. } => 16,
         PeerMsg::HintsDone => 17,
+        PeerMsg::StoreChunk { .. } => 18,
+        PeerMsg::ParityInfo { .. } => 19,
+        PeerMsg::ParityChunk { .. } => 20,
+        PeerMsg::StoreHeld { .. } => 21,
     }
 }
-const PEER_VARIANTS: u8 = 18;
+const PEER_VARIANTS: u8 = 22;
 
 /// What `validate` must answer, written independently of it.
 fn expected_valid(m: &PeerMsg) -> bool {
@@ -522,6 +577,29 @@ fn expected_valid(m: &PeerMsg) -> bool {
             op: SegmentOp::Open { name, .. } | SegmentOp::Unlink { name },
             ..
         } => name.len() <= 4096,
+        PeerMsg::StoreChunk {
+            offset,
+            total,
+            data,
+            ..
+        } => {
+            data.len() <= mome_protocol::peer::MAX_STORE_CHUNK
+                && offset
+                    .checked_add(data.len() as u64)
+                    .is_some_and(|end| end <= *total)
+        }
+        PeerMsg::StoreHeld { error, .. } => error.as_ref().is_none_or(|e| e.len() <= 4096),
+        PeerMsg::ParityChunk {
+            offset,
+            total,
+            data,
+            ..
+        } => {
+            data.len() <= mome_protocol::peer::MAX_STORE_CHUNK
+                && offset
+                    .checked_add(data.len() as u64)
+                    .is_some_and(|end| end <= *total)
+        }
         _ => true,
     }
 }
@@ -919,6 +997,14 @@ fn huge_claims(len: u128, filler_len: usize) -> Vec<(&'static str, Kind, Vec<u8>
         },
     }));
     let hints = body(encode_frame(&PeerMsg::OwnerHints { runs: Vec::new() }));
+    let chunk = body(encode_frame(&PeerMsg::StoreChunk {
+        source: 1,
+        stamp: 2,
+        index: false,
+        offset: 3,
+        total: 4,
+        data: Vec::new(),
+    }));
     let sync_err = body(encode_frame(&PeerMsg::SyncDone {
         req: 1,
         answer: SyncAnswer::Error(String::new()),
@@ -972,6 +1058,7 @@ fn huge_claims(len: u128, filler_len: usize) -> Vec<(&'static str, Kind, Vec<u8>
         ("Refused.reason", Kind::Peer, &refused, last(&refused)),
         ("Segment.Open.name", Kind::Peer, &seg_open, 5),
         ("OwnerHints.runs", Kind::Peer, &hints, 1),
+        ("StoreChunk.data", Kind::Peer, &chunk, last(&chunk)),
         ("SyncDone.Error", Kind::Peer, &sync_err, last(&sync_err)),
         (
             "SegmentDone.Error.message",
@@ -1350,6 +1437,38 @@ fn peer_samples() -> Vec<(String, PeerMsg)> {
         runs: vec![(0, 16), (4096, 3)],
     });
     out.push(PeerMsg::HintsDone);
+    out.push(PeerMsg::StoreChunk {
+        source: 1,
+        stamp: 7,
+        index: true,
+        offset: 0,
+        total: 5,
+        data: vec![1, 2, 3, 4, 5],
+    });
+    out.push(PeerMsg::StoreHeld {
+        source: 1,
+        stamp: 7,
+        error: None,
+    });
+    out.push(PeerMsg::ParityInfo {
+        source: 1,
+        stamp: 7,
+        pages_len: 8192,
+        index_len: 300,
+    });
+    out.push(PeerMsg::ParityChunk {
+        source: 1,
+        stamp: 7,
+        chunk: 2,
+        offset: 0,
+        total: 3,
+        data: vec![9, 8, 7],
+    });
+    out.push(PeerMsg::StoreHeld {
+        source: 1,
+        stamp: 7,
+        error: Some("no space left on device".into()),
+    });
     out.push(PeerMsg::PageGrant {
         page: 1,
         req: 2,
@@ -1392,6 +1511,7 @@ fn peer_samples() -> Vec<(String, PeerMsg)> {
                 PeerMsg::PageGrant { data: None, .. } => Some("NoData".into()),
                 PeerMsg::PageGrant { extra, .. } if !extra.is_empty() => Some("Prefetch".into()),
                 PeerMsg::PageRequest { prefetch, .. } if *prefetch > 0 => Some("Prefetch".into()),
+                PeerMsg::StoreHeld { error: Some(_), .. } => Some("Error".into()),
                 _ => None,
             };
             if let Some(inner) = inner {

@@ -532,6 +532,8 @@ impl Rank {
                 Ok(m) => m,
                 Err(nix::errno::Errno::EAGAIN) => return Got::Nothing,
                 Err(nix::errno::Errno::ECONNRESET) => return Got::Closed,
+                // A signal to the test process (a child's SIGCHLD).
+                Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => panic!("recvmsg: {e}"),
             };
             let n = msg.bytes;

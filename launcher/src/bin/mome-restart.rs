@@ -86,19 +86,26 @@ fn main() {
         Verify::Quick => mome_store::VerifyLevel::Quick,
         Verify::Full => mome_store::VerifyLevel::Full,
     };
-    let from = match restart::plan(&home, &cli.job, cli.stamp, level, &mut |line| {
-        print_stderr(&format!("{line}\n"))
-    }) {
-        Ok(from) => from,
-        Err(e) => {
-            print_stderr(&format!("mome-restart: {e}\n"));
-            std::process::exit(e.exit_code());
-        }
-    };
+    let (from, roots) =
+        match restart::plan_with_roots(&home, &cli.job, cli.stamp, level, &mut |line| {
+            print_stderr(&format!("{line}\n"))
+        }) {
+            Ok(planned) => planned,
+            Err(e) => {
+                print_stderr(&format!("mome-restart: {e}\n"));
+                std::process::exit(e.exit_code());
+            }
+        };
     print_stderr(&format!(
         "mome: restarting job {} from stamp {}\n",
         from.job.id, from.stamp
     ));
+    if from.spec.nodes > 1 {
+        for (node, (_, label)) in roots.iter().enumerate() {
+            print_stderr(&format!("mome: node {node} restores from the {label}\n"));
+        }
+    }
+    let node_roots = roots.into_iter().map(|(root, _)| root).collect();
     let mut config = from.spec.config.clone();
     CkptOverrides {
         dir: None,
@@ -115,6 +122,7 @@ fn main() {
         program: from.spec.command.clone().into_os_string(),
         args: Vec::new(),
         restart: Some(from),
+        node_roots,
     });
     std::process::exit(code);
 }

@@ -191,6 +191,7 @@ fn main() {
         program,
         args: command.collect(),
         restart: None,
+        node_roots: Vec::new(),
     });
     std::process::exit(code);
 }
