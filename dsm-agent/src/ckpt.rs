@@ -443,6 +443,14 @@ pub fn command(agent: &Arc<Agent>, cmd: AgentCommand) {
         AgentCommand::Resume { stamp } => step(agent, stamp, Step::Resume),
         AgentCommand::Abort { stamp } => {
             step(agent, stamp, Step::Abort);
+            if let Some(root) = agent.id.mem_store.as_ref() {
+                // What this stamp left in the memory store (this node's
+                // files, copies and shards of others') is of no use.
+                let freed = crate::replicate::forget_stamp(root, stamp);
+                if freed > 0 {
+                    log!("checkpoint {stamp} aborted: {freed} bytes of the memory store freed");
+                }
+            }
             let mut e = lock(&agent.ckpt.engine);
             match e.pending.take() {
                 Some(p) if p.stamp == stamp => {

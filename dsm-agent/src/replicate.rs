@@ -384,6 +384,30 @@ pub fn copy_to_disk(
     Ok(copied)
 }
 
+/// Removes every file of `stamp` from a memory store (an aborted stamp):
+/// node files, copies being received, parity shards. Returns the bytes.
+pub fn forget_stamp(root: &Path, stamp: Stamp) -> u64 {
+    let prefix = format!("{stamp:08}.");
+    let mut freed = 0;
+    let dirs = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir() && !p.ends_with("stamps"));
+    for dir in dirs {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+                if std::fs::remove_file(e.path()).is_ok() {
+                    freed += len;
+                }
+            }
+        }
+    }
+    freed
+}
+
 /// Commit of a diskless stamp: its manifest goes into the node's memory
 /// store (so that the store describes itself, as the disk store does),
 /// and the store keeps the `keep` newest committed stamps.
