@@ -107,3 +107,177 @@ fn fortran_common_blocks_restart_on_two_nodes() {
         Duration::from_millis(500),
     );
 }
+
+/// The pids of node `node`'s agent and keeper.
+fn node_pids(home: &Home, id: &str, node: u32) -> Vec<i32> {
+    let dir = home.path().join("jobs").join(id);
+    let status: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("status.json")).unwrap()).unwrap();
+    let mut pids: Vec<i32> = status["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["node"] == node)
+        .filter_map(|a| a["pid"].as_i64().map(|p| p as i32))
+        .collect();
+    let keeper = dir.join("keepers").join(format!("node-{node}.json"));
+    if let Ok(text) = std::fs::read_to_string(keeper) {
+        let k: serde_json::Value = serde_json::from_str(&text).unwrap();
+        pids.push(k["pid"].as_i64().unwrap() as i32);
+    }
+    pids
+}
+
+/// Kills node `node` (its agent and its keeper: its memory is gone).
+fn kill_node(home: &Home, id: &str, node: u32) {
+    for pid in node_pids(home, id, node) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+/// Runs jacobi on 4 nodes with `config`, checkpoints it, kills `nodes`,
+/// and returns the job's exit status and stderr once it ended.
+fn kill_after_checkpoint(config: &str, nodes: &[u32]) -> (i32, String, String) {
+    let home = Home::new();
+    let cfg = home.path().join("job.yaml");
+    std::fs::write(&cfg, config).unwrap();
+    let app_path = app("jacobi");
+    let mut job = home.start(
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "-n",
+            "4",
+            "--nodes",
+            "4",
+            app_path.to_str().unwrap(),
+            "512",
+            "20000",
+        ],
+        "first",
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    home.ckpt(&job.id)
+        .unwrap_or_else(|e| panic!("checkpoint failed: {e}\n{}", job.stderr()));
+    for &n in nodes {
+        kill_node(&home, &job.id, n);
+    }
+    let status = job.wait(120);
+    let (out, err) = (job.stdout(), job.stderr());
+    home.assert_nothing_left();
+    (status.code().unwrap_or(-1), out, err)
+}
+
+fn jacobi_native() -> String {
+    let o = native(&app("jacobi"), &["512", "20000"], None);
+    assert_ok(&o, "jacobi");
+    checksum_line(&stdout(&o))
+}
+
+#[test]
+fn xor_parity_brings_back_a_lost_node() {
+    let (code, out, err) = kill_after_checkpoint("redundancy:\n  scheme: xor\n", &[2]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(checksum_line(&out), jacobi_native(), "{err}");
+    assert!(
+        err.contains("node 2 restores from the data decoded from the parity of its group"),
+        "{err}"
+    );
+}
+
+#[test]
+fn reed_solomon_brings_back_two_lost_nodes() {
+    let (code, out, err) = kill_after_checkpoint(
+        "redundancy:\n  scheme: rs\n  data: 2\n  parity: 2\n",
+        &[0, 3],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(checksum_line(&out), jacobi_native(), "{err}");
+    for n in [0, 3] {
+        assert!(
+            err.contains(&format!("node {n} restores from the data decoded")),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn xor_cannot_bring_back_two_nodes_of_a_group() {
+    let (code, _, err) = kill_after_checkpoint("redundancy:\n  scheme: xor\n", &[1, 2]);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("its parity rebuilds at most 1"),
+        "the refusal does not say why:\n{err}"
+    );
+    assert!(err.contains("no usable checkpoint"), "{err}");
+}
+
+#[test]
+fn the_memory_limit_fails_a_checkpoint_clearly() {
+    let home = Home::new();
+    let cfg = home.path().join("job.yaml");
+    std::fs::write(&cfg, "redundancy:\n  memory_limit: 3M\n").unwrap();
+    let app_path = app("jacobi");
+    let mut job = home.start(
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "-n",
+            "4",
+            "--nodes",
+            "4",
+            app_path.to_str().unwrap(),
+            "512",
+            "2000",
+        ],
+        "first",
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let e = home.ckpt(&job.id).unwrap_err();
+    assert!(
+        e.contains("its checkpoint memory is full (redundancy.memory_limit)"),
+        "{e}"
+    );
+    // The job goes on and ends normally.
+    assert!(job.wait(120).success(), "{}", job.stderr());
+    home.assert_nothing_left();
+}
+
+#[test]
+fn the_disk_level_survives_the_loss_of_every_node() {
+    let home = Home::new();
+    let cfg = home.path().join("job.yaml");
+    std::fs::write(&cfg, "redundancy:\n  disk_every: 1\n").unwrap();
+    let app_path = app("jacobi");
+    let mut job = home.start(
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "-n",
+            "4",
+            "--nodes",
+            "2",
+            app_path.to_str().unwrap(),
+            "512",
+            "20000",
+        ],
+        "first",
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    home.ckpt(&job.id).unwrap();
+    // Every node (memory included) and mome-run.
+    for n in 0..2 {
+        kill_node(&home, &job.id, n);
+    }
+    job.kill9(&home);
+    let out = home.restart(&job.id, &[]);
+    assert_ok(&out, "mome-restart from the disk level");
+    assert_eq!(checksum_line(&stdout(&out)), jacobi_native());
+    assert!(
+        stderr(&out).contains("node 1 restores from the disk"),
+        "{}",
+        stderr(&out)
+    );
+    home.assert_nothing_left();
+}
