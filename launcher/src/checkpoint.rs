@@ -196,6 +196,16 @@ impl Checkpointer {
         self.parent
     }
 
+    /// Node `node`'s memory store is gone (`why`): its checkpoints fail.
+    pub fn lose_store(&mut self, node: u32, why: String) {
+        if let Some(m) = self.settings.memory.as_mut() {
+            if let Some(s) = m.stores.get_mut(node as usize) {
+                *s = None;
+                m.missing = why;
+            }
+        }
+    }
+
     /// Diskless checkpoints from now on.
     pub fn set_memory(&mut self, memory: MemoryStores) {
         // The newest stamp the disk store holds whole (a restarted job

@@ -233,11 +233,31 @@ pub fn run(opts: RunOptions) -> i32 {
     coordinator.event_loop();
     let no_prefix = coordinator.tagged_off();
     let id = coordinator.job.id.clone();
+    // Recoveries in a row that committed nothing new.
+    let fruitless = if coordinator.ckpt.history.is_empty() {
+        recoveries_so_far() + 1
+    } else {
+        1
+    };
     let (code, recover) = coordinator.finish();
     if recover {
-        recover_with_restart(&id, no_prefix);
+        recover_with_restart(&id, no_prefix, fruitless);
     }
     code
+}
+
+/// Recoveries in a row without a new committed stamp after which a node
+/// failure ends the job: something fails again at every restart.
+const MAX_FRUITLESS_RECOVERIES: u32 = 8;
+
+/// Environment variable carrying the count across the exec.
+const RECOVERIES_VAR: &str = "MOME_RECOVERIES";
+
+fn recoveries_so_far() -> u32 {
+    std::env::var(RECOVERIES_VAR)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// A node failed and a committed stamp can bring the job back: this
@@ -246,7 +266,7 @@ pub fn run(opts: RunOptions) -> i32 {
 /// every node can be restored from (memory of the live nodes, copies on
 /// other nodes, the disk level), gives the failed node's ranks a
 /// replacement node and runs the job on. Only returns when the exec fails.
-fn recover_with_restart(id: &str, no_prefix: bool) {
+fn recover_with_restart(id: &str, no_prefix: bool, fruitless: u32) {
     let own_dir = std::env::current_exe()
         .ok()
         .and_then(|e| e.parent().map(std::path::Path::to_path_buf))
@@ -256,7 +276,7 @@ fn recover_with_restart(id: &str, no_prefix: bool) {
     if no_prefix {
         cmd.arg("--no-prefix");
     }
-    cmd.arg(id);
+    cmd.arg(id).env(RECOVERIES_VAR, fruitless.to_string());
     use std::os::unix::process::CommandExt;
     let e = cmd.exec();
     os::print_stderr(&format!(
@@ -1822,10 +1842,50 @@ impl Coordinator {
         {
             return self.on_rank_exit(index, reaped.state);
         }
+        if let Some(node) = self
+            .keepers
+            .iter()
+            .flatten()
+            .find(|k| k.pid == reaped.pid)
+            .map(|k| k.node)
+        {
+            return self.on_keeper_exit(node, reaped.state);
+        }
         self.log.line(format_args!(
             "reaped pid {} ({}), a process the ranks left behind",
             reaped.pid, reaped.state
         ));
+    }
+
+    /// The keeper of `node` died: the node's checkpoint memory (its own
+    /// increments and the copies it held) is gone. With its agent dead too
+    /// the node failed; alone, the job goes on, and its next checkpoints
+    /// fail until it is restarted.
+    fn on_keeper_exit(&mut self, node: u32, state: ProcessState) {
+        self.log.line(format_args!(
+            "keeper of node {node} {}",
+            describe_end(state)
+        ));
+        if let Some(slot) = self.keepers.get_mut(node as usize) {
+            *slot = None;
+        }
+        let agent_dead = self
+            .agents
+            .iter()
+            .find(|a| a.node == node)
+            .and_then(|a| a.pid)
+            .is_some_and(|p| !os::process_exists(p) || os::is_zombie(p));
+        if agent_dead {
+            return self.node_failed(node, "its agent and its keeper died".into());
+        }
+        if matches!(self.phase, Phase::Running | Phase::AgentStarting { .. }) {
+            self.say(format!(
+                "mome: the keeper of node {node} {}: the node's checkpoint memory is lost; its checkpoints fail until the job is restarted",
+                describe_end(state)
+            ));
+            self.ckpt
+                .lose_store(node, format!("its keeper {}", describe_end(state)));
+        }
     }
 
     fn on_rank_exit(&mut self, index: usize, state: ProcessState) {
@@ -1844,6 +1904,23 @@ impl Coordinator {
             self.forward = None;
         }
         let failed = state != ProcessState::Exited(0);
+        if failed && self.cause.is_none() && self.phase == Phase::Running && self.agents.len() > 1 {
+            // A rank ends when it loses its agent: if that agent is dead
+            // (not reaped yet), its node failed, and the job may recover.
+            let node = self.status.ranks[index].node;
+            let agent = self.agents.iter().find(|a| a.node == node);
+            if let Some(apid) = agent.and_then(|a| a.pid) {
+                if !os::process_exists(apid) || os::is_zombie(apid) {
+                    return self.node_failed(
+                        node,
+                        format!(
+                            "its agent (pid {apid}) died (rank {rank_no} {} without it)",
+                            describe_end(state)
+                        ),
+                    );
+                }
+            }
+        }
         if failed && self.cause.is_none() && self.phase == Phase::Running {
             let others = self.ranks.iter().any(RankProc::alive);
             self.say(format!(
@@ -1880,7 +1957,7 @@ impl Coordinator {
         let log = self.job.agent_log(node);
         match self.phase {
             Phase::AgentStarting { awaiting, .. } => {
-                self.agents_not_ready(&[node], awaiting, format!("(it {how})"));
+                self.agents_not_ready(&[node], awaiting, format!("(it {})", describe_end(state)));
             }
             Phase::Running if self.agents.len() == 1 => {
                 let cause = EndCause::AgentDied { node, pid, state };
@@ -1907,7 +1984,15 @@ impl Coordinator {
     /// first such news ends the job, later ones are only logged.
     fn node_failed(&mut self, node: u32, reason: String) {
         let running = matches!(self.phase, Phase::AgentStarting { .. } | Phase::Running);
-        if running && self.cause.is_none() && self.phase == Phase::Running {
+        // A checkpoint in flight cannot count on that node any more.
+        let actions = self
+            .ckpt
+            .on_agent_gone(&format!("node {node} failed ({reason})"));
+        self.apply(actions);
+        // While a restart is starting, the stamp it restores is committed.
+        let restarting =
+            self.restore.is_some() && matches!(self.phase, Phase::AgentStarting { .. });
+        if running && self.cause.is_none() && (self.phase == Phase::Running || restarting) {
             if let Some(stamp) = self.recoverable() {
                 if let Some(agent) = self.status.agents.get_mut(node as usize) {
                     agent.failed = Some(reason.clone());
@@ -1917,8 +2002,13 @@ impl Coordinator {
                 ));
                 self.cause = Some(EndCause::NodeFailed { node, reason });
                 self.recover = true;
-                // The ranks go back to the stamp: nothing they do now counts.
-                self.begin_ending(libc::SIGKILL);
+                if self.phase == Phase::Running {
+                    // The ranks go back to the stamp: nothing they do now counts.
+                    self.begin_ending(libc::SIGKILL);
+                } else {
+                    // Still starting: no rank runs yet.
+                    self.phase = Phase::Done;
+                }
                 return;
             }
         }
@@ -1948,11 +2038,22 @@ impl Coordinator {
 
     /// A node failure can be recovered from: diskless checkpoints with
     /// `redundancy.on_failure: restart` and a committed stamp; returns it.
-    fn recoverable(&self) -> Option<Stamp> {
+    fn recoverable(&mut self) -> Option<Stamp> {
         let on = self.config.redundancy.on_failure == OnFailure::Restart;
         let stores = self.keepers.iter().any(Option::is_some);
         on.then_some(())?;
         stores.then_some(())?;
+        let fruitless = if self.ckpt.history.is_empty() {
+            recoveries_so_far()
+        } else {
+            0
+        };
+        if fruitless >= MAX_FRUITLESS_RECOVERIES {
+            self.say(format!(
+                "mome: {fruitless} recoveries in a row committed no new checkpoint: not recovering again"
+            ));
+            return None;
+        }
         self.ckpt.committed()
     }
 
@@ -2050,6 +2151,12 @@ impl Coordinator {
             Awaiting::Mesh => "did not report `mesh_ready`",
         };
         let message = format!("{who} {what} {detail}");
+        if self.restore.is_some() && self.cause.is_none() && !self.recover {
+            // A node lost while a restart starts: restart again.
+            if let (Some(&node), Some(_)) = (nodes.first(), self.recoverable()) {
+                return self.node_failed(node, message);
+            }
+        }
         let logs: Vec<PathBuf> = nodes.iter().map(|&n| self.job.agent_log(n)).collect();
         self.say(format!(
             "mome-run: {message}; see {}",
@@ -2464,7 +2571,10 @@ impl Coordinator {
                 .unwrap_or_default()
         ));
         self.flush_output();
-        self.stop_keepers(exit_code == 0 && self.cause.is_none());
+        // Memory worth keeping for mome-restart: a committed stamp after an
+        // abnormal end.
+        let keep = (exit_code != 0 || self.cause.is_some()) && self.ckpt.committed().is_some();
+        self.stop_keepers(!keep);
         // Decoded data of a parity restart (RAM) is no longer needed.
         crate::parity::remove_decoded(&self.job.id);
         (exit_code, self.recover)

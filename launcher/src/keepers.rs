@@ -83,13 +83,17 @@ fn read_line_within(
     timeout: Duration,
 ) -> Result<String, String> {
     let deadline = Instant::now() + timeout;
-    let mut pfd = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
-    let left = deadline.saturating_duration_since(Instant::now());
-    let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
-    match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(ms)) {
-        Ok(0) => return Err(format!("nothing within {timeout:?}")),
-        Ok(_) => {}
-        Err(e) => return Err(format!("poll: {e}")),
+    loop {
+        let mut pfd = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        match nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(ms)) {
+            Ok(0) => return Err(format!("nothing within {timeout:?}")),
+            Ok(_) => break,
+            // A signal (a child's SIGCHLD): wait on.
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(format!("poll: {e}")),
+        }
     }
     let mut line = String::new();
     match r.read_line(&mut line) {
