@@ -495,6 +495,19 @@ struct Scenario {
     prior: bool,
     /// Delay before the kill from the moment's trigger, in microseconds.
     delay_us: u64,
+    /// Redundancy scheme of the job, each tolerating the nodes the
+    /// scenario loses: mirror (2 copies) and Reed-Solomon 2+2 any 2 of
+    /// the 4 nodes, xor (one group of 4) one.
+    scheme: &'static str,
+}
+
+/// The configuration of a scheme of [`Scenario::scheme`].
+fn scheme_config(scheme: &str) -> &'static str {
+    match scheme {
+        "xor" => "redundancy:\n  scheme: xor\n",
+        "rs 2+2" => "redundancy:\n  scheme: rs\n  data: 2\n  parity: 2\n",
+        _ => "redundancy:\n  scheme: mirror\n",
+    }
 }
 
 impl Scenario {
@@ -535,12 +548,19 @@ impl Scenario {
             Moment::Recovery if rng.coin() => rng.range(0, 30_000),
             Moment::Recovery => rng.range(30_000, 400_000),
         };
+        let lost = victims.len() + usize::from(second.is_some());
+        let scheme = match rng.range(0, if lost == 1 { 2 } else { 1 }) {
+            0 => "mirror",
+            1 => "rs 2+2",
+            _ => "xor",
+        };
         Scenario {
             moment,
             victims,
             second,
             prior,
             delay_us,
+            scheme,
         }
     }
 
@@ -565,7 +585,7 @@ impl Scenario {
                 if self.victims.len() == 1 { "" } else { "s" }
             ),
         };
-        format!("{n}, {what}{base}")
+        format!("{}: {n}, {what}{base}", self.scheme)
     }
 }
 
@@ -613,7 +633,8 @@ fn log_committed(home: &Home, id: &str) -> bool {
 
 fn fault_run(home: &Home, run: usize, s: &Scenario, native: &str) -> (Outcome, String) {
     let tag = format!("run{run}");
-    let mut job = start_jacobi(home, &[], 4, &FAULT_ARGS, &tag);
+    let cfg = config_file(home, scheme_config(s.scheme));
+    let mut job = start_jacobi(home, &["--config", &cfg], 4, &FAULT_ARGS, &tag);
     let id = job.id.clone();
     let coord_log = job_dir(home, &id).join("logs").join("coordinator.log");
     let mut notes: Vec<String> = vec![format!("job {id}")];
@@ -831,7 +852,7 @@ fn fault_injection_random_nodes() {
         let (outcome, detail) = fault_run(&home, run, &s, &native);
         let secs = t.elapsed().as_secs_f64();
         eprintln!(
-            "run {run:2}: {:<40} {:?} victims {:?}{} +{} us -> {outcome:?} in {secs:.1} s\n         {}",
+            "run {run:2}: {:<50} {:?} victims {:?}{} +{} us -> {outcome:?} in {secs:.1} s\n         {}",
             s.label(),
             s.moment,
             s.victims,
@@ -866,7 +887,7 @@ fn fault_injection_random_nodes() {
         table.entry(r.label.clone()).or_default()[col] += 1;
     }
     let mut summary = format!(
-        "fault injection summary: {runs} run(s), seed {seed}, {:.0} s\n{:<40} {:>9} {:>10} {:>10} {:>8}\n",
+        "fault injection summary: {runs} run(s), seed {seed}, {:.0} s\n{:<50} {:>9} {:>10} {:>10} {:>8}\n",
         started.elapsed().as_secs_f64(),
         "scenario",
         "recovered",
@@ -876,7 +897,7 @@ fn fault_injection_random_nodes() {
     );
     for (label, c) in &table {
         summary += &format!(
-            "{label:<40} {:>9} {:>10} {:>10} {:>8}\n",
+            "{label:<50} {:>9} {:>10} {:>10} {:>8}\n",
             c[0], c[1], c[2], c[3]
         );
     }
