@@ -300,42 +300,29 @@ impl PeerMsg {
                 "request for {prefetch} prefetched pages, more than {MAX_PREFETCH}"
             )),
             PeerMsg::Hello { job, .. } if job.len() > MAX_TEXT => Err("job id too long".into()),
-            PeerMsg::ParityChunk { data, .. } if data.len() > MAX_STORE_CHUNK => Err(format!(
-                "parity chunk of {} bytes, more than {MAX_STORE_CHUNK}",
-                data.len()
-            )),
-            PeerMsg::ParityChunk {
-                offset,
-                total,
-                data,
-                ..
-            } if offset
-                .checked_add(data.len() as u64)
-                .is_none_or(|end| end > *total) =>
+            PeerMsg::StoreChunk { data, .. } | PeerMsg::ParityChunk { data, .. }
+                if data.len() > MAX_STORE_CHUNK =>
             {
                 Err(format!(
-                    "parity chunk {offset}+{} past its {total} bytes",
+                    "{} of {} bytes, more than {MAX_STORE_CHUNK}",
+                    self.name(),
                     data.len()
                 ))
             }
-            PeerMsg::StoreChunk { data, .. } if data.len() > MAX_STORE_CHUNK => Err(format!(
-                "store chunk of {} bytes, more than {MAX_STORE_CHUNK}",
-                data.len()
-            )),
             PeerMsg::StoreChunk {
                 offset,
                 total,
                 data,
                 ..
-            } if offset
-                .checked_add(data.len() as u64)
-                .is_none_or(|end| end > *total) =>
-            {
-                Err(format!(
-                    "store chunk {offset}+{} past the file's {total} bytes",
-                    data.len()
-                ))
             }
+            | PeerMsg::ParityChunk {
+                offset,
+                total,
+                data,
+                ..
+            } if offset.checked_add(data.len() as u64).is_none_or(|end| end > *total) => Err(
+                format!("{} {offset}+{} past its {total} bytes", self.name(), data.len()),
+            ),
             PeerMsg::StoreHeld { error: Some(e), .. } if e.len() > MAX_TEXT => {
                 Err("store error text too long".into())
             }

@@ -136,27 +136,32 @@ fn kill_node(home: &Home, id: &str, node: u32) {
     }
 }
 
-/// Runs jacobi on 4 nodes with `config`, checkpoints it, kills `nodes`,
-/// and returns the job's exit status and stderr once it ended.
-fn kill_after_checkpoint(config: &str, nodes: &[u32]) -> (i32, String, String) {
-    let home = Home::new();
+/// Starts `jacobi 512 ITERS` with 4 ranks on `nodes` nodes and `config`.
+fn start_jacobi(home: &Home, config: &str, nodes: u32, iters: &str) -> BackgroundJob {
     let cfg = home.path().join("job.yaml");
     std::fs::write(&cfg, config).unwrap();
-    let app_path = app("jacobi");
-    let mut job = home.start(
+    let (app_path, k) = (app("jacobi"), nodes.to_string());
+    home.start(
         &[
             "--config",
             cfg.to_str().unwrap(),
             "-n",
             "4",
             "--nodes",
-            "4",
+            &k,
             app_path.to_str().unwrap(),
             "512",
-            "20000",
+            iters,
         ],
         "first",
-    );
+    )
+}
+
+/// Runs jacobi on 4 nodes with `config`, checkpoints it, kills `nodes`,
+/// and returns the job's exit status and stderr once it ended.
+fn kill_after_checkpoint(config: &str, nodes: &[u32]) -> (i32, String, String) {
+    let home = Home::new();
+    let mut job = start_jacobi(&home, config, 4, "20000");
     std::thread::sleep(Duration::from_millis(700));
     home.ckpt(&job.id)
         .unwrap_or_else(|e| panic!("checkpoint failed: {e}\n{}", job.stderr()));
@@ -216,23 +221,7 @@ fn xor_cannot_bring_back_two_nodes_of_a_group() {
 #[test]
 fn the_memory_limit_fails_a_checkpoint_clearly() {
     let home = Home::new();
-    let cfg = home.path().join("job.yaml");
-    std::fs::write(&cfg, "redundancy:\n  memory_limit: 3M\n").unwrap();
-    let app_path = app("jacobi");
-    let mut job = home.start(
-        &[
-            "--config",
-            cfg.to_str().unwrap(),
-            "-n",
-            "4",
-            "--nodes",
-            "4",
-            app_path.to_str().unwrap(),
-            "512",
-            "2000",
-        ],
-        "first",
-    );
+    let mut job = start_jacobi(&home, "redundancy:\n  memory_limit: 3M\n", 4, "2000");
     std::thread::sleep(Duration::from_millis(500));
     let e = home.ckpt(&job.id).unwrap_err();
     assert!(
@@ -247,23 +236,7 @@ fn the_memory_limit_fails_a_checkpoint_clearly() {
 #[test]
 fn the_disk_level_survives_the_loss_of_every_node() {
     let home = Home::new();
-    let cfg = home.path().join("job.yaml");
-    std::fs::write(&cfg, "redundancy:\n  disk_every: 1\n").unwrap();
-    let app_path = app("jacobi");
-    let mut job = home.start(
-        &[
-            "--config",
-            cfg.to_str().unwrap(),
-            "-n",
-            "4",
-            "--nodes",
-            "2",
-            app_path.to_str().unwrap(),
-            "512",
-            "20000",
-        ],
-        "first",
-    );
+    let mut job = start_jacobi(&home, "redundancy:\n  disk_every: 1\n", 2, "20000");
     std::thread::sleep(Duration::from_millis(600));
     home.ckpt(&job.id).unwrap();
     // Every node (memory included) and mome-run.

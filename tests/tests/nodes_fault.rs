@@ -421,6 +421,25 @@ fn assert_clean_end(home: &Home, job: &BackgroundJob) {
     );
 }
 
+/// Starts jacobi `args` (4 ranks on `nodes` nodes, `config` options),
+/// waits until it runs and checkpoints it; the job must still run then.
+fn checkpointed_jacobi(
+    home: &Home,
+    config: &[&str],
+    nodes: u32,
+    args: &[&str],
+) -> (BackgroundJob, u64) {
+    let mut job = start_jacobi(home, config, nodes, args, "first");
+    wait_running(home, &mut job, Duration::from_millis(400)).unwrap();
+    let stamp = checkpoint(home, &job.id, "c1")
+        .unwrap_or_else(|e| panic!("checkpoint failed: {e}\njob stderr:\n{}", job.stderr()));
+    assert!(
+        job.child.try_wait().unwrap().is_none(),
+        "the job ended before it could be killed: make it run longer"
+    );
+    (job, stamp)
+}
+
 // ---- 1. one node killed after a checkpoint ----
 
 #[test]
@@ -428,14 +447,7 @@ fn a_killed_node_comes_back_from_memory() {
     let home = Home::new();
     let args = ["512", "4000"];
     let native = native_checksum("jacobi", &args);
-    let mut job = start_jacobi(&home, &[], 4, &args, "first");
-    wait_running(&home, &mut job, Duration::from_millis(400)).unwrap();
-    let stamp = checkpoint(&home, &job.id, "c1")
-        .unwrap_or_else(|e| panic!("checkpoint failed: {e}\njob stderr:\n{}", job.stderr()));
-    assert!(
-        job.child.try_wait().unwrap().is_none(),
-        "the job ended before it could be killed: make it run longer"
-    );
+    let (mut job, stamp) = checkpointed_jacobi(&home, &[], 4, &args);
     let t = Instant::now();
     let killed = kill_nodes(&home, &job.id, &[1]);
     let status = end_of(&home, &mut job, END_LIMIT);
@@ -968,14 +980,7 @@ fn mome_restart_after_mome_run_was_killed() {
     let home = Home::new();
     let args = ["512", "3000"];
     let native = native_checksum("jacobi", &args);
-    let mut job = start_jacobi(&home, &[], 2, &args, "first");
-    wait_running(&home, &mut job, Duration::from_millis(400)).unwrap();
-    let stamp = checkpoint(&home, &job.id, "c1")
-        .unwrap_or_else(|e| panic!("checkpoint failed: {e}\njob stderr:\n{}", job.stderr()));
-    assert!(
-        job.child.try_wait().unwrap().is_none(),
-        "the job ended too early"
-    );
+    let (mut job, stamp) = checkpointed_jacobi(&home, &[], 2, &args);
     job.kill9(&home);
     let keepers = keeper_files(&home, &job.id);
     assert!(
