@@ -83,10 +83,10 @@ pub enum ParityError {
     NoInfo { nodes: Vec<u32>, timeout: Duration },
     #[error("node {node} cannot hold its parity: {reason}")]
     Holder { node: u32, reason: String },
-    #[error("node {node} did not confirm its parity within {timeout:?}")]
-    Timeout { node: u32, timeout: Duration },
     #[error("node {0} failed during the parity exchange")]
     HolderFailed(u32),
+    #[error("{0}")]
+    Answer(#[from] crate::replicate::ReplicateError),
 }
 
 /// (pages file, index) lengths of each member node.
@@ -139,7 +139,27 @@ pub fn exchange(
         .position(|&n| n == me)
         .ok_or_else(|| ParityError::Plan(format!("node {me} is not in its group")))?;
     let parity = &cluster.parity;
-    lock(&parity.plans).insert(stamp, plan.clone());
+    // One checkpoint at a time: what older stamps left goes. This stamp's
+    // plan stays after this node's own exchange, while it still receives
+    // the other members' chunks for the shards it holds.
+    {
+        let mut plans = lock(&parity.plans);
+        plans.clear();
+        plans.insert(stamp, plan.clone());
+    }
+    lock(&parity.infos).retain(|&s, _| s >= stamp);
+    lock(&parity.accums).retain(|a| a.stamp >= stamp);
+    lock(&parity.done).retain(|&s, _| s >= stamp);
+    // The holders of this node's chunks answer with StoreHeld (through
+    // `replicate`), possibly before the last piece leaves here: waited for
+    // from now on.
+    let mut holders: Vec<u32> = (0..layout.data_shards())
+        .flat_map(|c| layout.parity_holders(layout.stripe_of_chunk(my_idx, c)))
+        .map(|i| plan.members[i])
+        .collect();
+    holders.sort_unstable();
+    holders.dedup();
+    let answers = crate::replicate::expect(agent, stamp, &holders);
     let pages = files::pages_file(root, me, stamp);
     let index = files::index_file(root, me, stamp);
     let len_of = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
@@ -236,7 +256,6 @@ pub fn exchange(
         }
         Ok(())
     };
-    let mut holders_sent: Vec<u32> = Vec::new();
     let mut buf = vec![0u8; MAX_STORE_CHUNK];
     let mut sent = 0;
     for chunk in 0..layout.data_shards() {
@@ -269,9 +288,6 @@ pub fn exchange(
                     },
                 );
                 sent += want as u64;
-                if !holders_sent.contains(&h) {
-                    holders_sent.push(h);
-                }
             }
             offset += want as u64;
             if offset >= chunk_len {
@@ -279,28 +295,7 @@ pub fn exchange(
             }
         }
     }
-    // The holders' answers come as StoreHeld, through `replicate`.
-    let waits = crate::replicate::expect(agent, stamp, &holders_sent);
-    for (h, rx) in waits {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let answer = loop {
-            match rx.recv_timeout(left.min(Duration::from_millis(50))) {
-                Ok(a) => break Ok(a),
-                Err(_) if mesh.failed(h) => break Err(ParityError::HolderFailed(h)),
-                Err(_) if Instant::now() >= deadline => {
-                    break Err(ParityError::Timeout { node: h, timeout })
-                }
-                Err(_) => {}
-            }
-        };
-        match answer {
-            Ok(Ok(())) => {}
-            Ok(Err(reason)) => return Err(ParityError::Holder { node: h, reason }),
-            Err(e) => return Err(e),
-        }
-    }
-    lock(&parity.plans).remove(&stamp);
-    lock(&parity.infos).remove(&stamp);
+    crate::replicate::wait_answers(agent, answers, deadline, timeout)?;
     Ok(sent)
 }
 

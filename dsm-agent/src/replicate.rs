@@ -156,33 +156,36 @@ pub fn send(
         }
         sent += total;
     }
-    let deadline = Instant::now() + timeout;
+    wait_answers(agent, answers, Instant::now() + timeout, timeout).inspect_err(|_| forget())?;
+    Ok(sent)
+}
+
+/// Waits for every holder's answer (registered with [`expect`]) until
+/// `deadline`; the first holder that refuses, fails or does not answer
+/// is the error.
+pub fn wait_answers(
+    agent: &Agent,
+    answers: Vec<(u32, mpsc::Receiver<Result<(), String>>)>,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), ReplicateError> {
+    let mesh = &agent.cluster.as_ref().ok_or(ReplicateError::NoMesh)?.mesh;
     for (h, rx) in answers {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let answer = loop {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
             // Short waits: a holder that fails is noticed at once.
             match rx.recv_timeout(left.min(Duration::from_millis(50))) {
-                Ok(a) => break Ok(a),
-                Err(_) if mesh.failed(h) => break Err(ReplicateError::HolderFailed(h)),
+                Ok(Ok(())) => break,
+                Ok(Err(reason)) => return Err(ReplicateError::Holder { node: h, reason }),
+                Err(_) if mesh.failed(h) => return Err(ReplicateError::HolderFailed(h)),
                 Err(_) if Instant::now() >= deadline => {
-                    break Err(ReplicateError::Timeout { node: h, timeout })
+                    return Err(ReplicateError::Timeout { node: h, timeout })
                 }
                 Err(_) => {}
             }
-        };
-        match answer {
-            Ok(Ok(())) => {}
-            Ok(Err(reason)) => {
-                forget();
-                return Err(ReplicateError::Holder { node: h, reason });
-            }
-            Err(e) => {
-                forget();
-                return Err(e);
-            }
         }
     }
-    Ok(sent)
+    Ok(())
 }
 
 /// Waits to come for the answers of `holders` about this node's `stamp`.
