@@ -320,9 +320,16 @@ impl PeerMsg {
                 total,
                 data,
                 ..
-            } if offset.checked_add(data.len() as u64).is_none_or(|end| end > *total) => Err(
-                format!("{} {offset}+{} past its {total} bytes", self.name(), data.len()),
-            ),
+            } if offset
+                .checked_add(data.len() as u64)
+                .is_none_or(|end| end > *total) =>
+            {
+                Err(format!(
+                    "{} {offset}+{} past its {total} bytes",
+                    self.name(),
+                    data.len()
+                ))
+            }
             PeerMsg::StoreHeld { error: Some(e), .. } if e.len() > MAX_TEXT => {
                 Err("store error text too long".into())
             }
