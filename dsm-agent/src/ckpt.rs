@@ -220,6 +220,9 @@ struct Captured {
     snap: Snapshot,
     /// Pages that became holes.
     removed: Runs,
+    /// Pages of the snapshot not to write: shared pages pre-copied that
+    /// this node no longer holds at the pause.
+    dropped: Runs,
     tables: Vec<u8>,
     images: Vec<RankImage>,
     pause_us: u64,
@@ -670,11 +673,20 @@ async fn capture(agent: &Arc<Agent>, job: &mut Job) -> Result<Captured, (CkptErr
     // Pages to copy besides what the next scan reports: the carry, and on a
     // full checkpoint every data page of the memfd.
     let mut extra = Some(job.carry.clone());
+    // Shared pages taken by pre-copy rounds (several nodes).
+    let mut shared_precopied = Runs::new();
     for round in 0..job.precopy_rounds {
         let (a, m, e) = (agent.clone(), members.clone(), extra.take());
-        let (s, result) = blocking(snap, move |snap| copy_round(&a, &m, snap, e, full)).await;
+        let all_shared = full && round == 0;
+        let (s, result) = blocking(snap, move |snap| {
+            let private = copy_round(&a, &m, snap, e, full)?;
+            let shared = precopy_shared(&a, snap, all_shared)?;
+            Ok((private + shared.pages(), shared))
+        })
+        .await;
         snap = s;
-        let copied = result.map_err(|e| (e, snap.runs()))?;
+        let (copied, shared) = result.map_err(|e| (e, snap.runs()))?;
+        shared_precopied = shared_precopied.union(&shared);
         precopy_pages += copied;
         log!(
             "checkpoint {}: pre-copy round {} copied {copied} pages",
@@ -717,6 +729,7 @@ async fn capture(agent: &Arc<Agent>, job: &mut Job) -> Result<Captured, (CkptErr
     let parked_at = Instant::now();
     let stamp = job.stamp;
     let base = job.base.clone();
+    let precopied = shared_precopied.clone();
     let (snap, result) = blocking(snap, move |snap| {
         let t0 = Instant::now();
         // Punched pages: holes now (removed) unless written again, or
@@ -726,9 +739,10 @@ async fn capture(agent: &Arc<Agent>, job: &mut Job) -> Result<Captured, (CkptErr
         let full = full && extra.is_some();
         let extra = extra.unwrap_or_default().union(&punched);
         let mut copied = copy_round(&a, &members, snap, Some(extra), full)?;
-        let (shared_removed, shared_changed) = capture_shared(&a, base.as_deref());
-        snap.copy_from(a.memory.as_fd(), &shared_changed)?;
-        copied += shared_changed.pages();
+        let shared = capture_shared(&a, base.as_deref(), &precopied);
+        snap.copy_from(a.memory.as_fd(), &shared.copy)?;
+        copied += shared.copy.pages();
+        let (shared_removed, dropped) = (shared.removed, shared.dropped);
         let t1 = Instant::now();
         // Holes can only come from punches: the rest of the snapshot still
         // holds data.
@@ -752,7 +766,7 @@ async fn capture(agent: &Arc<Agent>, job: &mut Job) -> Result<Captured, (CkptErr
             (t1 - t0).as_micros(),
             t1.elapsed().as_micros()
         );
-        Ok((copied, tables, removed))
+        Ok((copied, tables, removed, dropped))
     })
     .await;
     log!(
@@ -768,7 +782,7 @@ async fn capture(agent: &Arc<Agent>, job: &mut Job) -> Result<Captured, (CkptErr
     }
     let stamp = if outcome.is_ok() { job.stamp } else { 0 };
     let (pause_us, mut images, gone) = agent.ckpt.end_pause(stamp);
-    let (pause_pages, tables, removed) = outcome?;
+    let (pause_pages, tables, removed, dropped) = outcome?;
     if let Some(rank) = gone {
         // Without its image the stamp could not restore that rank.
         return Err((CkptError::Gone(rank), snap.runs()));
@@ -777,6 +791,7 @@ async fn capture(agent: &Arc<Agent>, job: &mut Job) -> Result<Captured, (CkptErr
     Ok(Captured {
         snap,
         removed,
+        dropped,
         tables,
         images,
         pause_us,
@@ -917,28 +932,58 @@ fn shared_first_page(agent: &Agent) -> u64 {
     (layout.shared_base() - layout.base) / PAGE_SIZE
 }
 
-/// Several nodes: this node's part of the shared zone (called in the
-/// coordinated pause). Returns the shared pages of the base that this node
-/// no longer holds (removed from its index: another node's index has them
-/// now, or they are zero), and the pages it holds that changed since the
-/// base (to copy), as window page numbers.
-fn capture_shared(agent: &Agent, base: Option<&NodeIndex>) -> (Runs, Runs) {
+/// This node's part of the shared zone in a stamp, decided in the pause.
+struct SharedPart {
+    /// Shared pages of the base this node no longer holds: removed from its
+    /// index (another node's index has them now, or they are zero).
+    removed: Runs,
+    /// Pages to copy now: those it holds that changed since the base and
+    /// were not pre-copied since their last change (every page it holds
+    /// but those, on a full checkpoint).
+    copy: Runs,
+    /// Pre-copied pages it no longer holds: left out of the increment.
+    dropped: Runs,
+}
+
+/// Shared-zone page numbers (of the page protocol) as window page runs.
+fn window_runs(agent: &Agent, runs: Vec<std::ops::Range<u64>>) -> Runs {
+    let first = shared_first_page(agent);
+    Runs::from_ranges(
+        runs.into_iter()
+            .map(|r| r.start + first..r.end + first)
+            .collect(),
+    )
+}
+
+/// Several nodes, pre-copy round: copies the shared pages this node holds
+/// that changed since the last stamp (all it holds when `all`) while the
+/// ranks run; returns them (window page numbers).
+fn precopy_shared(agent: &Agent, snap: &mut Snapshot, all: bool) -> Result<Runs, CkptError> {
     let Some(cluster) = agent.cluster.as_ref() else {
-        return (Runs::new(), Runs::new());
+        return Ok(Runs::new());
+    };
+    let pages = window_runs(agent, cluster.pages.precopy(all));
+    snap.copy_from(agent.memory.as_fd(), &pages)?;
+    Ok(pages)
+}
+
+/// Several nodes: this node's part of the shared zone (called in the
+/// coordinated pause, every node's ranks parked and no page in flight).
+/// `precopied`: what pre-copy rounds took.
+fn capture_shared(agent: &Agent, base: Option<&NodeIndex>, precopied: &Runs) -> SharedPart {
+    let Some(cluster) = agent.cluster.as_ref() else {
+        return SharedPart {
+            removed: Runs::new(),
+            copy: Runs::new(),
+            dropped: Runs::new(),
+        };
     };
     let first = shared_first_page(agent);
-    let shift = |runs: Vec<std::ops::Range<u64>>| {
-        Runs::from_ranges(
-            runs.into_iter()
-                .map(|r| r.start + first..r.end + first)
-                .collect(),
-        )
-    };
     let (owned, changed) = cluster.pages.capture();
-    let (owned, changed) = (shift(owned), shift(changed));
-    // A full checkpoint takes every page the node holds.
-    let changed = if base.is_none() {
-        owned.clone()
+    let (owned, changed) = (window_runs(agent, owned), window_runs(agent, changed));
+    let copy = if base.is_none() {
+        // A full checkpoint takes every page the node holds.
+        owned.subtract(&precopied.subtract(&changed))
     } else {
         changed
     };
@@ -951,7 +996,11 @@ fn capture_shared(agent: &Agent, base: Option<&NodeIndex>) -> (Runs, Runs) {
         })
         .unwrap_or_default(),
     );
-    (in_base.subtract(&owned), changed)
+    SharedPart {
+        removed: in_base.subtract(&owned),
+        copy,
+        dropped: precopied.subtract(&owned),
+    }
 }
 
 /// Pages of a checkpoint that did not make it, to take again next time:
@@ -1107,7 +1156,7 @@ fn write(
 ) -> Result<(NodeIndex, Runs, AgentEvent), (CkptError, Runs)> {
     // Holes can only come from punches (`removed`, found in the pause):
     // the rest of the snapshot is the increment.
-    let pages = c.snap.runs().subtract(&c.removed);
+    let pages = c.snap.runs().subtract(&c.removed).subtract(&c.dropped);
     // What to look at again if this increment is not committed.
     let copied = pages.union(&c.removed);
     let removed = c.removed;

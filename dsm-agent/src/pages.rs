@@ -1244,6 +1244,44 @@ impl PageEngine {
         }
     }
 
+    /// Pre-copy of the shared zone (ranks running): the pages this node
+    /// owns and holds that changed since the last capture (every one it
+    /// holds when `all`), to copy now; write access is taken back from
+    /// them first, so that a write from now on marks a page changed again
+    /// (and the pause copies it again), as the private zone's pre-copy
+    /// relies on its dirty scans.
+    pub fn precopy(&self, all: bool) -> Vec<std::ops::Range<u64>> {
+        let mut d = lock(&self.dir);
+        let mut take: Vec<u64> = Vec::new();
+        let mut writable: Vec<u64> = Vec::new();
+        for (&p, e) in d.entries.iter() {
+            if !e.owner || e.access == Access::None {
+                continue;
+            }
+            if e.access == Access::Write {
+                writable.push(p);
+            }
+            if all || d.written.contains(&p) {
+                take.push(p);
+            }
+        }
+        writable.sort_unstable();
+        for &p in &writable {
+            if let Some(e) = d.entries.get_mut(&p) {
+                e.access = Access::Read;
+            }
+        }
+        for r in runs_of(&writable) {
+            self.protect_run(&d, r.start, r.end - r.start);
+        }
+        take.retain(|&p| self.present(p));
+        take.sort_unstable();
+        for p in &take {
+            d.written.remove(p);
+        }
+        runs_of(&take)
+    }
+
     /// Restore: this node owned `pages` (shared-zone page numbers) at the
     /// stamp, and their content is already in its memory file.
     pub fn restore_owned(&self, pages: &[std::ops::Range<u64>]) {

@@ -254,3 +254,27 @@ fn the_disk_level_survives_the_loss_of_every_node() {
     );
     home.assert_nothing_left();
 }
+
+#[test]
+fn incremental_stamps_restore_the_newest_state() {
+    // Three stamps: the later ones hold only what changed (shared pages
+    // pre-copied, re-dirtied ones taken in the pause, pages that moved to
+    // another node removed); the restart of the newest must see it all.
+    let home = Home::new();
+    let mut job = start_jacobi(&home, "", 4, "20000");
+    std::thread::sleep(Duration::from_millis(500));
+    let mut last = serde_json::Value::Null;
+    for _ in 0..3 {
+        last = home
+            .ckpt(&job.id)
+            .unwrap_or_else(|e| panic!("checkpoint failed: {e}\n{}", job.stderr()));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(last["stamp"], 3);
+    assert_eq!(last["parent"], 2, "{last}");
+    kill_node(&home, &job.id, 3);
+    assert!(job.wait(120).success(), "{}", job.stderr());
+    assert_eq!(checksum_line(&job.stdout()), jacobi_native());
+    assert!(job.stderr().contains("from stamp 3"), "{}", job.stderr());
+    home.assert_nothing_left();
+}
