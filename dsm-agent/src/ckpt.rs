@@ -102,6 +102,7 @@ pub enum CkptError {
 /// Coordinated checkpoints: what the coordinator lets this node do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
+    Park,
     Capture,
     Resume,
     Abort,
@@ -442,6 +443,7 @@ pub fn command(agent: &Arc<Agent>, cmd: AgentCommand) {
                 }
             }
         }
+        AgentCommand::Park { stamp } => step(agent, stamp, Step::Park),
         AgentCommand::Capture { stamp } => step(agent, stamp, Step::Capture),
         AgentCommand::Resume { stamp } => step(agent, stamp, Step::Resume),
         AgentCommand::Abort { stamp } => {
@@ -493,6 +495,7 @@ async fn wait_step(job: &mut Job, want: Step) -> Result<(), CkptError> {
         return Ok(());
     };
     let name = match want {
+        Step::Park => "park",
         Step::Capture => "capture",
         _ => "resume",
     };
@@ -705,6 +708,31 @@ async fn capture(agent: &Arc<Agent>, job: &mut Job) -> Result<Captured, (CkptErr
         if converged {
             break;
         }
+    }
+    if job.steps.is_some() {
+        // Several nodes: all park together, once every node has pre-copied
+        // (a node parked early would wait, paused, for the slowest copy).
+        agent
+            .events
+            .send(AgentEvent::PreCopied { stamp: job.stamp });
+        if let Err(e) = wait_step(job, Step::Park).await {
+            return Err((e, snap.runs()));
+        }
+    }
+    if job.steps.is_some() && job.precopy_rounds > 0 {
+        // What was written while waiting for the others (without pre-copy
+        // everything is copied in the pause anyway).
+        let (a, m) = (agent.clone(), members.clone());
+        let (s, result) = blocking(snap, move |snap| {
+            let private = copy_round(&a, &m, snap, None, false)?;
+            let shared = precopy_shared(&a, snap, false)?;
+            Ok((private + shared.pages(), shared))
+        })
+        .await;
+        snap = s;
+        let (copied, shared) = result.map_err(|e| (e, snap.runs()))?;
+        shared_precopied = shared_precopied.union(&shared);
+        precopy_pages += copied;
     }
     if let Err(e) = park(agent, job, &members).await {
         agent.ckpt.end_pause(0);

@@ -147,7 +147,9 @@ struct InFlight {
     timeout: Duration,
     paused: Option<Paused>,
     durable: BTreeMap<u32, Durable>,
-    /// Several nodes: the nodes parked (and drained), then captured.
+    /// Several nodes: the nodes pre-copied, parked (and drained), then
+    /// captured.
+    precopied: std::collections::BTreeSet<u32>,
     parked: std::collections::BTreeSet<u32>,
     captured: std::collections::BTreeSet<u32>,
     /// Diskless: which nodes hold a copy of each node's increment, and
@@ -294,6 +296,7 @@ impl Checkpointer {
             timeout,
             paused: None,
             durable: BTreeMap::new(),
+            precopied: Default::default(),
             parked: Default::default(),
             captured: Default::default(),
             held_by: BTreeMap::new(),
@@ -465,6 +468,15 @@ impl Checkpointer {
                     actions.extend(self.commit(now));
                 }
                 actions
+            }
+            AgentEvent::PreCopied { stamp } => {
+                f.precopied.insert(node);
+                let all = f.precopied.len() as u32 == self.identity.nodes;
+                self.to_all_when(
+                    all,
+                    AgentCommand::Park { stamp },
+                    format!("checkpoint {stamp}: every node pre-copied: park"),
+                )
             }
             AgentEvent::Parked { stamp } => {
                 f.parked.insert(node);
@@ -701,6 +713,7 @@ impl Checkpointer {
 fn event_stamp(event: &AgentEvent) -> Option<Stamp> {
     match event {
         AgentEvent::Progress { stamp, .. }
+        | AgentEvent::PreCopied { stamp }
         | AgentEvent::Parked { stamp }
         | AgentEvent::Captured { stamp }
         | AgentEvent::Paused { stamp, .. }

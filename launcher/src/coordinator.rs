@@ -2588,6 +2588,14 @@ impl Coordinator {
             agent.stdin = None;
             agent.stdout = None;
         }
+        if self.recover {
+            // The job restarts from a stamp: nothing of these agents is
+            // needed (their checkpoint data is in the keepers), and the
+            // sooner they are gone the sooner the job runs again.
+            for (_, pid) in self.live_agents() {
+                let _ = os::signal_process(pid, libc::SIGKILL);
+            }
+        }
         // An agent that exits on EOF by itself reports a clean exit status.
         if self.wait_for_agents(AGENT_EOF_WAIT) {
             return;

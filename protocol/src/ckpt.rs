@@ -68,6 +68,12 @@ pub enum AgentCommand {
         #[serde(default)]
         full: bool,
     },
+    /// Coordinated checkpoints: every node finished its pre-copy, park
+    /// the ranks (all nodes at once, so that none waits parked for a node
+    /// still copying).
+    Park {
+        stamp: Stamp,
+    },
     /// Coordinated checkpoints: every node is parked and drained, take the
     /// stamp's pages.
     Capture {
@@ -123,6 +129,9 @@ pub enum AgentEvent {
         done_bytes: u64,
         total_bytes: u64,
     },
+    /// Coordinated checkpoints: this node's pre-copy is done (its ranks
+    /// still run); it parks them on `Park`.
+    PreCopied { stamp: Stamp },
     /// Coordinated checkpoints: this node's ranks are parked and no page
     /// request of this node is in flight.
     Parked { stamp: Stamp },

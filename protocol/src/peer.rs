@@ -137,6 +137,7 @@ pub enum PeerMsg {
         write: bool,
         epoch: u64,
         copyset: u64,
+        #[serde(with = "serde_bytes")]
         data: Option<PageData>,
         /// Pages `page + 1`, `page + 2`, ... with their epochs (prefetch):
         /// read copies with a read grant; with a write grant, ownership of
@@ -212,6 +213,9 @@ pub enum PeerMsg {
         index: bool,
         offset: u64,
         total: u64,
+        // Bytes, not a sequence of u8: the same encoding (length, then the
+        // bytes), written and read in one copy instead of byte by byte.
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// Parity schemes: the sizes of node `source`'s files of `stamp`
@@ -231,6 +235,9 @@ pub enum PeerMsg {
         chunk: u32,
         offset: u64,
         total: u64,
+        // Bytes, not a sequence of u8: the same encoding (length, then the
+        // bytes), written and read in one copy instead of byte by byte.
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// The receiver holds node `source`'s files of `stamp` (complete and
