@@ -8,3 +8,4 @@ cd "$(dirname "$0")/.."
 python3 bench/run.py "$@"
 python3 bench/ckpt.py
 python3 bench/nodes.py
+python3 bench/diskless.py --mib 128 --small-mib 32
