@@ -295,7 +295,9 @@ pub fn exchange(
             }
         }
     }
-    crate::replicate::wait_answers(agent, answers, deadline, timeout)?;
+    // The holders answer once they have every member's chunks: the wait
+    // starts when this node's last chunk left.
+    crate::replicate::wait_answers(agent, answers, Instant::now() + timeout, timeout)?;
     Ok(sent)
 }
 

@@ -675,11 +675,19 @@ impl Coordinator {
         }
         let mut log = CoordinatorLog::open(&job)?;
         if let Some((stamp, root)) = &restore {
+            let from = if opts.node_roots.is_empty() {
+                root.display().to_string()
+            } else {
+                opts.node_roots
+                    .iter()
+                    .enumerate()
+                    .map(|(n, r)| format!("node {n} from {}", r.display()))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            };
             log.line(format_args!(
-                "incarnation {} of job {}: restoring stamp {stamp} from {}",
-                spec.incarnation,
-                job.id,
-                root.display()
+                "incarnation {} of job {}: restoring stamp {stamp}: {from}",
+                spec.incarnation, job.id,
             ));
         }
         log.line(format_args!(
@@ -2002,13 +2010,15 @@ impl Coordinator {
                 ));
                 self.cause = Some(EndCause::NodeFailed { node, reason });
                 self.recover = true;
-                if self.phase == Phase::Running {
-                    // The ranks go back to the stamp: nothing they do now counts.
-                    self.begin_ending(libc::SIGKILL);
-                } else {
-                    // Still starting: no rank runs yet.
-                    self.phase = Phase::Done;
+                // The ranks and agents go back to the stamp: nothing they do
+                // now counts, and their exit (freeing their memory, which
+                // takes longer the more there is) is not waited for.
+                self.ckpt.disarm_periodic();
+                self.signal_ranks(libc::SIGKILL);
+                for (_, pid) in self.live_agents() {
+                    let _ = os::signal_process(pid, libc::SIGKILL);
                 }
+                self.phase = Phase::Done;
                 return;
             }
         }
@@ -2590,11 +2600,12 @@ impl Coordinator {
         }
         if self.recover {
             // The job restarts from a stamp: nothing of these agents is
-            // needed (their checkpoint data is in the keepers), and the
-            // sooner they are gone the sooner the job runs again.
+            // needed (their checkpoint data is in the keepers). Killed, not
+            // waited for: the next incarnation reaps them.
             for (_, pid) in self.live_agents() {
                 let _ = os::signal_process(pid, libc::SIGKILL);
             }
+            return;
         }
         // An agent that exits on EOF by itself reports a clean exit status.
         if self.wait_for_agents(AGENT_EOF_WAIT) {
@@ -2649,6 +2660,11 @@ impl Coordinator {
 
     /// Kills and reaps every remaining child of mome-run (bounded).
     fn kill_leftovers(&mut self) {
+        if self.recover {
+            // As the agents (see stop_agents): killed, not waited for.
+            self.kill_leftovers_once();
+            return;
+        }
         let deadline = Instant::now() + LEFTOVER_WAIT;
         loop {
             self.reap_children();

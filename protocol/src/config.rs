@@ -151,7 +151,7 @@ impl Default for NodesConfig {
             placement: Placement::Block,
             listen: "127.0.0.1:0".into(),
             heartbeat_interval: Span(Duration::from_millis(200)),
-            heartbeat_timeout: Span(Duration::from_secs(2)),
+            heartbeat_timeout: Span(Duration::from_secs(5)),
             peer_timeout: Span(Duration::from_secs(10)),
         }
     }
