@@ -95,6 +95,8 @@ pub enum CkptError {
     Aborted,
     #[error("{0}")]
     Replicate(#[from] crate::replicate::ReplicateError),
+    #[error("node {0} cannot write its increment: its checkpoint memory is full (redundancy.memory_limit)")]
+    MemoryFull(u32),
     #[error("{0}")]
     Parity(#[from] crate::parity::ParityError),
 }
@@ -1217,8 +1219,16 @@ fn write(
         .iter()
         .filter_map(|p| snap.get(p).map(|bytes| (p, bytes)));
     let write_started = Instant::now();
-    let (index, summary) = mome_store::write_increment(input, iter, &mut progress)
-        .map_err(|e| (e.into(), copied.clone()))?;
+    let (index, summary) =
+        mome_store::write_increment(input, iter, &mut progress).map_err(|e| {
+            let e = if e.is_no_space() && agent.id.mem_store.is_some() {
+                // What was written of it goes with the abort.
+                CkptError::MemoryFull(agent.id.node)
+            } else {
+                e.into()
+            };
+            (e, copied.clone())
+        })?;
     let copy_started = Instant::now();
     let timeout = agent
         .cluster

@@ -55,6 +55,12 @@ impl StoreError {
         }
     }
 
+    /// True when a write failed for lack of space (a full disk, or a
+    /// memory store at its size limit).
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC))
+    }
+
     /// True when the error is a missing file or directory.
     pub fn is_not_found(&self) -> bool {
         match self {
