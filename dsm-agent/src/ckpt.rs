@@ -95,8 +95,8 @@ pub enum CkptError {
     Aborted,
     #[error("{0}")]
     Replicate(#[from] crate::replicate::ReplicateError),
-    #[error("node {0} cannot write its increment: its checkpoint memory is full (redundancy.memory_limit)")]
-    MemoryFull(u32),
+    #[error("cannot write the node's increment: its checkpoint memory is full (redundancy.memory_limit)")]
+    MemoryFull,
     #[error("{0}")]
     Parity(#[from] crate::parity::ParityError),
 }
@@ -1223,7 +1223,7 @@ fn write(
         mome_store::write_increment(input, iter, &mut progress).map_err(|e| {
             let e = if e.is_no_space() && agent.id.mem_store.is_some() {
                 // What was written of it goes with the abort.
-                CkptError::MemoryFull(agent.id.node)
+                CkptError::MemoryFull
             } else {
                 e.into()
             };
