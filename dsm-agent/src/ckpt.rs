@@ -681,14 +681,9 @@ async fn capture(agent: &Arc<Agent>, job: &mut Job) -> Result<Captured, (CkptErr
     // Shared pages taken by pre-copy rounds (several nodes).
     let mut shared_precopied = Runs::new();
     for round in 0..job.precopy_rounds {
-        let (a, m, e) = (agent.clone(), members.clone(), extra.take());
         let all_shared = full && round == 0;
-        let (s, result) = blocking(snap, move |snap| {
-            let private = copy_round(&a, &m, snap, e, full)?;
-            let shared = precopy_shared(&a, snap, all_shared)?;
-            Ok((private + shared.pages(), shared))
-        })
-        .await;
+        let (s, result) =
+            precopy_round(agent, &members, snap, extra.take(), full, all_shared).await;
         snap = s;
         let (copied, shared) = result.map_err(|e| (e, snap.runs()))?;
         shared_precopied = shared_precopied.union(&shared);
@@ -724,13 +719,7 @@ async fn capture(agent: &Arc<Agent>, job: &mut Job) -> Result<Captured, (CkptErr
     if job.steps.is_some() && job.precopy_rounds > 0 {
         // What was written while waiting for the others (without pre-copy
         // everything is copied in the pause anyway).
-        let (a, m) = (agent.clone(), members.clone());
-        let (s, result) = blocking(snap, move |snap| {
-            let private = copy_round(&a, &m, snap, None, false)?;
-            let shared = precopy_shared(&a, snap, false)?;
-            Ok((private + shared.pages(), shared))
-        })
-        .await;
+        let (s, result) = precopy_round(agent, &members, snap, None, false, false).await;
         snap = s;
         let (copied, shared) = result.map_err(|e| (e, snap.runs()))?;
         shared_precopied = shared_precopied.union(&shared);
@@ -828,6 +817,26 @@ async fn capture(agent: &Arc<Agent>, job: &mut Job) -> Result<Captured, (CkptErr
         pause_pages,
         precopy_pages,
     })
+}
+
+/// One pre-copy round, ranks running: the heaps' dirty pages (see
+/// `copy_round`) and the shared pages this node owns that changed (all it
+/// owns when `all_shared`). Returns the pages copied and the shared ones.
+async fn precopy_round(
+    agent: &Arc<Agent>,
+    members: &[Member],
+    snap: Snapshot,
+    extra: Option<Runs>,
+    full: bool,
+    all_shared: bool,
+) -> (Snapshot, Result<(u64, Runs), CkptError>) {
+    let (a, m) = (agent.clone(), members.to_vec());
+    blocking(snap, move |snap| {
+        let private = copy_round(&a, &m, snap, extra, full)?;
+        let shared = precopy_shared(&a, snap, all_shared)?;
+        Ok((private + shared.pages(), shared))
+    })
+    .await
 }
 
 /// Runs `f` on the snapshot in a blocking thread and gives the snapshot

@@ -271,10 +271,25 @@ impl Mesh {
     }
 
     /// Bytes waiting in node `to`'s outbox.
-    pub fn queued(&self, to: u32) -> usize {
+    fn queued(&self, to: u32) -> usize {
         self.peers
             .get(to as usize)
             .map_or(0, |p| lock(&p.out).pending.len())
+    }
+
+    /// [`Mesh::send`] for bulk data (checkpoint copies), from a blocking
+    /// thread: waits while more than [`MAX_BULK_QUEUED`] bytes wait for
+    /// `to`, so that a large copy goes at the speed of the connection
+    /// instead of piling up in memory. False when `to` failed meanwhile.
+    pub fn send_paced(&self, to: u32, msg: PeerMsg) -> bool {
+        while self.queued(to) > MAX_BULK_QUEUED {
+            if self.failed(to) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        self.send(to, msg);
+        true
     }
 
     /// Node `node` was reported failed.
@@ -363,6 +378,9 @@ impl Mesh {
         }
     }
 }
+
+/// Most bytes of bulk data waiting for one peer (see [`Mesh::send_paced`]).
+const MAX_BULK_QUEUED: usize = 8 << 20;
 
 /// Binds the peer listener (config `nodes.listen`).
 pub async fn listen(addr: &str) -> Result<TcpListener, std::io::Error> {

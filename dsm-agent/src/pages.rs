@@ -1222,6 +1222,14 @@ impl PageEngine {
             .copied()
             .filter(|p| written.contains(p))
             .collect();
+        self.take_write_access(&mut d);
+        (runs_of(&owned), runs_of(&changed))
+    }
+
+    /// Every page this node owns and may write becomes read-only (owner,
+    /// empty copyset): the next local write to one is a fault that marks
+    /// it written, which checkpoints rely on to see what changed.
+    fn take_write_access(&self, d: &mut Directory) {
         let mut writable: Vec<u64> = Vec::new();
         for (&p, e) in d.entries.iter_mut() {
             if e.owner && e.access == Access::Write {
@@ -1231,9 +1239,8 @@ impl PageEngine {
         }
         writable.sort_unstable();
         for r in runs_of(&writable) {
-            self.protect_run(&d, r.start, r.end - r.start);
+            self.protect_run(d, r.start, r.end - r.start);
         }
-        (runs_of(&owned), runs_of(&changed))
     }
 
     /// Pages of a capture whose checkpoint did not make it: changed still.
@@ -1252,28 +1259,13 @@ impl PageEngine {
     /// relies on its dirty scans.
     pub fn precopy(&self, all: bool) -> Vec<std::ops::Range<u64>> {
         let mut d = lock(&self.dir);
-        let mut take: Vec<u64> = Vec::new();
-        let mut writable: Vec<u64> = Vec::new();
-        for (&p, e) in d.entries.iter() {
-            if !e.owner || e.access == Access::None {
-                continue;
-            }
-            if e.access == Access::Write {
-                writable.push(p);
-            }
-            if all || d.written.contains(&p) {
-                take.push(p);
-            }
-        }
-        writable.sort_unstable();
-        for &p in &writable {
-            if let Some(e) = d.entries.get_mut(&p) {
-                e.access = Access::Read;
-            }
-        }
-        for r in runs_of(&writable) {
-            self.protect_run(&d, r.start, r.end - r.start);
-        }
+        let mut take: Vec<u64> = d
+            .entries
+            .iter()
+            .filter(|(p, e)| e.owner && e.access != Access::None && (all || d.written.contains(p)))
+            .map(|(&p, _)| p)
+            .collect();
+        self.take_write_access(&mut d);
         take.retain(|&p| self.present(p));
         take.sort_unstable();
         for p in &take {

@@ -270,23 +270,17 @@ pub fn exchange(
             let want = ((chunk_len - offset) as usize).min(MAX_STORE_CHUNK);
             read_blob(chunk as u64 * chunk_len + offset, &mut buf[..want])?;
             for &h in &holders {
-                while mesh.queued(h) > 8 << 20 {
-                    if mesh.failed(h) {
-                        return Err(ParityError::HolderFailed(h));
-                    }
-                    std::thread::sleep(Duration::from_micros(100));
+                let piece = PeerMsg::ParityChunk {
+                    source: me,
+                    stamp,
+                    chunk: chunk as u32,
+                    offset,
+                    total: chunk_len,
+                    data: buf[..want].to_vec(),
+                };
+                if !mesh.send_paced(h, piece) {
+                    return Err(ParityError::HolderFailed(h));
                 }
-                mesh.send(
-                    h,
-                    PeerMsg::ParityChunk {
-                        source: me,
-                        stamp,
-                        chunk: chunk as u32,
-                        offset,
-                        total: chunk_len,
-                        data: buf[..want].to_vec(),
-                    },
-                );
                 sent += want as u64;
             }
             offset += want as u64;
@@ -439,23 +433,6 @@ pub fn chunk(
     }
 }
 
-/// Writes `bytes` to `path` in the memory store (tmp, rename).
-fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)
-        .and_then(|()| std::fs::write(&tmp, bytes))
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::ENOSPC) {
-                "its checkpoint memory is full (redundancy.memory_limit)".to_string()
-            } else {
-                format!("cannot write {}: {e}", path.display())
-            }
-        })
-}
-
 /// The group's sizes of a stamp, next to the shards.
 fn write_meta(agent: &Agent, meta: &ParityMeta) -> Result<(), String> {
     let root = agent
@@ -464,7 +441,7 @@ fn write_meta(agent: &Agent, meta: &ParityMeta) -> Result<(), String> {
         .as_ref()
         .ok_or("this node has no memory store")?;
     let text = serde_json::to_vec(meta).map_err(|e| e.to_string())?;
-    write_file(&meta_file(root, meta.stamp), &text)
+    crate::replicate::write_whole(&meta_file(root, meta.stamp), &text)
 }
 
 /// Writes a complete shard into the memory store.
@@ -474,7 +451,7 @@ fn store_shard(agent: &Agent, stamp: Stamp, a: &Accum) -> Result<(), String> {
         .mem_store
         .as_ref()
         .ok_or("this node has no memory store")?;
-    write_file(&shard_file(root, stamp, a.stripe, a.p), &a.buf)
+    crate::replicate::write_whole(&shard_file(root, stamp, a.stripe, a.p), &a.buf)
 }
 
 /// Parity files of stamps that are no longer kept.

@@ -10,9 +10,9 @@
 //! answers. Blocks are checked again (xxh3 of each block) whenever they
 //! are read back at a restore.
 //!
-//! The sender limits what waits in a peer's outbox (`MAX_QUEUED`): the
-//! copy goes at the speed of the connection without holding the whole
-//! increment in memory a second time.
+//! The sender paces its chunks (`Mesh::send_paced`): the copy goes at the
+//! speed of the connection without holding the whole increment in memory
+//! a second time.
 //!
 //! This module also owns the disk level: copying a stamp's files (and the
 //! older pages files its index still uses) to the disk store.
@@ -30,9 +30,6 @@ use mome_protocol::peer::{PeerMsg, MAX_STORE_CHUNK};
 use mome_store::NodeIndex;
 
 use crate::agent::{lock, Agent};
-
-/// Bytes that may wait in a peer's outbox before the sender waits.
-const MAX_QUEUED: usize = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicateError {
@@ -130,24 +127,18 @@ pub fn send(
                 });
             }
             for &h in holders {
-                while mesh.queued(h) > MAX_QUEUED {
-                    if mesh.failed(h) {
-                        forget();
-                        return Err(ReplicateError::HolderFailed(h));
-                    }
-                    std::thread::sleep(Duration::from_micros(100));
+                let chunk = PeerMsg::StoreChunk {
+                    source: node,
+                    stamp,
+                    index: *is_index,
+                    offset,
+                    total,
+                    data: buf[..want].to_vec(),
+                };
+                if !mesh.send_paced(h, chunk) {
+                    forget();
+                    return Err(ReplicateError::HolderFailed(h));
                 }
-                mesh.send(
-                    h,
-                    PeerMsg::StoreChunk {
-                        source: node,
-                        stamp,
-                        index: *is_index,
-                        offset,
-                        total,
-                        data: buf[..want].to_vec(),
-                    },
-                );
             }
             offset += want as u64;
             if offset >= total {
@@ -278,11 +269,7 @@ pub fn receive(
     }
     if let Some(f) = incoming.get(&key) {
         if let Err(e) = f.file.write_all_at(data, offset) {
-            let why = if e.raw_os_error() == Some(libc::ENOSPC) {
-                "its checkpoint memory is full (redundancy.memory_limit)".to_string()
-            } else {
-                format!("cannot write {}: {e}", f.part.display())
-            };
+            let why = write_error(&f.part, &e);
             lock(&replicas.failed).entry((source, stamp)).or_insert(why);
             if let Some(f) = incoming.remove(&key) {
                 let _ = std::fs::remove_file(&f.part);
@@ -387,6 +374,28 @@ pub fn copy_to_disk(
     Ok(copied)
 }
 
+/// What a failed write into a memory store means: its size limit
+/// reached, or the error itself.
+fn write_error(path: &Path, e: &std::io::Error) -> String {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        "its checkpoint memory is full (redundancy.memory_limit)".to_string()
+    } else {
+        format!("cannot write {}: {e}", path.display())
+    }
+}
+
+/// Writes `bytes` to `path` in a memory store, whole or not at all (a
+/// `.tmp` file renamed), making its directory if needed.
+pub fn write_whole(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&tmp, bytes))
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| write_error(path, &e))
+}
+
 /// Removes every file of `stamp` from a memory store (an aborted stamp):
 /// node files, copies being received, parity shards. Returns the bytes.
 pub fn forget_stamp(root: &Path, stamp: Stamp) -> u64 {
@@ -415,14 +424,7 @@ pub fn forget_stamp(root: &Path, stamp: Stamp) -> u64 {
 /// store (so that the store describes itself, as the disk store does),
 /// and the store keeps the `keep` newest committed stamps.
 pub fn commit(root: &Path, stamp: Stamp, manifest: &str, keep: u32) -> Result<(), String> {
-    let dir = files::stamps_dir(root);
-    let path = files::manifest_file(root, stamp);
-    let mut tmp = path.clone().into_os_string();
-    tmp.push(".tmp");
-    std::fs::create_dir_all(&dir)
-        .and_then(|()| std::fs::write(&tmp, manifest))
-        .and_then(|()| std::fs::rename(&tmp, &path))
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    write_whole(&files::manifest_file(root, stamp), manifest.as_bytes())?;
     let summary = mome_store::prune_held(root, keep.max(1) as usize)
         .map_err(|e| format!("cannot prune the memory store: {e}"))?;
     let shards = crate::parity::prune(root, &summary.kept);

@@ -982,17 +982,9 @@ impl Coordinator {
     fn start_keepers(&mut self) {
         let nodes = self.agents.len() as u32;
         let red = self.config.redundancy.clone();
-        if nodes < 2 || red.scheme == SchemeName::Disk {
+        // One node, or the disk store: no keepers.
+        let Some(scheme) = crate::parity::scheme(&red).filter(|_| nodes > 1) else {
             return;
-        }
-        let scheme = match red.scheme {
-            SchemeName::Mirror => mome_redundancy::Scheme::Mirror { copies: red.copies },
-            SchemeName::Xor => mome_redundancy::Scheme::Xor { group: red.group },
-            SchemeName::Rs => mome_redundancy::Scheme::Rs {
-                data: red.data,
-                parity: red.parity,
-            },
-            SchemeName::Disk => unreachable!("returned above"),
         };
         if let Err(e) = mome_redundancy::validate(&scheme, nodes) {
             self.say(format!(

@@ -7,7 +7,7 @@
 //! leaves them holding it for `redundancy.grace`, and the next coordinator
 //! adopts them over their socket (`keepers/node-N.sock`).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -46,8 +46,8 @@ pub enum KeeperError {
 enum Control {
     /// It started it: the keeper's stdin and stdout.
     Pipe(ChildStdin, Child, BufReader<ChildStdout>),
-    /// It adopted it: the keeper's socket.
-    Socket(UnixStream),
+    /// It adopted it: the keeper's socket (and a reader of it).
+    Socket(UnixStream, BufReader<UnixStream>),
 }
 
 /// One node's keeper.
@@ -214,42 +214,25 @@ impl Keeper {
             let Some((pid, path)) = parse_ready(line, "adopted") else {
                 return Err(err(format!("it answered {line:?}")));
             };
-            stream.set_read_timeout(None).ok();
+            // Answers stay bounded by the read timeout set above.
             return Ok(Some(Keeper {
                 node,
                 pid,
                 path,
-                control: Control::Socket(stream),
+                control: Control::Socket(stream, reader),
             }));
         }
     }
 
-    /// Bytes of checkpoint data it holds and its limit (0: none).
-    pub fn usage(&mut self) -> Option<(u64, u64)> {
-        let line = self.ask("usage")?;
-        let mut it = line.strip_prefix("usage ")?.split_whitespace();
-        Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
-    }
-
     fn ask(&mut self, command: &str) -> Option<String> {
-        match &mut self.control {
-            Control::Pipe(stdin, _, out) => {
-                stdin.write_all(format!("{command}\n").as_bytes()).ok()?;
-                let mut line = String::new();
-                out.read_line(&mut line).ok()?;
-                Some(line.trim_end().to_string())
-            }
-            Control::Socket(s) => {
-                s.set_read_timeout(Some(ANSWER_TIMEOUT)).ok()?;
-                s.write_all(format!("{command}\n").as_bytes()).ok()?;
-                let mut line = Vec::new();
-                let mut b = [0u8; 1];
-                while s.read(&mut b).ok()? == 1 && b[0] != b'\n' {
-                    line.push(b[0]);
-                }
-                Some(String::from_utf8_lossy(&line).into_owned())
-            }
-        }
+        let (to, from): (&mut dyn Write, &mut dyn BufRead) = match &mut self.control {
+            Control::Pipe(stdin, _, out) => (stdin, out),
+            Control::Socket(s, reader) => (s, reader),
+        };
+        to.write_all(format!("{command}\n").as_bytes()).ok()?;
+        let mut line = String::new();
+        from.read_line(&mut line).ok()?;
+        Some(line.trim_end().to_string())
     }
 
     /// The job is over: the keeper frees the memory and exits.

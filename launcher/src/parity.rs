@@ -44,16 +44,25 @@ pub fn remove_decoded(job_id: &str) {
     }
 }
 
-fn scheme_of(red: &RedundancyConfig, nodes: u32) -> Option<Scheme> {
+/// The scheme `redundancy:` names; `None` for the disk store (no copies
+/// in memory).
+pub fn scheme(red: &RedundancyConfig) -> Option<Scheme> {
     match red.scheme {
+        SchemeName::Mirror => Some(Scheme::Mirror { copies: red.copies }),
         SchemeName::Xor => Some(Scheme::Xor { group: red.group }),
         SchemeName::Rs => Some(Scheme::Rs {
             data: red.data,
             parity: red.parity,
         }),
-        _ => None,
+        SchemeName::Disk => None,
     }
-    .filter(|s| mome_redundancy::validate(s, nodes).is_ok())
+}
+
+/// The parity scheme of a job, when it has a valid one.
+fn scheme_of(red: &RedundancyConfig, nodes: u32) -> Option<Scheme> {
+    scheme(red)
+        .filter(|s| !matches!(s, Scheme::Mirror { .. }))
+        .filter(|s| mome_redundancy::validate(s, nodes).is_ok())
 }
 
 /// A member's own files of `stamp` in its own store, as one blob.
@@ -121,7 +130,9 @@ pub fn decode_lost(
             ));
         }
         let layout = GroupLayout::new(
-            &scheme_for(&scheme, members.len() as u32),
+            // An enlarged last group keeps the parity count, with more
+            // data shards: the layout of its size says so.
+            &scheme,
             members.len() as u32,
         )
         .map_err(|e| format!("{group}: {e}"))?;
@@ -196,17 +207,4 @@ pub fn decode_lost(
         }
     }
     Ok(made)
-}
-
-/// The scheme of a group of `members` (an enlarged last group keeps its
-/// parity count and has more data shards).
-fn scheme_for(scheme: &Scheme, members: u32) -> Scheme {
-    match *scheme {
-        Scheme::Rs { parity, .. } => Scheme::Rs {
-            data: members - parity,
-            parity,
-        },
-        Scheme::Xor { .. } => Scheme::Xor { group: members },
-        s => s,
-    }
 }

@@ -936,14 +936,7 @@ fn fault_injection_random_nodes() {
 fn copies_1_cannot_survive_losing_a_node_and_its_holder() {
     let home = Home::new();
     let cfg = config_file(&home, "redundancy:\n  copies: 1\n");
-    let mut job = start_jacobi(&home, &["--config", &cfg], 4, &["512", "4000"], "first");
-    wait_running(&home, &mut job, Duration::from_millis(400)).unwrap();
-    let stamp = checkpoint(&home, &job.id, "c1")
-        .unwrap_or_else(|e| panic!("checkpoint failed: {e}\njob stderr:\n{}", job.stderr()));
-    assert!(
-        job.child.try_wait().unwrap().is_none(),
-        "the job ended too early"
-    );
+    let (mut job, stamp) = checkpointed_jacobi(&home, &["--config", &cfg], 4, &["512", "4000"]);
     let killed = kill_nodes(&home, &job.id, &[1, 2]);
     let status = end_of(&home, &mut job, END_LIMIT);
     let err = job.stderr();
@@ -1016,14 +1009,7 @@ fn mome_restart_after_mome_run_was_killed() {
 fn on_failure_stop_ends_the_job() {
     let home = Home::new();
     let cfg = config_file(&home, "redundancy:\n  on_failure: stop\n");
-    let mut job = start_jacobi(&home, &["--config", &cfg], 4, &["512", "4000"], "first");
-    wait_running(&home, &mut job, Duration::from_millis(400)).unwrap();
-    checkpoint(&home, &job.id, "c1")
-        .unwrap_or_else(|e| panic!("checkpoint failed: {e}\njob stderr:\n{}", job.stderr()));
-    assert!(
-        job.child.try_wait().unwrap().is_none(),
-        "the job ended too early"
-    );
+    let (mut job, _) = checkpointed_jacobi(&home, &["--config", &cfg], 4, &["512", "4000"]);
     kill_nodes(&home, &job.id, &[2]);
     let status = end_of(&home, &mut job, END_LIMIT);
     let err = job.stderr();
@@ -1050,14 +1036,7 @@ fn on_failure_stop_ends_the_job() {
 fn keepers_free_their_memory_after_the_grace_period() {
     let home = Home::new();
     let cfg = config_file(&home, "redundancy:\n  grace: 1s\n");
-    let mut job = start_jacobi(&home, &["--config", &cfg], 2, &["512", "3000"], "first");
-    wait_running(&home, &mut job, Duration::from_millis(400)).unwrap();
-    let stamp = checkpoint(&home, &job.id, "c1")
-        .unwrap_or_else(|e| panic!("checkpoint failed: {e}\njob stderr:\n{}", job.stderr()));
-    assert!(
-        job.child.try_wait().unwrap().is_none(),
-        "the job ended too early"
-    );
+    let (mut job, stamp) = checkpointed_jacobi(&home, &["--config", &cfg], 2, &["512", "3000"]);
     let keepers = keeper_files(&home, &job.id);
     assert_eq!(keepers.len(), 2, "{keepers:?}");
     let t = Instant::now();
