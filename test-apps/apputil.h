@@ -14,6 +14,20 @@
  * argument prints it on stderr and exits 2. A failed mapping prints the errno
  * text and exits 1. MOME_APP_TIMING=1 in the environment makes rank 0 print
  * the time of the parallel phase and of the check on stderr.
+ *
+ * Consistency model: MOME_APP_MODEL=strong|release|weak in the environment
+ * makes every shared range an app maps (shared_segment(), or app_share()
+ * for memory mapped another way) use that model, with MomeConsistency(), on
+ * its rank's node; unset or empty, nothing is called (mome's default,
+ * strong). The apps are written for release consistency: every read of
+ * another rank's data follows a barrier() or a lock that orders it after the
+ * write. Under weak, a node's copies are refreshed only by MomeSyncMem(), so
+ * barrier() then calls MomeSyncMem(range, len, mome_last_barrier_date()) for
+ * every weak range (and app_share() does once, for a range mapped after
+ * barriers already passed). Data read and written under locks
+ * (app_share_locked(), shared_segment_locked()) stays release under weak:
+ * a weak copy is refreshed only by MomeSyncMem, whose date is a barrier's,
+ * so nothing would make the previous holder's writes visible to the next.
  */
 #ifndef MOME_APPUTIL_H
 #define MOME_APPUTIL_H
@@ -87,12 +101,94 @@ __attribute__((noreturn, format(printf, 2, 3))) static inline void die_errno(int
     exit(1);
 }
 
-/* Barrier of all ranks; any failure ends the program. */
+/* ---- Consistency model of the shared ranges (MOME_APP_MODEL) ---- */
+
+/* Model named by MOME_APP_MODEL: MOME_STRONG, MOME_RELEASE or MOME_WEAK, or
+ * -1 when the variable is unset or empty. A bad value exits 2. */
+static inline int app_model(void)
+{
+    static int model = -2;
+    if (model != -2)
+        return model;
+    const char *m = getenv("MOME_APP_MODEL");
+    if (m == NULL || *m == '\0')
+        model = -1;
+    else if (strcmp(m, "strong") == 0)
+        model = MOME_STRONG;
+    else if (strcmp(m, "release") == 0)
+        model = MOME_RELEASE;
+    else if (strcmp(m, "weak") == 0)
+        model = MOME_WEAK;
+    else {
+        fprintf(stderr, "%s: bad MOME_APP_MODEL '%s' (expected strong, release or weak)\n",
+                app_name, m);
+        exit(2);
+    }
+    return model;
+}
+
+#define APP_MAX_RANGES 64
+/* The weak ranges, which barrier() brings up to date. */
+static struct {
+    void *addr;
+    size_t len;
+} app_weak[APP_MAX_RANGES];
+static int app_nweak;
+
+/* Makes [addr, addr+len) reflect every write made before the last barrier
+ * this rank passed; any failure ends the program. */
+static inline void app_sync_range(void *addr, size_t len)
+{
+    int e = MomeSyncMem(addr, len, mome_last_barrier_date());
+    if (e != 0)
+        die_errno(e, "MomeSyncMem(%p, %zu, %" PRIu64 ")", addr, len, mome_last_barrier_date());
+}
+
+/* Selects `model` for the shared range [addr, addr+len); a weak range is
+ * recorded for barrier() and brought up to date at once. */
+static inline void app_share_model(void *addr, size_t len, int model)
+{
+    if (model < 0 || len == 0)
+        return;
+    int e = MomeConsistency(addr, len, model);
+    if (e != 0)
+        die_errno(e, "MomeConsistency(%p, %zu, %d)", addr, len, model);
+    if (model != MOME_WEAK)
+        return;
+    if (app_nweak == APP_MAX_RANGES) {
+        fprintf(stderr, "%s: more than %d weak ranges\n", app_name, APP_MAX_RANGES);
+        exit(1);
+    }
+    app_weak[app_nweak].addr = addr;
+    app_weak[app_nweak].len = len;
+    app_nweak++;
+    app_sync_range(addr, len);
+}
+
+/* A shared range synchronised by barriers: MOME_APP_MODEL's model. */
+static inline void app_share(void *addr, size_t len)
+{
+    app_share_model(addr, len, app_model());
+}
+
+/* A shared range also read and written under locks (mome_lock, pthread
+ * mutexes): MOME_APP_MODEL's model, but release for weak. */
+static inline void app_share_locked(void *addr, size_t len)
+{
+    int model = app_model();
+    app_share_model(addr, len, model == MOME_WEAK ? MOME_RELEASE : model);
+}
+
+/* Barrier of all ranks; any failure ends the program. Under the weak model,
+ * then brings every weak range up to date (MomeSyncMem to the barrier's
+ * date), so that every write made before the barrier is visible after it. */
 static inline void barrier(void)
 {
     int e = mome_barrier();
     if (e != 0)
         die_errno(e, "mome_barrier");
+    for (int i = 0; i < app_nweak; i++)
+        app_sync_range(app_weak[i].addr, app_weak[i].len);
 }
 
 /* Stand-in for barrier() in the sequential reference computation. */
@@ -100,13 +196,28 @@ static inline void no_barrier(void) {}
 
 typedef void (*sync_fn)(void);
 
-/* Shared segment `seg` of `bytes` bytes, read-write, at the address mome
- * chooses (the same in every rank). */
-static inline void *shared_segment(int seg, size_t bytes)
+static inline void *map_segment(int seg, size_t bytes)
 {
     void *p = MomeMMap(NULL, bytes, PROT_READ | PROT_WRITE, 0, seg, 0);
     if (p == MAP_FAILED)
         die_errno(errno, "MomeMMap(segment %d, %zu bytes)", seg, bytes);
+    return p;
+}
+
+/* Shared segment `seg` of `bytes` bytes, read-write, at the address mome
+ * chooses (the same in every rank), under MOME_APP_MODEL's model. */
+static inline void *shared_segment(int seg, size_t bytes)
+{
+    void *p = map_segment(seg, bytes);
+    app_share(p, bytes);
+    return p;
+}
+
+/* The same, for a segment also read and written under locks. */
+static inline void *shared_segment_locked(int seg, size_t bytes)
+{
+    void *p = map_segment(seg, bytes);
+    app_share_locked(p, bytes);
     return p;
 }
 

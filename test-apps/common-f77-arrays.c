@@ -10,8 +10,7 @@
  * page and spans whole pages (NMAX doubles, NMAX a multiple of 512), so
  * mapping it maps nothing else of the program's data.
  */
-#include <stdio.h>
-#include <string.h>
+#include "apputil.h"
 
 #define NMAX 262144 /* must equal NMAX in common-f77.f */
 _Static_assert(NMAX % 512 == 0, "COMMON /ARRAYS/ must be whole 4096-byte pages");
@@ -25,4 +24,27 @@ struct {
 void f77perr_(const int *err)
 {
     fprintf(stderr, "common-f77: MOMEMMAP: %s\n", strerror(*err));
+}
+
+/* CALL F77ERR(WHAT, IERR): the same for MOMECONSISTENCY (WHAT = 1) or
+ * MOMESYNCMEM (WHAT = 2). */
+void f77err_(const int *what, const int *err)
+{
+    fprintf(stderr, "common-f77: %s: %s\n", *what == 1 ? "MOMECONSISTENCY" : "MOMESYNCMEM",
+            strerror(*err));
+}
+
+/* INTEGER FUNCTION F77MODEL(): the model MOME_APP_MODEL names (0 strong,
+ * 1 release, 2 weak), or -1 when it is unset; a bad value exits 2. */
+int f77model_(void)
+{
+    app_name = "common-f77";
+    return app_model();
+}
+
+/* INTEGER*8 FUNCTION F77DATE(): mome_last_barrier_date(), which has no
+ * Fortran binding. */
+int64_t f77date_(void)
+{
+    return (int64_t)mome_last_barrier_date();
 }

@@ -19,6 +19,11 @@ C
 C     Usage: common-f77 [N [STEPS]]  (N <= NMAX, default 65536; STEPS,
 C     default 10).
 C
+C     MOME_APP_MODEL=strong|release|weak (see apputil.h) selects the
+C     consistency model of TAB with MOMECONSISTENCY; under weak, APPBAR
+C     (every barrier) then brings TAB up to date with MOMESYNCMEM at the
+C     barrier's date.
+C
       PROGRAM CMNF77
       IMPLICIT NONE
       INTEGER NMAX
@@ -27,8 +32,10 @@ C
       COMMON /ARRAYS/ TAB(NMAX)
       DOUBLE PRECISION SEQ(NMAX)
       SAVE SEQ
-      INTEGER MOMEMMAP, MOME_RANK, MOME_NRANKS
-      EXTERNAL MOMEMMAP, MOME_RANK, MOME_NRANKS, MOME_BARRIER, F77PERR
+      INTEGER MOMEMMAP, MOME_RANK, MOME_NRANKS, MOMECONSISTENCY
+      INTEGER F77MODEL, MODEL
+      EXTERNAL MOMEMMAP, MOME_RANK, MOME_NRANKS, APPBAR, F77PERR
+      EXTERNAL MOMECONSISTENCY, F77MODEL, F77ERR
       INTEGER IARGC
       INTEGER N, NSTEPS, IERR, ME, NP, LO, HI, I, J, K, LEN, NARGS
       INTEGER IOS, NBAD
@@ -80,10 +87,19 @@ C     Share the whole common block (NMAX doubles: whole pages).
          CALL F77PERR(IERR)
          CALL EXIT(1)
       END IF
+C     The model named by MOME_APP_MODEL, or -1 (none selected).
+      MODEL = F77MODEL()
+      IF (MODEL .GE. 0) THEN
+         IERR = MOMECONSISTENCY(TAB, LEN, MODEL)
+         IF (IERR .NE. 0) THEN
+            CALL F77ERR(1, IERR)
+            CALL EXIT(1)
+         END IF
+      END IF
       ME = MOME_RANK()
       NP = MOME_NRANKS()
 C     Every rank has mapped the segment before anyone writes to it.
-      CALL MOME_BARRIER()
+      CALL APPBAR(TAB, LEN, MODEL)
 C
       TOTAL = 0.0D0
       DO 40 K = 1, NSTEPS
@@ -95,7 +111,7 @@ C
             TAB(I) = TAB(I) * 0.5D0 + DBLE(MOD(7 * I + 13 * K, 101))
      &           / 101.0D0
    20    CONTINUE
-         CALL MOME_BARRIER()
+         CALL APPBAR(TAB, LEN, MODEL)
          IF (ME .EQ. 0) THEN
             S = 0.0D0
             DO 30 I = 1, N
@@ -104,7 +120,7 @@ C
             TOTAL = TOTAL + S
          END IF
 C        Rank 0 has read TAB before the next step rewrites it.
-         CALL MOME_BARRIER()
+         CALL APPBAR(TAB, LEN, MODEL)
    40 CONTINUE
 C
       IF (ME .EQ. 0) THEN
@@ -144,7 +160,7 @@ C
          FLUSH (6)
       END IF
 C     Nobody leaves while rank 0 still reads TAB.
-      CALL MOME_BARRIER()
+      CALL APPBAR(TAB, LEN, MODEL)
       IF (ME .EQ. 0 .AND. NBAD .NE. 0) CALL EXIT(1)
       END
 C
@@ -155,4 +171,23 @@ C
       WRITE (IUNIT, '(A)') '  F77 COMMON block shared with MOMEMMAP:'
       WRITE (IUNIT, '(A)') '  N doubles (default 65536, max 262144),'
       WRITE (IUNIT, '(A)') '  STEPS steps (default 10)'
+      END
+C
+C     APPBAR: MOME_BARRIER, then, under the weak model (MODEL = 2), makes
+C     TAB(1..LEN/8) reflect every write made before that barrier.
+      SUBROUTINE APPBAR(TAB, LEN, MODEL)
+      IMPLICIT NONE
+      DOUBLE PRECISION TAB(*)
+      INTEGER LEN, MODEL, IERR, MOMESYNCMEM
+      INTEGER*8 F77DATE, DATE
+      EXTERNAL MOME_BARRIER, MOMESYNCMEM, F77DATE, F77ERR
+      CALL MOME_BARRIER()
+      IF (MODEL .EQ. 2) THEN
+         DATE = F77DATE()
+         IERR = MOMESYNCMEM(TAB, LEN, DATE)
+         IF (IERR .NE. 0) THEN
+            CALL F77ERR(2, IERR)
+            CALL EXIT(1)
+         END IF
+      END IF
       END

@@ -147,6 +147,7 @@ int main(int argc, char **argv)
         base = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         if (base == MAP_FAILED)
             die_errno(errno, "mmap(%s, %zu bytes)", name, bytes);
+        app_share(base, bytes);
         close(fd);
         layout(&m, base);
         init_mats(&m);
@@ -159,6 +160,7 @@ int main(int argc, char **argv)
         base = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         if (base == MAP_FAILED)
             die_errno(errno, "mmap(%s, %zu bytes)", name, bytes);
+        app_share(base, bytes);
         close(fd);
         layout(&m, base);
     }

@@ -86,6 +86,7 @@ static double *shared_anon(size_t bytes, const char *what)
     void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED)
         die_errno(errno, "mmap(MAP_SHARED|MAP_ANONYMOUS, %zu bytes) for %s", bytes, what);
+    app_share(p, bytes);
     return p;
 }
 

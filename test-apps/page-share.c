@@ -31,7 +31,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "page-share: at most %d ranks\n", MAX_RANKS);
         return 2;
     }
-    struct shared *sh = shared_segment(1, sizeof *sh);
+    struct shared *sh = shared_segment_locked(1, sizeof *sh);
     barrier();
     double t0 = now_seconds();
     for (long i = 0; i < rounds; i++) {

@@ -137,7 +137,7 @@ int main(int argc, char **argv)
     iters = arg_long(argc, argv, 1, 200, 0, 1L << 40);
     int rank = mome_rank(), nranks = mome_nranks();
 
-    sh = shared_segment(1, sizeof *sh);
+    sh = shared_segment_locked(1, sizeof *sh);
     if (rank == 0) {
         init_mutex(&sh->rec.m, PTHREAD_MUTEX_RECURSIVE);
         init_mutex(&sh->chk.m, PTHREAD_MUTEX_ERRORCHECK);

@@ -90,7 +90,11 @@ int main(int argc, char **argv)
     int rank = mome_rank(), nranks = mome_nranks();
     size_t bytes = sizeof(struct shared) + (size_t)nranks * sizeof(struct rank_slot);
 
-    struct shared *sh = shared_segment(1, bytes);
+    /* The counters, mutex and barrier are used under locks; the slots are
+     * written before a barrier and read after it (MOME_APP_MODEL). */
+    struct shared *sh = map_segment(1, bytes);
+    app_share_locked(sh, offsetof(struct shared, slot));
+    app_share(sh->slot, bytes - offsetof(struct shared, slot));
     if (rank == 0) {
         pthread_mutexattr_t ma;
         check(pthread_mutexattr_init(&ma), "pthread_mutexattr_init");

@@ -242,11 +242,18 @@ impl Home {
     /// Starts `mome-run ARGS...` (or `mome-restart` when `restart`) in the
     /// background; returns once the job id is known.
     pub fn start(&self, args: &[&str], tag: &str) -> BackgroundJob {
+        self.start_with_env(args, &[], tag)
+    }
+
+    /// The same, with extra environment variables for mome-run (which
+    /// passes its environment on to the ranks).
+    pub fn start_with_env(&self, args: &[&str], env: &[(&str, &str)], tag: &str) -> BackgroundJob {
         let out = self.path().join(format!("{tag}.out"));
         let err = self.path().join(format!("{tag}.err"));
         let idfile = self.path().join(format!("{tag}.id"));
         let mut c = Command::new(mome_run());
         c.arg("--jobid-file").arg(&idfile).args(args);
+        c.envs(env.iter().copied());
         let child = self.spawn_logged(c, &out, &err);
         let id = wait_for(
             || {
