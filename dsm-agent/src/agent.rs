@@ -56,6 +56,9 @@ pub struct Identity {
     pub mesh: Option<(crate::mesh::Secret, crate::mesh::Timing)>,
     /// Diskless checkpoints: the node's memory store root.
     pub mem_store: Option<std::path::PathBuf>,
+    /// Consistency model of the shared zone until MomeConsistency changes
+    /// it (config nodes.consistency).
+    pub default_model: mome_protocol::peer::Model,
 }
 
 #[derive(Debug)]
@@ -126,7 +129,8 @@ impl Agent {
                     events.clone(),
                 ));
                 let memfd = memory.duplicate().map_err(AgentError::Memory)?;
-                let pages = crate::pages::PageEngine::new(layout, memfd, mesh.clone());
+                let pages =
+                    crate::pages::PageEngine::new(layout, memfd, mesh.clone(), id.default_model);
                 Some(crate::cluster::Cluster::new(mesh, pages))
             }
             _ => None,

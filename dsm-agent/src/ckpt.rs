@@ -520,12 +520,18 @@ async fn wait_step(job: &mut Job, want: Step) -> Result<(), CkptError> {
     }
 }
 
-/// Coordinated checkpoints: waits until no page request of this node is
-/// in flight (its ranks are parked, so none starts).
+/// Coordinated checkpoints: releases this node's changes to pages it
+/// writes without owning them (release and weak consistency), then waits
+/// until no page request of this node and none of those changes is in
+/// flight (its ranks are parked, so none starts). Once every node is
+/// drained, each page's owner holds every write made to it: the stamp is
+/// the state after a release by every rank (docs/consistency.md).
 async fn drain(agent: &Agent, job: &Job) -> Result<(), CkptError> {
     let Some(cluster) = agent.cluster.as_ref() else {
         return Ok(());
     };
+    // Completion shows as `outstanding` reaching zero.
+    drop(cluster.pages.release());
     let deadline = Instant::now() + job.park_timeout;
     loop {
         let count = cluster.pages.outstanding();

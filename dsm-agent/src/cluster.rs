@@ -214,8 +214,9 @@ impl From<SyncReply> for SyncAnswer {
     }
 }
 
-/// Runs `op` on this node's sync table (this node manages it).
-fn sync_local(agent: &Agent, caller: Caller, op: SyncOp) -> Pending {
+/// Runs `op` on this node's sync table (this node manages it); `date` is
+/// the caller's node's date when it sent it.
+fn sync_local(agent: &Agent, caller: Caller, op: SyncOp, date: u64) -> Pending {
     let mut sync = lock(&agent.sync);
     // A restored rank sends again the request it waited in; the manager
     // that served it before the stamp answers from its record.
@@ -223,7 +224,7 @@ fn sync_local(agent: &Agent, caller: Caller, op: SyncOp) -> Pending {
         return Pending::Now(r.into());
     }
     match op {
-        SyncOp::Barrier => Pending::Barrier(sync.barrier_arrive(caller)),
+        SyncOp::Barrier => Pending::Barrier(sync.barrier_arrive(caller, date)),
         SyncOp::Lock { id } => match sync.lock(caller, id) {
             Ok(LockGrant::Granted) => Pending::Now(SyncAnswer::Ok),
             Ok(LockGrant::Queued(rx)) => Pending::Lock(rx),
@@ -245,12 +246,13 @@ fn sync_local(agent: &Agent, caller: Caller, op: SyncOp) -> Pending {
 /// A sync operation of a local session, sent to its manager.
 pub fn sync_call(agent: &Agent, caller: Caller, op: SyncOp) -> Pending {
     let Some(cluster) = agent.cluster.as_ref() else {
-        return sync_local(agent, caller, op);
+        return sync_local(agent, caller, op, 0);
     };
     let mesh = &cluster.mesh;
     let manager = manager(&op, mesh.nodes);
+    let date = cluster.pages.tick();
     if manager == mesh.node {
-        return sync_local(agent, caller, op);
+        return sync_local(agent, caller, op, date);
     }
     let req = cluster.req();
     let (tx, rx) = oneshot::channel();
@@ -263,9 +265,124 @@ pub fn sync_call(agent: &Agent, caller: Caller, op: SyncOp) -> Pending {
             rank: caller.rank,
             seq: caller.seq,
             op,
+            date,
         },
     );
     Pending::Remote(rx)
+}
+
+/// Whether `op` is a release point (the node's changes must be merged
+/// before it).
+pub fn releases(op: &SyncOp) -> bool {
+    matches!(
+        op,
+        SyncOp::Barrier | SyncOp::Unlock { .. } | SyncOp::KeyedBarrier { .. }
+    )
+}
+
+/// Whether `op`, answered `answer`, is an acquire point (copies older
+/// than its date must go).
+pub fn acquires(op: &SyncOp, answer: &SyncAnswer) -> bool {
+    match op {
+        SyncOp::Barrier | SyncOp::KeyedBarrier { .. } | SyncOp::Lock { .. } => {
+            !matches!(answer, SyncAnswer::Error(_))
+        }
+        SyncOp::TryLock { .. } => *answer == SyncAnswer::Ok,
+        SyncOp::Unlock { .. } => false,
+    }
+}
+
+/// How long to wait for the owners of pages to merge this node's changes.
+fn merge_timeout(cluster: &Cluster) -> std::time::Duration {
+    cluster.mesh.timing.peer_timeout
+}
+
+async fn merged(cluster: &Cluster, rx: oneshot::Receiver<()>) -> Result<(), String> {
+    let limit = merge_timeout(cluster);
+    match tokio::time::timeout(limit, rx).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err("the page engine stopped".into()),
+        Err(_) => Err(format!(
+            "changes to shared pages not merged by their owners after {:.1} s",
+            limit.as_secs_f64()
+        )),
+    }
+}
+
+/// A release point on this node: returns once every change it made to
+/// pages it writes without owning them is merged by their owners.
+pub async fn release(agent: &Agent) -> Result<(), String> {
+    let Some(cluster) = agent.cluster.as_ref() else {
+        return Ok(());
+    };
+    match cluster.pages.release() {
+        Some(rx) => merged(cluster, rx).await,
+        None => Ok(()),
+    }
+}
+
+/// Which copies an acquire point drops.
+#[derive(Debug, Clone)]
+pub struct Acquire {
+    /// Copies older than this date.
+    pub date: u64,
+    /// In this range of shared-zone pages only.
+    pub range: Option<std::ops::Range<u64>>,
+    /// Copies under the release model only (a lock or barrier), or under
+    /// any model (MomeSyncMem, a range made strong).
+    pub release_model_only: bool,
+}
+
+/// An acquire point on this node: its changes are released, then its
+/// copies under a relaxed contract older than the acquire are dropped (the
+/// next access fetches the page again). Returns how many were dropped.
+pub async fn acquire(agent: &Agent, what: Acquire) -> Result<usize, String> {
+    let Some(cluster) = agent.cluster.as_ref() else {
+        return Ok(0);
+    };
+    if what.range.is_none() && !cluster.pages.any_relaxed() {
+        return Ok(0);
+    }
+    release(agent).await?;
+    let mut dropped = 0;
+    // A local rank may write a stale copy meanwhile (its changes are
+    // released before the copy goes), or ask for a page whose answer may
+    // be older than the acquire: the copies are looked at again until
+    // none is stale.
+    let deadline = tokio::time::Instant::now() + merge_timeout(cluster);
+    loop {
+        let stale = cluster
+            .pages
+            .drop_stale(what.date, what.range.clone(), |m| {
+                !what.release_model_only || m == mome_protocol::peer::Model::Release
+            });
+        dropped += stale.dropped;
+        if let Some(rx) = stale.merged {
+            merged(cluster, rx).await?;
+        } else if stale.busy {
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!(
+                    "pages asked for by this node not answered after {:.1} s",
+                    merge_timeout(cluster).as_secs_f64()
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_micros(100)).await;
+        } else {
+            return Ok(dropped);
+        }
+    }
+}
+
+/// The date of an acquire that just got its answer (a lock, a barrier):
+/// after every date the answer carried.
+pub fn acquire_date(agent: &Agent, answer: &SyncAnswer) -> u64 {
+    let Some(cluster) = agent.cluster.as_ref() else {
+        return 0;
+    };
+    if let SyncAnswer::BarrierDone { date } = answer {
+        cluster.pages.observe(*date);
+    }
+    cluster.pages.tick()
 }
 
 /// A local session ended: the managers on other nodes forget it.
@@ -474,7 +591,11 @@ fn check(agent: &Agent, msg: &PeerMsg) -> Result<(), String> {
             page_ok(*page, 0)?;
             node_ok(*new_owner)
         }
-        PeerMsg::InvalidateAck { page, .. } => page_ok(*page, 0),
+        PeerMsg::InvalidateAck { page, .. } | PeerMsg::DiffAck { page, .. } => page_ok(*page, 0),
+        PeerMsg::PageDiff { page, from, .. } => {
+            page_ok(*page, 0)?;
+            node_ok(*from)
+        }
         PeerMsg::DropPages { first, count } => {
             if *count == 0 {
                 return Ok(());
@@ -516,17 +637,26 @@ pub fn dispatch(agent: &Arc<Agent>, from: u32, msg: PeerMsg) {
             has_copy,
             hops,
             prefetch,
-        } => pages.on_request(
-            page,
-            crate::pages::Request {
-                from: requester,
-                req,
-                write,
-                has_copy,
-                hops,
-                prefetch,
-            },
-        ),
+            contract,
+            copy_date,
+            date,
+        } => {
+            pages.observe(date);
+            pages.on_request(
+                page,
+                crate::pages::Request {
+                    from: requester,
+                    req,
+                    write,
+                    has_copy,
+                    hops,
+                    prefetch,
+                    contract,
+                    copy_date,
+                    date,
+                },
+            )
+        }
         PeerMsg::PageGrant {
             page,
             req,
@@ -535,7 +665,20 @@ pub fn dispatch(agent: &Arc<Agent>, from: u32, msg: PeerMsg) {
             copyset,
             data,
             extra,
-        } => pages.on_grant(from, page, req, write, epoch, copyset, data, extra),
+            date,
+            twin,
+        } => pages.on_grant(
+            from, page, req, write, epoch, copyset, data, extra, date, twin,
+        ),
+        PeerMsg::PageDiff {
+            page,
+            from: writer,
+            req,
+            date,
+            hops,
+            delta,
+        } => pages.on_diff(page, writer, req, date, hops, delta),
+        PeerMsg::DiffAck { page, req, date } => pages.on_diff_ack(from, page, req, date),
         PeerMsg::Invalidate {
             page,
             epoch,
@@ -549,26 +692,44 @@ pub fn dispatch(agent: &Arc<Agent>, from: u32, msg: PeerMsg) {
             rank,
             seq,
             op,
+            date,
         } => {
+            pages.observe(date);
             let caller = Caller {
                 session: remote_session(from, session),
                 rank,
                 seq,
             };
             cluster.remote_rank(agent, caller.session, rank, true);
-            match sync_local(agent, caller, op) {
-                Pending::Now(answer) => mesh.send(from, PeerMsg::SyncDone { req, answer }),
+            let done = move |answer: SyncAnswer, pages: &PageEngine| {
+                // The answer is dated after the barrier's date (which is
+                // after every arrival).
+                if let SyncAnswer::BarrierDone { date } = answer {
+                    pages.observe(date);
+                }
+                PeerMsg::SyncDone {
+                    req,
+                    answer,
+                    date: pages.tick(),
+                }
+            };
+            match sync_local(agent, caller, op, date) {
+                Pending::Now(answer) => mesh.send(from, done(answer, pages)),
                 pending => {
                     let mesh = cluster.mesh.clone();
+                    let pages = cluster.pages.clone();
                     tokio::spawn(async move {
                         if let Some(answer) = pending.wait().await {
-                            mesh.send(from, PeerMsg::SyncDone { req, answer });
+                            mesh.send(from, done(answer, &pages));
                         }
                     });
                 }
             }
         }
-        PeerMsg::SyncDone { req, answer } => match lock(&cluster.sync_waiting).remove(&req) {
+        PeerMsg::SyncDone { req, answer, date } => match {
+            pages.observe(date);
+            lock(&cluster.sync_waiting).remove(&req)
+        } {
             // A dropped receiver: the session ended while waiting; its
             // SessionEnded releases what the grant gave it.
             Some(tx) => {

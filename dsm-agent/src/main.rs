@@ -23,6 +23,7 @@ mod memfd;
 mod mesh;
 mod pages;
 mod parity;
+mod relaxed;
 mod replicate;
 mod restore;
 mod segments;
@@ -326,6 +327,7 @@ fn identity(cli: &Cli) -> Result<Identity, StartError> {
         listen: spec.config.nodes.listen.clone(),
         mesh,
         mem_store: cli.mem_store.clone(),
+        default_model: spec.config.nodes.consistency,
     })
 }
 
@@ -416,6 +418,14 @@ async fn serve(
             st.prefetched,
             c.mesh.received.load(Ordering::Relaxed),
             c.mesh.sent.load(Ordering::Relaxed)
+        );
+        log!(
+            "relaxed consistency: {} twins, {} deltas sent ({} bytes), {} merged here, {} stale copies dropped",
+            st.twins,
+            st.diffs_sent,
+            st.diff_bytes,
+            st.diffs_merged,
+            st.stale_dropped
         );
         // Let the writers send Leaving before the runtime goes.
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -31,6 +31,24 @@
 //! - a page taken away before the woken faulting thread used it: a page
 //!   installed for local waiters is kept [`HOLD`] before it is given away.
 //!
+//! Release and weak consistency (the node's model of a page, `relaxed.rs`,
+//! is its contract for its copies): the owner keeps copies under a relaxed
+//! contract apart from the copyset and never invalidates them; their
+//! holder drops them at its acquire points (release model) or when
+//! `MomeSyncMem` asks (weak), when they are older than the date it must
+//! reflect. Dates are a scalar Lamport clock: the owner dates every change
+//! of a page (`mdate`: a local write starting, a delta merged) and every
+//! copy it gives (`valid`). A copy dated at or after an acquire's date
+//! holds every write released before that date, because the release
+//! merged them at the owner before it told anyone (see docs/consistency.md).
+//!
+//! Multiple writers: the first writer of a page takes ownership as under
+//! strong consistency and writes in place, with no twin. A relaxed write
+//! request reaching an owner that is writing the page (or whose page has
+//! other writers) gets a copy to write instead (`twin` grant): the writer
+//! keeps a twin, and at its next release sends `page ^ twin`, compressed,
+//! which the owner merges byte by byte (`PageDiff`, acknowledged).
+//!
 //! Everything runs under one mutex, never held across an await: each event
 //! (a local fault, a message) does its state change, its ioctls, preads,
 //! punches and queued sends in one short critical section.
@@ -42,12 +60,14 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use mome_protocol::layout::{WindowLayout, PAGE_SIZE};
-use mome_protocol::peer::{PeerMsg, MAX_PREFETCH};
+use mome_protocol::peer::{Model, PeerMsg, MAX_PREFETCH};
 use mome_uffd::{copy_mode, fault_flag, Filled, Uffd, UffdError};
+use tokio::sync::oneshot;
 
 use crate::agent::{lock, SessionId};
 use crate::faults::AliasTable;
 use crate::mesh::Mesh;
+use crate::relaxed::{self, ModelMap};
 
 /// How long a page fetched for local waiters stays before another node may
 /// take it: the woken threads must get to use it, or two nodes writing the
@@ -61,6 +81,12 @@ const MAX_HOPS: u32 = 64;
 
 #[repr(C, align(4096))]
 struct Page([u8; PAGE_SIZE as usize]);
+
+impl std::fmt::Debug for Page {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Page(..)")
+    }
+}
 static ZERO_PAGE: Page = Page([0; PAGE_SIZE as usize]);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -89,6 +115,11 @@ pub struct Request {
     pub has_copy: bool,
     pub hops: u32,
     pub prefetch: u32,
+    pub contract: Model,
+    /// With `has_copy`: the date the requester's copy is valid from.
+    pub copy_date: u64,
+    /// The requester's date when it asked.
+    pub date: u64,
 }
 
 /// This node's own request in flight.
@@ -103,6 +134,20 @@ struct Pending {
     acks: u64,
     granted: bool,
     data: Option<Vec<u8>>,
+    /// The grant is a copy to write with a twin (relaxed second writer).
+    twin: bool,
+    /// The owner's date in the grant.
+    date: u64,
+    /// The contract the request was made under.
+    contract: Model,
+}
+
+/// A delta that reached this node before it owns the page it is for.
+#[derive(Debug)]
+struct QueuedDiff {
+    from: u32,
+    req: u64,
+    delta: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -122,6 +167,26 @@ struct Entry {
     waiters: Vec<Waiter>,
     queued: VecDeque<Request>,
     hold_until: Option<Instant>,
+    /// Owner: date of the last change (a local write started, a delta
+    /// merged); 0 while the page was never written since it came here.
+    mdate: u64,
+    /// Not owner: the date this node's copy is valid from.
+    valid: u64,
+    /// Owner: nodes holding a copy under a relaxed contract (never
+    /// invalidated; bit per node).
+    relaxed: u64,
+    /// Owner: nodes writing a twinned copy (bit per node).
+    writers: u64,
+    /// Owner: invalidation acks to take silently (copies dropped after a
+    /// merge, which waits for nobody).
+    loose_acks: u64,
+    /// Not owner: this node's copy was given under a relaxed contract (the
+    /// owner does not invalidate it).
+    held_relaxed: bool,
+    /// Second writer: the page as it was when this node started writing.
+    twin: Option<Box<Page>>,
+    /// Deltas for the owner this node is about to be.
+    diffs: Vec<QueuedDiff>,
 }
 
 impl Entry {
@@ -132,6 +197,13 @@ impl Entry {
             && self.pending.is_none()
             && self.queued.is_empty()
             && self.hold_until.is_none_or(|t| t <= now)
+    }
+
+    /// Owner: node `node`'s copy, valid from `date`, is the page as it is
+    /// now (a copy in the copyset is kept current; a relaxed one is when
+    /// the page did not change since it was given).
+    fn holds_current(&self, node: u32, date: u64) -> bool {
+        self.copyset & (1 << node) != 0 || (self.relaxed & (1 << node) != 0 && date > self.mdate)
     }
 
     fn initial(home: u32, me: u32) -> Entry {
@@ -150,6 +222,14 @@ impl Entry {
             waiters: Vec::new(),
             queued: VecDeque::new(),
             hold_until: None,
+            mdate: 0,
+            valid: 0,
+            relaxed: 0,
+            writers: 0,
+            loose_acks: 0,
+            held_relaxed: false,
+            twin: None,
+            diffs: Vec::new(),
         }
     }
 }
@@ -182,6 +262,14 @@ pub struct PageStats {
     pub stale_grants: u64,
     /// Pages that came with a read grant without being asked for.
     pub prefetched: u64,
+    /// Twinned copies granted to this node (second writer of a page).
+    pub twins: u64,
+    /// Deltas sent, their compressed bytes, and deltas merged here.
+    pub diffs_sent: u64,
+    pub diff_bytes: u64,
+    pub diffs_merged: u64,
+    /// Relaxed copies dropped at acquire points or by MomeSyncMem.
+    pub stale_dropped: u64,
 }
 
 #[derive(Debug)]
@@ -197,6 +285,15 @@ struct Directory {
     /// the only ones whose content this node can have changed (a capture
     /// takes write access back from every page it leaves to this node).
     written: std::collections::BTreeSet<u64>,
+    /// Consistency model of each page on this node.
+    models: ModelMap,
+    /// Pages with a twin (this node writes a copy it does not own).
+    twinned: std::collections::BTreeSet<u64>,
+    /// Deltas sent and not acknowledged yet: request -> (page, node it
+    /// went to, when).
+    diffs_out: HashMap<u64, (u64, u32, Instant)>,
+    /// Releases waiting for deltas to be acknowledged.
+    release_waits: Vec<(std::collections::BTreeSet<u64>, oneshot::Sender<()>)>,
 }
 
 /// A few concurrent sequential access streams (a program sweeping two
@@ -254,6 +351,47 @@ pub struct PageEngine {
     dir: Mutex<Directory>,
     /// The engine itself: hold timers reach it through this.
     me: Weak<PageEngine>,
+    /// The node's Lamport clock (dates of release and weak consistency).
+    clock: std::sync::atomic::AtomicU64,
+    /// The shared zone of the node's memory, mapped here: deltas are merged
+    /// through it byte by byte (see relaxed::merge).
+    zone: ZoneMap,
+}
+
+/// What [`PageEngine::drop_stale`] did, and what is left.
+#[derive(Debug)]
+pub struct Stale {
+    /// Copies dropped.
+    pub dropped: usize,
+    /// Stale twinned copies were released: their changes are merged when
+    /// this fires, and the copies can go on the next call.
+    pub merged: Option<oneshot::Receiver<()>>,
+    /// Stale copies have a request of this node in flight: call again
+    /// shortly.
+    pub busy: bool,
+}
+
+/// The agent's own mapping of the shared zone of the memfd (not registered
+/// with any userfaultfd: touching a page here never faults to the agent).
+#[derive(Debug)]
+struct ZoneMap {
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a plain address range; every access goes through `page_ptr`
+// under the directory mutex.
+unsafe impl Send for ZoneMap {}
+// SAFETY: as above.
+unsafe impl Sync for ZoneMap {}
+
+impl Drop for ZoneMap {
+    fn drop(&mut self) {
+        if !self.base.is_null() {
+            // SAFETY: the mapping made in `PageEngine::new`, used no more.
+            unsafe { libc::munmap(self.base.cast(), self.len) };
+        }
+    }
 }
 
 /// Pages of a run that share a home: a sequential first touch of a run is
@@ -267,7 +405,34 @@ pub fn home_of(page: u64, nodes: u32) -> u32 {
 }
 
 impl PageEngine {
-    pub fn new(layout: WindowLayout, memfd: OwnedFd, mesh: Arc<Mesh>) -> Arc<PageEngine> {
+    pub fn new(
+        layout: WindowLayout,
+        memfd: OwnedFd,
+        mesh: Arc<Mesh>,
+        default_model: Model,
+    ) -> Arc<PageEngine> {
+        let len = layout.shared_size() as usize;
+        // SAFETY: a new shared mapping of our memfd, NORESERVE (virtual
+        // only: pages appear as they are written); checked below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                memfd.as_raw_fd(),
+                layout.file_offset(layout.shared_base()) as libc::off_t,
+            )
+        };
+        let base = if base == libc::MAP_FAILED {
+            log!(
+                "cannot map the shared zone in the agent ({}): deltas of multiple writers cannot be merged here",
+                std::io::Error::last_os_error()
+            );
+            std::ptr::null_mut()
+        } else {
+            base.cast()
+        };
         Arc::new_cyclic(|me| PageEngine {
             node: mesh.node,
             nodes: mesh.nodes,
@@ -282,9 +447,26 @@ impl PageEngine {
                 reads: Streams::default(),
                 writes: Streams::default(),
                 written: std::collections::BTreeSet::new(),
+                models: ModelMap::new(default_model),
+                twinned: std::collections::BTreeSet::new(),
+                diffs_out: HashMap::new(),
+                release_waits: Vec::new(),
             }),
             me: me.clone(),
+            clock: std::sync::atomic::AtomicU64::new(0),
+            zone: ZoneMap { base, len },
         })
+    }
+
+    /// A new event of this node: its date.
+    pub fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
+    }
+
+    /// A date from another node: every later event of this one is after it.
+    pub fn observe(&self, date: u64) {
+        self.clock
+            .fetch_max(date, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn stats(&self) -> PageStats {
@@ -502,6 +684,7 @@ impl PageEngine {
         let req = d.next_req;
         d.next_req += 1;
         let me = self.node;
+        let contract = d.models.of(page);
         let e = self.entry(d, page);
         debug_assert!(e.pending.is_none());
         if e.owner {
@@ -519,6 +702,9 @@ impl PageEngine {
                 acks: targets,
                 granted: true,
                 data: None,
+                twin: false,
+                date: 0,
+                contract,
             }));
             let epoch = e.epoch;
             self.invalidate(d, page, epoch, targets);
@@ -533,8 +719,12 @@ impl PageEngine {
             acks: 0,
             granted: false,
             data: None,
+            twin: false,
+            date: 0,
+            contract,
         }));
         let has_copy = e.access == Access::Read;
+        let copy_date = e.valid;
         d.stats.requests_sent += 1;
         self.mesh.send(
             to,
@@ -546,6 +736,9 @@ impl PageEngine {
                 has_copy,
                 hops: 0,
                 prefetch,
+                contract,
+                copy_date,
+                date: self.tick(),
             },
         );
     }
@@ -557,31 +750,65 @@ impl PageEngine {
         let Some(p) = e.pending.take() else { return };
         let waiters = std::mem::take(&mut e.waiters);
         let had_copy = e.access == Access::Read;
-        e.access = if p.write { Access::Write } else { Access::Read };
+        // A twin grant is a copy this node writes without owning it.
+        let writable = p.write || p.twin;
+        e.access = if writable {
+            Access::Write
+        } else {
+            Access::Read
+        };
         if !waiters.is_empty() {
             e.hold_until = Some(Instant::now() + HOLD);
         }
         if p.write {
+            e.held_relaxed = false;
             d.written.insert(page);
+            let date = self.tick();
+            self.entry(d, page).mdate = date;
+        } else {
+            e.valid = p.date;
+            e.held_relaxed = p.contract.relaxed();
+        }
+        let mut data = p.data;
+        if let Some(data) = data.as_mut() {
+            // New content for a page this node changed without owning it:
+            // keep its changes (never expected: such a page is writable and
+            // asks for nothing).
+            self.merge_own_changes(d, page, data);
+        }
+        if p.twin {
+            let twin = match &data {
+                Some(data) => data.clone(),
+                // The copy this node holds is current: write-protected in
+                // every local rank, so nobody changes it while it is read.
+                None => self.read_page(page),
+            };
+            let e = self.entry(d, page);
+            let mut page_box = Box::new(Page([0; PAGE_SIZE as usize]));
+            page_box.0.copy_from_slice(&twin);
+            e.twin = Some(page_box);
+            d.twinned.insert(page);
+            d.stats.twins += 1;
         }
         // The first waiter that missed the page gets it copied straight to
         // its address, woken by the copy.
         let target = waiters.iter().position(|w| {
-            w.flags & fault_flag::WP == 0 && (p.write || w.flags & fault_flag::WRITE == 0)
+            w.flags & fault_flag::WP == 0 && (writable || w.flags & fault_flag::WRITE == 0)
         });
         let mut served = None;
-        if let Some(data) = p.data {
+        if let Some(data) = data {
             if had_copy {
                 self.punch(page, 1);
             }
             let skip = target.map(|i| (waiters[i].session, waiters[i].addr));
-            if !p.write {
+            if !writable {
                 self.protect_except(d, page, skip);
             }
-            if self.install(d, page, &data, !p.write, skip) {
+            if self.install(d, page, &data, !writable, skip) {
                 served = target;
             }
         }
+        self.take_queued_diffs(d, page);
         let mut waiters = waiters;
         if let Some(i) = served {
             waiters.remove(i);
@@ -687,6 +914,9 @@ impl PageEngine {
                     has_copy: r.has_copy,
                     hops: r.hops.saturating_add(1),
                     prefetch: r.prefetch,
+                    contract: r.contract,
+                    copy_date: r.copy_date,
+                    date: r.date,
                 },
             );
             return;
@@ -760,9 +990,13 @@ impl PageEngine {
             let data = self.read_page(page);
             let e = self.entry(d, page);
             e.access = Access::Read;
-            e.copyset |= 1 << r.from;
+            if r.contract.relaxed() {
+                e.relaxed |= 1 << r.from;
+            } else {
+                e.copyset |= 1 << r.from;
+            }
             let epoch = e.epoch;
-            let extra = self.prefetched(d, page, r.from, r.prefetch);
+            let extra = self.prefetched(d, page, r.from, r.prefetch, r.contract);
             self.mesh.send(
                 r.from,
                 PeerMsg::PageGrant {
@@ -773,8 +1007,16 @@ impl PageEngine {
                     copyset: 0,
                     data: Some(data),
                     extra,
+                    date: self.tick(),
+                    twin: false,
                 },
             );
+            return;
+        }
+        let e = self.entry(d, page);
+        let writing = access == Access::Write && e.mdate != 0;
+        if r.contract.relaxed() && (writing || e.writers & !(1 << r.from) != 0) {
+            self.serve_twin(d, page, r);
             return;
         }
         if access == Access::Write {
@@ -782,7 +1024,7 @@ impl PageEngine {
             self.protect_everywhere(d, page);
         }
         let e = self.entry(d, page);
-        let send_data = !(r.has_copy && e.copyset & (1 << r.from) != 0);
+        let send_data = !(r.has_copy && e.holds_current(r.from, r.copy_date));
         let copyset = e.copyset & !(1 << r.from) & !(1 << me);
         let epoch = e.epoch + 1;
         let data = send_data.then(|| self.read_page(page));
@@ -792,6 +1034,8 @@ impl PageEngine {
         e.owner = false;
         e.prob_owner = r.from;
         e.copyset = 0;
+        e.relaxed = 0;
+        e.writers = 0;
         e.epoch = epoch;
         e.min_epoch = epoch;
         let extra = self.handed_over(d, page, r.from, r.prefetch);
@@ -805,6 +1049,41 @@ impl PageEngine {
                 copyset,
                 data,
                 extra,
+                date: self.tick(),
+                twin: false,
+            },
+        );
+    }
+
+    /// A relaxed write request while the page is being written here or by
+    /// others: the requester gets a copy to write with a twin, and the
+    /// page stays here. The owner stops writing in place until its next
+    /// write fault, which dates the change after the copy.
+    fn serve_twin(&self, d: &mut Directory, page: u64, r: Request) {
+        let e = self.entry(d, page);
+        if e.access == Access::Write {
+            self.protect_everywhere(d, page);
+        }
+        let e = self.entry(d, page);
+        e.access = Access::Read;
+        let current = r.has_copy && e.holds_current(r.from, r.copy_date);
+        e.writers |= 1 << r.from;
+        e.relaxed |= 1 << r.from;
+        e.copyset &= !(1 << r.from);
+        let epoch = e.epoch;
+        let data = (!current).then(|| self.read_page(page));
+        self.mesh.send(
+            r.from,
+            PeerMsg::PageGrant {
+                page,
+                req: r.req,
+                write: false,
+                epoch,
+                copyset: 0,
+                data,
+                extra: Vec::new(),
+                date: self.tick(),
+                twin: true,
             },
         );
     }
@@ -839,6 +1118,8 @@ impl PageEngine {
                 e.owner = false;
                 e.prob_owner = to;
                 e.copyset = 0;
+                e.relaxed = 0;
+                e.writers = 0;
                 e.epoch += 1;
                 e.min_epoch = e.epoch;
                 (e.epoch, data.to_vec())
@@ -892,6 +1173,12 @@ impl PageEngine {
             log!("node {from} hands over page {page}, which this node owns: ignored");
             return;
         }
+        let mut data = data.to_vec();
+        self.merge_own_changes(d, page, &mut data);
+        let date = self.tick();
+        let e = self.entry(d, page);
+        e.mdate = date;
+        e.held_relaxed = false;
         let had_copy = e.access != Access::None;
         e.owner = true;
         e.prob_owner = me;
@@ -908,7 +1195,8 @@ impl PageEngine {
         if had_copy {
             self.punch(page, 1);
         }
-        self.install(d, page, data, false, None);
+        self.install(d, page, &data, false, None);
+        self.take_queued_diffs(d, page);
         if pending.is_some() {
             log!("page {page}: handed over by node {from} while this node asked for it");
         }
@@ -921,9 +1209,16 @@ impl PageEngine {
 
     /// Read copies of the pages after `page` for `to`, as long as this node
     /// owns them and can give them at once (not busy, not held).
-    fn prefetched(&self, d: &mut Directory, page: u64, to: u32, count: u32) -> Vec<(u64, Vec<u8>)> {
+    fn prefetched(
+        &self,
+        d: &mut Directory,
+        page: u64,
+        to: u32,
+        count: u32,
+        contract: Model,
+    ) -> Vec<(u64, Vec<u8>)> {
         let (n, any_writable) = self.givable_run(d, page, count, |e| {
-            e.access != Access::None && e.copyset & (1 << to) == 0
+            e.access != Access::None && (e.copyset | e.relaxed) & (1 << to) == 0
         });
         if n == 0 {
             return Vec::new();
@@ -939,7 +1234,11 @@ impl PageEngine {
             .map(|(i, data)| {
                 let e = self.entry(d, page + 1 + i as u64);
                 e.access = Access::Read;
-                e.copyset |= 1 << to;
+                if contract.relaxed() {
+                    e.relaxed |= 1 << to;
+                } else {
+                    e.copyset |= 1 << to;
+                }
                 (e.epoch, data.to_vec())
             })
             .collect()
@@ -979,11 +1278,19 @@ impl PageEngine {
         copyset: u64,
         data: Option<Vec<u8>>,
         extra: Vec<(u64, Vec<u8>)>,
+        date: u64,
+        twin: bool,
     ) {
         let me = self.node;
+        self.observe(date);
         let mut d = lock(&self.dir);
         if !extra.is_empty() && !write {
-            self.take_prefetched(&mut d, from, page, extra);
+            let contract = d
+                .entries
+                .get(&page)
+                .and_then(|e| e.pending.as_ref())
+                .map_or(Model::Strong, |p| p.contract);
+            self.take_prefetched(&mut d, from, page, extra, date, contract);
         } else if !extra.is_empty() {
             let last = page + extra.len() as u64;
             for (i, (epoch, data)) in extra.into_iter().enumerate() {
@@ -996,7 +1303,7 @@ impl PageEngine {
         let matches = e
             .pending
             .as_ref()
-            .is_some_and(|p| p.req == req && !p.granted && p.write == write);
+            .is_some_and(|p| p.req == req && !p.granted && p.write == (write || twin));
         if !matches && write && !e.owner {
             // A request this node gave up (a page handed over with another
             // grant answered it) was served after all, by an owner that
@@ -1012,6 +1319,9 @@ impl PageEngine {
                 acks: 0,
                 granted: false,
                 data: None,
+                twin: false,
+                date,
+                contract: Model::Strong,
             }));
         } else if !matches {
             // A read copy nobody waits for: dropping it is safe (the owner's
@@ -1032,6 +1342,9 @@ impl PageEngine {
             if let Some(p) = e.pending.as_mut() {
                 p.granted = true;
                 p.data = data;
+                p.twin = twin;
+                p.write = false;
+                p.date = date;
             }
             self.complete(&mut d, page);
             return;
@@ -1077,7 +1390,15 @@ impl PageEngine {
     /// this node has no copy of, asks nothing for, and no invalidation made
     /// stale. The others are dropped (the owner's copyset then names this
     /// node needlessly: its invalidations find nothing to drop).
-    fn take_prefetched(&self, d: &mut Directory, from: u32, page: u64, extra: Vec<(u64, Vec<u8>)>) {
+    fn take_prefetched(
+        &self,
+        d: &mut Directory,
+        from: u32,
+        page: u64,
+        extra: Vec<(u64, Vec<u8>)>,
+        date: u64,
+        contract: Model,
+    ) {
         let mut last = page;
         // Runs of consecutive pages still of use, installed a run at a time.
         let mut run: Vec<u8> = Vec::new();
@@ -1095,6 +1416,8 @@ impl PageEngine {
             e.access = Access::Read;
             e.prob_owner = from;
             e.epoch = epoch;
+            e.valid = date;
+            e.held_relaxed = contract.relaxed();
             if run.is_empty() {
                 run_first = q;
             }
@@ -1143,6 +1466,10 @@ impl PageEngine {
         }
         e.min_epoch = e.min_epoch.max(epoch);
         e.prob_owner = new_owner;
+        // Changes this node made to a twinned copy go to the new owner
+        // before the copy does.
+        self.flush_page(&mut d, page);
+        let e = self.entry(&mut d, page);
         let had = e.access;
         e.access = Access::None;
         if had != Access::None {
@@ -1154,6 +1481,12 @@ impl PageEngine {
     pub fn on_invalidate_ack(&self, from: u32, page: u64, epoch: u64) {
         let mut d = lock(&self.dir);
         let e = self.entry(&mut d, page);
+        let awaited = e.epoch == epoch && e.pending.as_ref().is_some_and(|p| p.granted && p.write);
+        if !awaited && e.loose_acks & (1 << from) != 0 {
+            // A copy dropped after a merge, which waited for nobody.
+            e.loose_acks &= !(1 << from);
+            return;
+        }
         let Some(p) = e.pending.as_mut().filter(|p| p.granted && p.write) else {
             log!("invalidation ack of page {page} from node {from} matches no request: ignored");
             return;
@@ -1180,6 +1513,10 @@ impl PageEngine {
             woken.append(&mut e.waiters);
             false
         });
+        let gone: Vec<u64> = d.twinned.range(first..first + count).copied().collect();
+        for p in gone {
+            d.twinned.remove(&p);
+        }
         for w in woken {
             if let Some(view) = d.ranks.get(&w.session) {
                 let _ = view.uffd.wake(w.addr, PAGE_SIZE);
@@ -1190,11 +1527,8 @@ impl PageEngine {
     /// Requests of this node still in flight (checkpoints wait for none,
     /// on every node, before taking the shared zone).
     pub fn outstanding(&self) -> usize {
-        lock(&self.dir)
-            .entries
-            .values()
-            .filter(|e| e.pending.is_some())
-            .count()
+        let d = lock(&self.dir);
+        d.entries.values().filter(|e| e.pending.is_some()).count() + d.diffs_out.len()
     }
 
     /// This node's part of a checkpoint of the shared zone, taken while
@@ -1280,11 +1614,13 @@ impl PageEngine {
         let mut d = lock(&self.dir);
         for r in pages {
             for p in r.clone() {
+                let date = self.tick();
                 let e = self.entry(&mut d, p);
                 e.owner = true;
                 e.prob_owner = self.node;
                 e.access = Access::Read;
                 e.copyset = 0;
+                e.mdate = date;
             }
         }
     }
@@ -1308,10 +1644,329 @@ impl PageEngine {
         }
     }
 
+    // ---- release and weak consistency ----
+
+    /// Pages `range` (of the shared zone) use `model` on this node from
+    /// now on. Copies this node holds under a relaxed contract in a part
+    /// that becomes strong must go (their owner does not invalidate them):
+    /// the answer is what to wait for before they can (see `drop_stale`).
+    pub fn set_model(
+        &self,
+        range: std::ops::Range<u64>,
+        model: Model,
+    ) -> Vec<std::ops::Range<u64>> {
+        let mut d = lock(&self.dir);
+        d.models.set(range, model)
+    }
+
+    /// Whether any page may be under a relaxed model here (acquire points
+    /// have nothing to do otherwise).
+    pub fn any_relaxed(&self) -> bool {
+        let d = lock(&self.dir);
+        d.models.of(u64::MAX).relaxed() || d.models.ranges().any(|(_, m)| m.relaxed())
+    }
+
+    /// A release point of this node: the changes of every twinned copy go
+    /// to the owners. The answer fires once every change this node sent so
+    /// far is merged (`None`: nothing is in flight).
+    pub fn release(&self) -> Option<oneshot::Receiver<()>> {
+        let mut d = lock(&self.dir);
+        let pages: Vec<u64> = d.twinned.iter().copied().collect();
+        for p in pages {
+            self.flush_page(&mut d, p);
+        }
+        Self::wait_for_diffs(&mut d)
+    }
+
+    fn wait_for_diffs(d: &mut Directory) -> Option<oneshot::Receiver<()>> {
+        if d.diffs_out.is_empty() {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        let set = d.diffs_out.keys().copied().collect();
+        d.release_waits.push((set, tx));
+        Some(rx)
+    }
+
+    /// Drops the copies held under a relaxed contract that are older than
+    /// `date`: in `range` (all pages when `None`), whose model passes
+    /// `model_filter`. Twinned copies among them are released first and
+    /// dropped by a later call, as are copies with a request of this node
+    /// in flight (its answer may be older than `date` too): the caller
+    /// calls again until nothing is left (see [`Stale`]).
+    pub fn drop_stale(
+        &self,
+        date: u64,
+        range: Option<std::ops::Range<u64>>,
+        model_filter: impl Fn(Model) -> bool,
+    ) -> Stale {
+        let mut d = lock(&self.dir);
+        let mut stale = Vec::new();
+        let mut twinned = Vec::new();
+        let mut busy = false;
+        for (&p, e) in &d.entries {
+            if e.owner || e.access == Access::None || e.valid >= date {
+                continue;
+            }
+            if range.as_ref().is_some_and(|r| !r.contains(&p)) {
+                continue;
+            }
+            if !(e.held_relaxed || e.twin.is_some()) || !model_filter(d.models.of(p)) {
+                continue;
+            }
+            if e.pending.is_some() {
+                busy = true;
+            } else if e.twin.is_some() {
+                twinned.push(p);
+            } else {
+                stale.push(p);
+            }
+        }
+        stale.sort_unstable();
+        for r in runs_of(&stale) {
+            self.punch(r.start, r.end - r.start);
+            for p in r {
+                let e = self.entry(&mut d, p);
+                e.access = Access::None;
+                e.held_relaxed = false;
+            }
+        }
+        d.stats.stale_dropped += stale.len() as u64;
+        for &p in &twinned {
+            self.flush_page(&mut d, p);
+        }
+        Stale {
+            dropped: stale.len(),
+            merged: if twinned.is_empty() {
+                None
+            } else {
+                Self::wait_for_diffs(&mut d)
+            },
+            busy,
+        }
+    }
+
+    /// Sends the changes of a twinned copy to the page's owner (nothing
+    /// when there is no twin or nothing changed); the copy becomes a read
+    /// copy again, so that the next local write asks anew.
+    fn flush_page(&self, d: &mut Directory, page: u64) {
+        let me = self.node;
+        let Some(e) = d.entries.get_mut(&page) else {
+            return;
+        };
+        let Some(twin) = e.twin.take() else {
+            return;
+        };
+        let owner = e.owner;
+        d.twinned.remove(&page);
+        // Stop local writers before the page is read for its delta.
+        self.protect_everywhere(d, page);
+        let e = self.entry(d, page);
+        e.access = Access::Read;
+        if owner {
+            // The page came here meanwhile: the changes are in place.
+            return;
+        }
+        let to = e.prob_owner;
+        let current = self.read_page(page);
+        let Some(delta) = relaxed::delta(&current, &twin.0) else {
+            return;
+        };
+        let req = d.next_req;
+        d.next_req += 1;
+        d.stats.diffs_sent += 1;
+        d.stats.diff_bytes += delta.len() as u64;
+        d.diffs_out.insert(req, (page, to, Instant::now()));
+        self.mesh.send(
+            to,
+            PeerMsg::PageDiff {
+                page,
+                from: me,
+                req,
+                date: self.tick(),
+                hops: 0,
+                delta,
+            },
+        );
+    }
+
+    /// `data` is about to replace the content of `page` here: changes this
+    /// node made to a twinned copy of it are carried over (and the twin
+    /// goes: the page is no longer a copy of someone else's).
+    fn merge_own_changes(&self, d: &mut Directory, page: u64, data: &mut [u8]) {
+        let Some(e) = d.entries.get_mut(&page) else {
+            return;
+        };
+        let Some(twin) = e.twin.take() else {
+            return;
+        };
+        d.twinned.remove(&page);
+        self.protect_everywhere(d, page);
+        let current = self.read_page(page);
+        relaxed::merge_into(data, &relaxed::xor(&current, &twin.0));
+    }
+
+    /// Node `sender` passed on the changes node `from` made to `page`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_diff(&self, page: u64, from: u32, req: u64, date: u64, hops: u32, delta: Vec<u8>) {
+        self.observe(date);
+        let mut d = lock(&self.dir);
+        let e = self.entry(&mut d, page);
+        if e.owner && e.pending.is_none() {
+            self.merge_diff(&mut d, page, from, req, &delta);
+            return;
+        }
+        if e.pending.as_ref().is_some_and(|p| p.write) || e.owner {
+            // This node owns the page or is about to: merged once it does.
+            e.diffs.push(QueuedDiff { from, req, delta });
+            return;
+        }
+        let to = e.prob_owner;
+        if hops == MAX_HOPS {
+            log!("changes {req} of node {from} to page {page} forwarded {MAX_HOPS} times (now to node {to})");
+        }
+        self.mesh.send(
+            to,
+            PeerMsg::PageDiff {
+                page,
+                from,
+                req,
+                date,
+                hops: hops.saturating_add(1),
+                delta,
+            },
+        );
+    }
+
+    /// Deltas queued while this node waited for `page`: merged if it owns
+    /// it now, sent on to the owner otherwise.
+    fn take_queued_diffs(&self, d: &mut Directory, page: u64) {
+        let e = self.entry(d, page);
+        if e.diffs.is_empty() || e.pending.is_some() {
+            return;
+        }
+        let diffs = std::mem::take(&mut e.diffs);
+        let (owner, to) = (e.owner, e.prob_owner);
+        for q in diffs {
+            if owner {
+                self.merge_diff(d, page, q.from, q.req, &q.delta);
+            } else {
+                self.mesh.send(
+                    to,
+                    PeerMsg::PageDiff {
+                        page,
+                        from: q.from,
+                        req: q.req,
+                        date: self.tick(),
+                        hops: 1,
+                        delta: q.delta,
+                    },
+                );
+            }
+        }
+    }
+
+    /// The owner merges node `from`'s changes to `page` into its copy,
+    /// dates the change, drops the copies it keeps current (strong
+    /// contracts: relaxed ones are their holders' business) and
+    /// acknowledges.
+    fn merge_diff(&self, d: &mut Directory, page: u64, from: u32, req: u64, delta: &[u8]) {
+        let x = match relaxed::unpack(delta) {
+            Ok(x) => x,
+            Err(e) => {
+                log!("changes {req} of node {from} to page {page}: {e}; dropped");
+                return;
+            }
+        };
+        let Some(ptr) = self.page_ptr(page) else {
+            log!("changes {req} of node {from} to page {page}: the shared zone is not mapped in the agent; dropped");
+            return;
+        };
+        // SAFETY: `ptr` is page `page` of the agent's mapping of the shared
+        // zone (checked in page_ptr); local ranks may write other bytes of
+        // it meanwhile, not the ones the delta changes (disjoint writers).
+        unsafe { relaxed::merge(ptr, &x) };
+        d.written.insert(page);
+        d.stats.diffs_merged += 1;
+        let date = self.tick();
+        let me = self.node;
+        let e = self.entry(d, page);
+        e.mdate = date;
+        e.writers &= !(1 << from);
+        let targets = e.copyset & !(1 << me) & !(1 << from);
+        if targets != 0 {
+            e.epoch += 1;
+            e.min_epoch = e.epoch;
+            e.copyset = 0;
+            e.loose_acks |= targets;
+            let epoch = e.epoch;
+            for n in nodes_in(targets) {
+                self.mesh.send(
+                    n,
+                    PeerMsg::Invalidate {
+                        page,
+                        epoch,
+                        new_owner: me,
+                    },
+                );
+            }
+        }
+        if from == me {
+            self.diff_acked(d, req);
+        } else {
+            self.mesh.send(from, PeerMsg::DiffAck { page, req, date });
+        }
+    }
+
+    pub fn on_diff_ack(&self, from: u32, page: u64, req: u64, date: u64) {
+        self.observe(date);
+        let mut d = lock(&self.dir);
+        if !d.diffs_out.contains_key(&req) {
+            log!("merge ack {req} of page {page} from node {from} matches no change sent: ignored");
+            return;
+        }
+        self.diff_acked(&mut d, req);
+    }
+
+    fn diff_acked(&self, d: &mut Directory, req: u64) {
+        d.diffs_out.remove(&req);
+        for (mut set, tx) in std::mem::take(&mut d.release_waits) {
+            set.remove(&req);
+            if set.is_empty() {
+                let _ = tx.send(());
+            } else {
+                d.release_waits.push((set, tx));
+            }
+        }
+    }
+
+    /// Page `page` of the agent's mapping of the shared zone.
+    fn page_ptr(&self, page: u64) -> Option<*mut u8> {
+        let off = page.checked_mul(PAGE_SIZE)? as usize;
+        if self.zone.base.is_null() || off + PAGE_SIZE as usize > self.zone.len {
+            return None;
+        }
+        // SAFETY: inside the mapping (checked above).
+        Some(unsafe { self.zone.base.add(off) })
+    }
+
     /// The oldest request of this node older than `limit`, as (node asked,
     /// description), for failure detection.
     pub fn stuck(&self, limit: Duration) -> Option<(u32, String)> {
         let d = lock(&self.dir);
+        let late_delta = d
+            .diffs_out
+            .values()
+            .find(|(_, _, since)| since.elapsed() > limit);
+        if let Some(&(page, to, since)) = late_delta {
+            return Some((
+                to,
+                format!(
+                    "changes to page {page} not merged after {:.1} s",
+                    since.elapsed().as_secs_f64()
+                ),
+            ));
+        }
         d.entries.iter().find_map(|(&page, e)| {
             let p = e.pending.as_ref()?;
             let age = p.since.elapsed();

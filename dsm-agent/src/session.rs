@@ -39,7 +39,7 @@ use crate::restore::FaultServer;
 use crate::sync::Caller;
 use crate::tables::placeholder;
 use crate::wire::{Wire, WireError};
-use mome_protocol::peer::{SegmentAnswer, SegmentOp, SyncAnswer, SyncOp};
+use mome_protocol::peer::{Model, SegmentAnswer, SegmentOp, SyncAnswer, SyncOp};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -334,6 +334,8 @@ fn request_name(req: &RankRequest<'_>) -> &'static str {
         RankRequest::Unlock { .. } => "Unlock",
         RankRequest::TryLock { .. } => "TryLock",
         RankRequest::KeyedBarrier { .. } => "KeyedBarrier",
+        RankRequest::Consistency { .. } => "Consistency",
+        RankRequest::SyncMem { .. } => "SyncMem",
     }
 }
 
@@ -370,7 +372,9 @@ fn channel_of(req: &RankRequest<'_>) -> Option<Channel> {
         | RankRequest::Lock { .. }
         | RankRequest::Unlock { .. }
         | RankRequest::TryLock { .. }
-        | RankRequest::KeyedBarrier { .. } => Some(Channel::Sync),
+        | RankRequest::KeyedBarrier { .. }
+        | RankRequest::Consistency { .. }
+        | RankRequest::SyncMem { .. } => Some(Channel::Sync),
         _ => Some(Channel::Memory),
     }
 }
@@ -461,6 +465,18 @@ impl Session {
                         None => return Ok(()),
                     }
                 }
+                RankRequest::Consistency {
+                    addr, len, model, ..
+                } => match wait(wire, self.consistency(addr, len, model)).await? {
+                    Waited::Done(reply) => reply,
+                    Waited::PeerGone => return Ok(()),
+                },
+                RankRequest::SyncMem {
+                    addr, len, date, ..
+                } => match wait(wire, self.sync_mem(addr, len, date)).await? {
+                    Waited::Done(reply) => reply,
+                    Waited::PeerGone => return Ok(()),
+                },
                 ref req if segment_op(req).is_some() => {
                     let op = segment_op(req).expect("checked");
                     let answer =
@@ -548,16 +564,117 @@ impl Session {
         op: SyncOp,
         seq: u64,
     ) -> Result<Option<Reply>, SessionError> {
+        // Release consistency: this node's changes are merged before the
+        // operation can tell anyone it happened.
+        if cluster::releases(&op) {
+            match wait(wire, cluster::release(&self.agent)).await? {
+                Waited::Done(Ok(())) => {}
+                Waited::Done(Err(e)) => return Ok(Some(Reply::error(ErrorCode::NodeFailed, e))),
+                Waited::PeerGone => return Ok(None),
+            }
+        }
         // Replay of a restored rank's request: see `cluster::sync_local`.
         let pending = cluster::sync_call(&self.agent, self.caller(seq), op);
-        Ok(match wait(wire, pending.wait()).await? {
-            Waited::Done(Some(answer)) => Some(answer.into()),
-            Waited::Done(None) => Some(Reply::error(
-                ErrorCode::NodeFailed,
-                "abandoned: the node managing it is gone",
-            )),
-            Waited::PeerGone => None,
-        })
+        let answer = match wait(wire, pending.wait()).await? {
+            Waited::Done(Some(answer)) => answer,
+            Waited::Done(None) => {
+                return Ok(Some(Reply::error(
+                    ErrorCode::NodeFailed,
+                    "abandoned: the node managing it is gone",
+                )))
+            }
+            Waited::PeerGone => return Ok(None),
+        };
+        // ... and copies older than the acquire are dropped before the
+        // rank goes on.
+        if cluster::acquires(&op, &answer) {
+            let what = cluster::Acquire {
+                date: cluster::acquire_date(&self.agent, &answer),
+                range: None,
+                release_model_only: true,
+            };
+            match wait(wire, cluster::acquire(&self.agent, what)).await? {
+                Waited::Done(Ok(_)) => {}
+                Waited::Done(Err(e)) => return Ok(Some(Reply::error(ErrorCode::NodeFailed, e))),
+                Waited::PeerGone => return Ok(None),
+            }
+        }
+        Ok(Some(answer.into()))
+    }
+
+    /// Shared-zone pages of window range `addr..addr+len`; `Ok(None)` for a
+    /// range of the private zone (memory of this node only, where every
+    /// model holds at once).
+    fn shared_pages(&self, addr: u64, len: u64) -> Result<Option<std::ops::Range<u64>>, Reply> {
+        let layout = self.agent.id.layout;
+        if len == 0 || !layout.contains_range(addr, len) {
+            return Err(Reply::error(
+                ErrorCode::Invalid,
+                format!("range {addr:#x}+{len:#x} is not inside the DSM window"),
+            ));
+        }
+        if addr + len <= layout.shared_base() {
+            return Ok(None);
+        }
+        if addr < layout.shared_base() {
+            return Err(Reply::error(
+                ErrorCode::Invalid,
+                format!("range {addr:#x}+{len:#x} spans the private and the shared zone"),
+            ));
+        }
+        let first = (addr - layout.shared_base()) / PAGE_SIZE;
+        let end = (addr + len - layout.shared_base()).div_ceil(PAGE_SIZE);
+        Ok(Some(first..end))
+    }
+
+    /// MomeConsistency: the range uses `model` on this node from now on.
+    async fn consistency(&self, addr: u64, len: u64, model: Model) -> Reply {
+        let range = match self.shared_pages(addr, len) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Reply::Ok,
+            Err(reply) => return reply,
+        };
+        let Some(cluster) = self.agent.cluster.as_ref() else {
+            // One node: every rank maps the same pages, every model holds.
+            return Reply::Ok;
+        };
+        log!(
+            "{}: pages {}..{} of the shared zone are {model:?} on this node",
+            self.label,
+            range.start,
+            range.end
+        );
+        for part in cluster.pages.set_model(range, model) {
+            // Relaxed copies of pages now strong go: their owner would not
+            // keep them current.
+            let what = cluster::Acquire {
+                date: u64::MAX,
+                range: Some(part),
+                release_model_only: false,
+            };
+            if let Err(e) = cluster::acquire(&self.agent, what).await {
+                return Reply::error(ErrorCode::NodeFailed, e);
+            }
+        }
+        Reply::Ok
+    }
+
+    /// MomeSyncMem: the range reflects every write released before `date`.
+    async fn sync_mem(&self, addr: u64, len: u64, date: u64) -> Reply {
+        let range = match self.shared_pages(addr, len) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Reply::Ok,
+            Err(reply) => return reply,
+        };
+        let what = cluster::Acquire {
+            date,
+            range: Some(range),
+            release_model_only: false,
+        };
+        match cluster::acquire(&self.agent, what).await {
+            Ok(_) => Reply::Ok,
+            Err(e) => Reply::error(ErrorCode::NodeFailed, e),
+        }
     }
 
     fn segment_reply(&self, answer: SegmentAnswer) -> Reply {

@@ -84,8 +84,13 @@ struct LockState {
 pub struct SyncTable {
     nranks: u32,
     waiting: Vec<BarrierWaiter>,
-    /// Barriers completed so far: the date returned by the next one is this + 1.
+    /// Date of the last barrier completed (0: none yet). A barrier's date
+    /// is after the previous one's and after every arrival's date (a
+    /// node's Lamport clock when its rank arrived), so that a copy of a
+    /// page dated at or after it reflects every write released before it.
     barriers: u64,
+    /// Latest arrival date of the barrier in progress.
+    arrivals: u64,
     /// Only locks that are held; an entry goes when its last holder releases it.
     locks: HashMap<u64, LockState>,
     /// Per rank: the last request served (seq) and its reply.
@@ -111,13 +116,14 @@ impl SyncTable {
             nranks,
             waiting: Vec::new(),
             barriers: 0,
+            arrivals: 0,
             locks: HashMap::new(),
             served: BTreeMap::new(),
             keyed: HashMap::new(),
         }
     }
 
-    /// Barriers completed so far.
+    /// Date of the last barrier completed.
     pub fn barriers(&self) -> u64 {
         self.barriers
     }
@@ -142,16 +148,19 @@ impl SyncTable {
         self.served.insert(caller.rank, (caller.seq, reply));
     }
 
-    /// `caller` reaches the barrier; the receiver gets the barrier's date
-    /// once every rank of the job has arrived.
-    pub fn barrier_arrive(&mut self, caller: Caller) -> oneshot::Receiver<u64> {
+    /// `caller` reaches the barrier at `date` (its node's clock; 0 on one
+    /// node); the receiver gets the barrier's date once every rank of the
+    /// job has arrived.
+    pub fn barrier_arrive(&mut self, caller: Caller, date: u64) -> oneshot::Receiver<u64> {
         let (done, rx) = oneshot::channel();
+        self.arrivals = self.arrivals.max(date);
         self.waiting.push(BarrierWaiter { caller, done });
         let mut ranks: Vec<u32> = self.waiting.iter().map(|w| w.caller.rank).collect();
         ranks.sort_unstable();
         ranks.dedup();
         if ranks.len() as u64 >= self.nranks as u64 {
-            self.barriers += 1;
+            self.barriers = (self.barriers + 1).max(self.arrivals + 1);
+            self.arrivals = 0;
             let date = self.barriers;
             for w in std::mem::take(&mut self.waiting) {
                 self.record(w.caller, SyncReply::BarrierDone { date });
@@ -344,17 +353,17 @@ mod tests {
     #[test]
     fn barrier_counts_ranks_and_dates() {
         let mut t = SyncTable::new(2);
-        let mut a = t.barrier_arrive(c(A, 0, 1));
+        let mut a = t.barrier_arrive(c(A, 0, 1), 0);
         assert!(a.try_recv().is_err());
         // A second session of rank 0 (an exec'd image) does not complete it.
-        let mut a2 = t.barrier_arrive(c(C, 0, 1));
+        let mut a2 = t.barrier_arrive(c(C, 0, 1), 0);
         assert!(a2.try_recv().is_err());
         t.session_ended(A);
-        let mut b = t.barrier_arrive(c(B, 1, 1));
+        let mut b = t.barrier_arrive(c(B, 1, 1), 0);
         assert_eq!(b.try_recv(), Ok(1));
         assert_eq!(a2.try_recv(), Ok(1));
-        let _a = t.barrier_arrive(c(A, 0, 2));
-        let mut b = t.barrier_arrive(c(B, 1, 2));
+        let _a = t.barrier_arrive(c(A, 0, 2), 0);
+        let mut b = t.barrier_arrive(c(B, 1, 2), 0);
         assert_eq!(b.try_recv(), Ok(2));
         assert_eq!(t.barriers(), 2);
     }
@@ -433,8 +442,8 @@ mod tests {
         assert_eq!(t.replay(1, 4), Some(SyncReply::Ok));
         assert_eq!(t.replay(1, 3), Some(SyncReply::Ok));
         assert_eq!(t.replay(1, 5), None);
-        let _a = t.barrier_arrive(c(A, 0, 3));
-        let _b = t.barrier_arrive(c(B, 1, 5));
+        let _a = t.barrier_arrive(c(A, 0, 3), 0);
+        let _b = t.barrier_arrive(c(B, 1, 5), 0);
         assert_eq!(t.replay(0, 3), Some(SyncReply::BarrierDone { date: 1 }));
         assert_eq!(
             t.unlock(c(A, 0, 4), 9),
@@ -451,8 +460,8 @@ mod tests {
         let mut t = SyncTable::new(2);
         assert!(matches!(t.lock(c(A, 0, 1), 5), Ok(LockGrant::Granted)));
         assert!(matches!(t.lock(c(B, 1, 1), 6), Ok(LockGrant::Granted)));
-        let _a = t.barrier_arrive(c(A, 0, 2));
-        let _b = t.barrier_arrive(c(B, 1, 2));
+        let _a = t.barrier_arrive(c(A, 0, 2), 0);
+        let _b = t.barrier_arrive(c(B, 1, 2), 0);
         let rank_of = |s: SessionId| Some(if s == A { 0 } else { 1 });
         let state = t.to_state(rank_of);
         assert_eq!(state.holders, vec![(5, 0), (6, 1)]);

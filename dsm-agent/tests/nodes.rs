@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::{start_cluster, Agent, Got, Rank, SyncReq, JOB_ID};
 use mome_protocol::config::Span;
 use mome_protocol::frame;
-use mome_protocol::peer::PeerMsg;
+use mome_protocol::peer::{Model, PeerMsg};
 use mome_protocol::rank::{Channel, ErrorCode, RankRequest};
 
 fn fast_config() -> mome_protocol::Config {
@@ -280,6 +280,9 @@ fn an_authenticated_peer_breaking_the_protocol_is_a_failed_node() {
             has_copy: false,
             hops: 0,
             prefetch: 0,
+            contract: Model::Strong,
+            copy_date: 0,
+            date: 0,
         },
     );
     write_peer(
@@ -309,6 +312,9 @@ fn an_authenticated_peer_breaking_the_protocol_is_a_failed_node() {
             has_copy: false,
             hops: 0,
             prefetch: 0,
+            contract: Model::Strong,
+            copy_date: 0,
+            date: 0,
         },
     );
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -331,6 +337,20 @@ fn an_authenticated_peer_breaking_the_protocol_is_a_failed_node() {
         }
         other => panic!("{other:?}"),
     }
+    // Changes to that page (node 0 owns it) that do not decompress to a
+    // page: refused, nothing merged, no acknowledgement.
+    write_peer(
+        &mut s,
+        &PeerMsg::PageDiff {
+            page,
+            from: 1,
+            req: 3,
+            date: 5,
+            hops: 0,
+            delta: vec![0x10, 0, 0, 0, 0xff, 0xff, 0xff, 0xff],
+        },
+    );
+    a0.wait_log("changes 3 of node 1 to page");
     // Then a malformed frame: its connection closes, the node is reported
     // failed, and the agent goes on.
     s.write_all(&[5, 0, 0, 0, 0xee, 0xee, 0xee, 0xee, 0xee])

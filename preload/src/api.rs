@@ -7,6 +7,7 @@
 use core::ffi::c_void;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use mome_protocol::peer::Model;
 use mome_protocol::rank::{AgentReply, Channel as ChannelKind, RankRequest};
 use mome_protocol::PROTOCOL_VERSION;
 
@@ -15,8 +16,6 @@ use crate::state::{self, Mode};
 use crate::{ckpt, report, segments, sys};
 
 static LAST_BARRIER: AtomicU64 = AtomicU64::new(0);
-
-const MOME_WEAK: i32 = 2;
 
 /// Calls the agent on the sync channel, connecting it first if needed.
 ///
@@ -254,23 +253,70 @@ fn check_range(addr: *mut c_void, len: usize) -> i32 {
     }
 }
 
-/// On one node every rank maps the same physical pages, so all three models
-/// hold as soon as a write is done: selecting one only validates it here.
-#[no_mangle]
-pub extern "C" fn MomeConsistency(addr: *mut c_void, len: usize, model: i32) -> i32 {
-    if !(0..=MOME_WEAK).contains(&model) {
-        return libc::EINVAL;
+/// The window range a consistency request names, when it must go to the
+/// agent: on one node every rank maps the same physical pages, so every
+/// model holds as soon as a write is done and there is nothing to ask.
+fn relaxed_target(addr: *mut c_void, len: usize) -> Result<Option<u64>, i32> {
+    let rc = check_range(addr, len);
+    if rc != 0 {
+        return Err(rc);
     }
-    check_range(addr, len)
+    if state::mode() != Mode::Rank || state::info().is_none_or(|i| i.nodes <= 1) || len == 0 {
+        return Ok(None);
+    }
+    segments::window_address(addr as u64, len as u64)
+        .map(Some)
+        .ok_or(libc::EINVAL)
 }
 
-/// On one node the range already reflects every write made before any date.
+#[no_mangle]
+pub extern "C" fn MomeConsistency(addr: *mut c_void, len: usize, model: i32) -> i32 {
+    let Some(model) = Model::from_c(model) else {
+        return libc::EINVAL;
+    };
+    let window = match relaxed_target(addr, len) {
+        Ok(Some(w)) => w,
+        Ok(None) => return 0,
+        Err(e) => return e,
+    };
+    sync_call(
+        move |seq| RankRequest::Consistency {
+            addr: window,
+            len: len as u64,
+            model,
+            seq,
+        },
+        "MomeConsistency",
+        |r| match r {
+            AgentReply::Ok => 0,
+            _ => libc::EIO,
+        },
+    )
+}
+
 #[no_mangle]
 pub extern "C" fn MomeSyncMem(addr: *mut c_void, len: usize, date: u64) -> i32 {
     if date > LAST_BARRIER.load(Ordering::Relaxed) && state::mode() == Mode::Rank {
         return libc::EINVAL;
     }
-    check_range(addr, len)
+    let window = match relaxed_target(addr, len) {
+        Ok(Some(w)) => w,
+        Ok(None) => return 0,
+        Err(e) => return e,
+    };
+    sync_call(
+        move |seq| RankRequest::SyncMem {
+            addr: window,
+            len: len as u64,
+            date,
+            seq,
+        },
+        "MomeSyncMem",
+        |r| match r {
+            AgentReply::Ok => 0,
+            _ => libc::EIO,
+        },
+    )
 }
 
 // ---- Fortran 77 bindings: arguments by reference, INTEGER is 4 bytes ----

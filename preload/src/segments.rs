@@ -33,6 +33,8 @@ struct Alias {
     addr: u64,
     len: u64,
     id: u32,
+    /// Window address the view starts at.
+    window: u64,
 }
 
 /// How many mappings of a segment this rank holds.
@@ -228,7 +230,12 @@ pub fn map_alias(addr: u64, len: u64, prot: i32, window_addr: u64, id: u32) -> R
     }
     let mut t = TABLES.lock();
     if let Some(slot) = t.aliases.iter_mut().find(|a| a.is_none()) {
-        *slot = Some(Alias { addr, len, id });
+        *slot = Some(Alias {
+            addr,
+            len,
+            id,
+            window: window_addr,
+        });
     }
     Ok(())
 }
@@ -256,6 +263,21 @@ pub fn forget_alias(addr: u64, len: u64) {
 
 /// Whether `[addr, addr+len)` is shared memory of the job (the shared zone
 /// or a segment view).
+/// The window address of range `addr..addr+len` of this rank: itself
+/// inside the window, the segment's own address for a view outside it.
+pub fn window_address(addr: u64, len: u64) -> Option<u64> {
+    let info = state::info()?;
+    if info.layout.contains_range(addr, len) {
+        return Some(addr);
+    }
+    let t = TABLES.lock();
+    t.aliases
+        .iter()
+        .flatten()
+        .find(|a| addr >= a.addr && addr.saturating_add(len) <= a.addr + a.len)
+        .map(|a| a.window + (addr - a.addr))
+}
+
 pub fn is_shared_range(addr: u64, len: u64) -> bool {
     if let Some(i) = state::info() {
         if addr >= i.layout.shared_base() && addr.saturating_add(len) <= i.layout.end() {

@@ -122,6 +122,10 @@ pub struct NodesConfig {
     /// How long an agent waits for a peer to answer a page or sync request
     /// before declaring the peer failed.
     pub peer_timeout: Span,
+    /// Consistency model of the shared zone on every node, until the
+    /// program changes it for a range with MomeConsistency: strong
+    /// (sequential consistency), release or weak.
+    pub consistency: crate::peer::Model,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,6 +157,7 @@ impl Default for NodesConfig {
             heartbeat_interval: Span(Duration::from_millis(200)),
             heartbeat_timeout: Span(Duration::from_secs(5)),
             peer_timeout: Span(Duration::from_secs(10)),
+            consistency: crate::peer::Model::Strong,
         }
     }
 }

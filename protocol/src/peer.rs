@@ -16,6 +16,15 @@
 //! copyset, which the new owner invalidates (`Invalidate`/`InvalidateAck`)
 //! before writing. Epochs (one more at each change of owner) let a node
 //! tell a read grant overtaken by an invalidation from a fresh one.
+//!
+//! Release and weak consistency (see `dsm-agent/src/pages.rs`): every
+//! request carries the requester's contract (its model for the page) and
+//! the date its copy is valid from; copies under a relaxed contract are not
+//! invalidated by writes but dropped by their holder at its acquire points.
+//! A second writer gets a copy to write (`twin`) instead of ownership and
+//! sends its modifications back as an XOR delta (`PageDiff`), merged by the
+//! owner. Dates are scalar Lamport clocks: every dated message moves the
+//! receiver's clock past its date.
 
 use serde::{Deserialize, Serialize};
 
@@ -23,7 +32,7 @@ use crate::layout::PAGE_SIZE;
 use crate::rank::ErrorCode;
 
 /// Bumped whenever a [`PeerMsg`] changes shape.
-pub const PEER_PROTOCOL_VERSION: u32 = 2;
+pub const PEER_PROTOCOL_VERSION: u32 = 3;
 /// Bytes of a nonce and of a proof.
 pub const NONCE_LEN: usize = 32;
 /// Most pages a read grant carries after the one asked for (a frame holds
@@ -32,6 +41,44 @@ pub const MAX_PREFETCH: u32 = 14;
 
 /// One page of data, as sent in a grant.
 pub type PageData = Vec<u8>;
+
+/// The consistency model a node uses for a page, which is the contract its
+/// copies are held under (`MomeConsistency`).
+// Lowercase names in job.yaml (`nodes.consistency`); postcard numbers the
+// variants, so the names do not reach the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Model {
+    /// Sequential consistency: a copy is invalidated before any write.
+    #[default]
+    Strong,
+    /// Writes become visible at release points; stale copies are dropped
+    /// at acquire points.
+    Release,
+    /// Writes become visible at release points; copies are refreshed only
+    /// by `MomeSyncMem`.
+    Weak,
+}
+
+impl Model {
+    /// The C API's number of the model (mome.h: MOME_STRONG...).
+    pub fn from_c(model: i32) -> Option<Model> {
+        match model {
+            0 => Some(Model::Strong),
+            1 => Some(Model::Release),
+            2 => Some(Model::Weak),
+            _ => None,
+        }
+    }
+
+    pub fn relaxed(self) -> bool {
+        self != Model::Strong
+    }
+}
+
+/// Most bytes of a compressed XOR delta of one page (lz4 of a page that
+/// does not compress, with its 4-byte size prefix).
+pub const MAX_DELTA: usize = PAGE_SIZE as usize + PAGE_SIZE as usize / 255 + 64;
 
 /// A job-wide synchronisation operation, sent to the node that manages it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +173,13 @@ pub enum PeerMsg {
         has_copy: bool,
         hops: u32,
         prefetch: u32,
+        /// The requester's contract for its copy.
+        contract: Model,
+        /// With `has_copy`: the date the requester's copy is valid from (the
+        /// owner leaves the data out when nothing changed since).
+        copy_date: u64,
+        /// The requester's date when it asked: the grant is dated after it.
+        date: u64,
     },
     /// The owner's answer to request `req` of the receiver. A write grant
     /// makes the receiver the owner: `copyset` (a bit per node) is then the
@@ -143,6 +197,13 @@ pub enum PeerMsg {
         /// read copies with a read grant; with a write grant, ownership of
         /// pages nobody else holds a copy of (nothing to invalidate).
         extra: Vec<(u64, PageData)>,
+        /// The owner's date when it answered: the copy reflects every write
+        /// the owner had merged by then.
+        date: u64,
+        /// Answer to a relaxed write request while another node writes the
+        /// page: a copy the receiver may write, keeping a twin of it, and
+        /// whose changes it sends back with `PageDiff` (not ownership).
+        twin: bool,
     },
     /// Drop your copy of `page`: `new_owner` owns it from epoch `epoch`.
     Invalidate {
@@ -168,10 +229,14 @@ pub enum PeerMsg {
         rank: u32,
         seq: u64,
         op: SyncOp,
+        /// The sender's date (a release's writes are merged before it).
+        date: u64,
     },
     SyncDone {
         req: u64,
         answer: SyncAnswer,
+        /// The manager's date when it answered.
+        date: u64,
     },
     /// A segment table operation of a session of the sender, for node 0.
     Segment {
@@ -247,6 +312,25 @@ pub enum PeerMsg {
         stamp: u64,
         error: Option<String>,
     },
+    /// The changes node `from` made to its writable copy of `page`: the
+    /// XOR of the copy and its twin, lz4-compressed with its size first.
+    /// Forwarded like requests until it reaches the owner, which merges it
+    /// and answers `DiffAck` to `from`.
+    PageDiff {
+        page: u64,
+        from: u32,
+        req: u64,
+        date: u64,
+        hops: u32,
+        #[serde(with = "serde_bytes")]
+        delta: Vec<u8>,
+    },
+    /// The owner merged diff `req` of the receiver at date `date`.
+    DiffAck {
+        page: u64,
+        req: u64,
+        date: u64,
+    },
 }
 
 /// Most bytes of file data in one `StoreChunk` (a frame is at most 64 KiB).
@@ -268,6 +352,8 @@ impl PeerMsg {
             PeerMsg::PageGrant { .. } => "PageGrant",
             PeerMsg::Invalidate { .. } => "Invalidate",
             PeerMsg::InvalidateAck { .. } => "InvalidateAck",
+            PeerMsg::PageDiff { .. } => "PageDiff",
+            PeerMsg::DiffAck { .. } => "DiffAck",
             PeerMsg::DropPages { .. } => "DropPages",
             PeerMsg::Sync { .. } => "Sync",
             PeerMsg::SyncDone { .. } => "SyncDone",
@@ -306,6 +392,12 @@ impl PeerMsg {
             PeerMsg::PageRequest { prefetch, .. } if *prefetch > MAX_PREFETCH => Err(format!(
                 "request for {prefetch} prefetched pages, more than {MAX_PREFETCH}"
             )),
+            PeerMsg::PageDiff { delta, .. } if delta.len() > MAX_DELTA || delta.len() < 4 => {
+                Err(format!(
+                    "page delta of {} bytes, not in 4..={MAX_DELTA}",
+                    delta.len()
+                ))
+            }
             PeerMsg::Hello { job, .. } if job.len() > MAX_TEXT => Err("job id too long".into()),
             PeerMsg::StoreChunk { data, .. } | PeerMsg::ParityChunk { data, .. }
                 if data.len() > MAX_STORE_CHUNK =>
@@ -370,6 +462,8 @@ mod tests {
                 copyset: 0b101,
                 data: Some(vec![0xab; PAGE_SIZE as usize]),
                 extra: vec![],
+                date: 11,
+                twin: false,
             },
             PeerMsg::PageGrant {
                 page: 7,
@@ -379,6 +473,16 @@ mod tests {
                 copyset: 0,
                 data: Some(vec![0xab; PAGE_SIZE as usize]),
                 extra: vec![(2, vec![1; PAGE_SIZE as usize]); MAX_PREFETCH as usize],
+                date: 12,
+                twin: true,
+            },
+            PeerMsg::PageDiff {
+                page: 3,
+                from: 1,
+                req: 2,
+                date: 9,
+                hops: 0,
+                delta: vec![0; 40],
             },
             PeerMsg::Sync {
                 req: 1,
@@ -386,6 +490,7 @@ mod tests {
                 rank: 3,
                 seq: 4,
                 op: SyncOp::KeyedBarrier { id: 5, count: 6 },
+                date: 7,
             },
         ];
         let mut buf = vec![0u8; frame::MAX_FRAME];
@@ -403,6 +508,8 @@ mod tests {
             copyset: 0,
             data: Some(vec![1, 2, 3]),
             extra: vec![],
+            date: 0,
+            twin: false,
         };
         assert!(short.validate().is_err());
     }

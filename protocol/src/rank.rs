@@ -151,6 +151,24 @@ pub enum RankRequest<'a> {
         count: u32,
         seq: u64,
     },
+    /// `MomeConsistency`: window range `addr..addr+len` (shared zone,
+    /// rounded out to pages) uses `model` on this rank's node from now on.
+    /// Sent on the sync channel: leaving a relaxed model merges the node's
+    /// changes first, which waits for other nodes.
+    Consistency {
+        addr: u64,
+        len: u64,
+        model: crate::peer::Model,
+        seq: u64,
+    },
+    /// `MomeSyncMem`: make window range `addr..addr+len` reflect every
+    /// write released before `date`.
+    SyncMem {
+        addr: u64,
+        len: u64,
+        date: u64,
+        seq: u64,
+    },
 }
 
 /// Lock and barrier ids with this bit set name process-shared pthread
