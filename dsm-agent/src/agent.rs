@@ -104,10 +104,13 @@ impl Agent {
             layout.segment_slots(),
             layout.segment_reserve,
         );
-        let (heaps, segments, sync) = match &restore {
-            Some(r) => {
-                let t = TablesState::decode(&r.index.tables)?
-                    .rebuild(heaps, slots, reserve, id.nranks)?;
+        let saved = match &restore {
+            Some(r) => Some(TablesState::decode(&r.index.tables)?),
+            None => None,
+        };
+        let (heaps, segments, sync) = match &saved {
+            Some(t) => {
+                let t = t.rebuild(heaps, slots, reserve, id.nranks)?;
                 (t.heaps, t.segments, t.sync)
             }
             None => (
@@ -131,6 +134,9 @@ impl Agent {
                 let memfd = memory.duplicate().map_err(AgentError::Memory)?;
                 let pages =
                     crate::pages::PageEngine::new(layout, memfd, mesh.clone(), id.default_model);
+                if let Some(t) = &saved {
+                    pages.restore_models(&t.models, t.clock);
+                }
                 Some(crate::cluster::Cluster::new(mesh, pages))
             }
             _ => None,

@@ -530,6 +530,10 @@ async fn drain(agent: &Agent, job: &Job) -> Result<(), CkptError> {
     let Some(cluster) = agent.cluster.as_ref() else {
         return Ok(());
     };
+    let twinned = cluster.pages.twinned();
+    if twinned > 0 {
+        log!("checkpoint {}: releasing changes to {twinned} pages written with a twin before the capture", job.stamp);
+    }
     // Completion shows as `outstanding` reaching zero.
     drop(cluster.pages.release());
     let deadline = Instant::now() + job.park_timeout;

@@ -76,6 +76,21 @@ use crate::relaxed::{self, ModelMap};
 /// 0.55 s, 1 ms 1.3 s: 50 us gives the woken threads their turn at a
 /// small cost.
 pub const HOLD: Duration = Duration::from_micros(50);
+/// MOME_TRACE_PAGES=1 in the agent's environment logs every page event
+/// (for chasing protocol races; very verbose).
+fn tracing() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("MOME_TRACE_PAGES").is_some())
+}
+
+macro_rules! trace {
+    ($($arg:tt)*) => {
+        if tracing() {
+            log!($($arg)*);
+        }
+    };
+}
+
 /// Forwards after which a request is logged as going round in circles.
 const MAX_HOPS: u32 = 64;
 
@@ -748,6 +763,14 @@ impl PageEngine {
     fn complete(&self, d: &mut Directory, page: u64) {
         let e = self.entry(d, page);
         let Some(p) = e.pending.take() else { return };
+        trace!(
+            "trace p{page}: complete req {} write={} owner={} queued={} waiters={}",
+            p.req,
+            p.write,
+            e.owner,
+            e.queued.len(),
+            e.waiters.len()
+        );
         let waiters = std::mem::take(&mut e.waiters);
         let had_copy = e.access == Access::Read;
         // A twin grant is a copy this node writes without owning it.
@@ -886,7 +909,46 @@ impl PageEngine {
 
     fn handle_request(&self, d: &mut Directory, page: u64, r: Request) {
         let e = self.entry(d, page);
+        trace!(
+            "trace p{page}: request {} of n{} write={} owner={} access={:?} pending={:?} prob={} hold={}",
+            r.req,
+            r.from,
+            r.write,
+            e.owner,
+            e.access,
+            e.pending.as_ref().map(|p| (p.req, p.write, p.granted)),
+            e.prob_owner,
+            e.hold_until.is_some()
+        );
         if !e.owner {
+            if r.from == self.node {
+                // This node's own request came back along the chain of
+                // probable owners. Answered meanwhile (a page handed over
+                // with another grant), it is done with; still waited for,
+                // it goes on. Either way it must not be queued here (it
+                // would wait for itself) nor make this node its own
+                // probable owner (a request reaching it would loop).
+                let waited = e.pending.as_ref().is_some_and(|p| p.req == r.req);
+                if waited && e.prob_owner != self.node {
+                    let to = e.prob_owner;
+                    self.mesh.send(
+                        to,
+                        PeerMsg::PageRequest {
+                            page,
+                            from: r.from,
+                            req: r.req,
+                            write: r.write,
+                            has_copy: r.has_copy,
+                            hops: r.hops.saturating_add(1),
+                            prefetch: r.prefetch,
+                            contract: r.contract,
+                            copy_date: r.copy_date,
+                            date: r.date,
+                        },
+                    );
+                }
+                return;
+            }
             if e.pending.as_ref().is_some_and(|p| p.write) {
                 // This node is about to own the page.
                 e.queued.push_back(r);
@@ -1169,6 +1231,12 @@ impl PageEngine {
     fn take_ownership(&self, d: &mut Directory, from: u32, page: u64, epoch: u64, data: &[u8]) {
         let me = self.node;
         let e = self.entry(d, page);
+        trace!(
+            "trace p{page}: handed over by n{from} epoch={epoch} owner={} pending={:?} queued={}",
+            e.owner,
+            e.pending.as_ref().map(|p| (p.req, p.write, p.granted)),
+            e.queued.len()
+        );
         if e.owner {
             log!("node {from} hands over page {page}, which this node owns: ignored");
             return;
@@ -1284,6 +1352,15 @@ impl PageEngine {
         let me = self.node;
         self.observe(date);
         let mut d = lock(&self.dir);
+        if tracing() {
+            let e = self.entry(&mut d, page);
+            log!(
+                "trace p{page}: grant {req} from n{from} write={write} twin={twin} epoch={epoch} copyset={copyset:#x} extra={} owner={} pending={:?}",
+                extra.len(),
+                e.owner,
+                e.pending.as_ref().map(|p| (p.req, p.write, p.granted))
+            );
+        }
         if !extra.is_empty() && !write {
             let contract = d
                 .entries
@@ -1460,6 +1537,11 @@ impl PageEngine {
     pub fn on_invalidate(&self, from: u32, page: u64, epoch: u64, new_owner: u32) {
         let mut d = lock(&self.dir);
         let e = self.entry(&mut d, page);
+        trace!(
+            "trace p{page}: invalidate from n{from} epoch={epoch} new_owner={new_owner} owner={} pending={:?}",
+            e.owner,
+            e.pending.as_ref().map(|p| (p.req, p.write, p.granted))
+        );
         if e.owner {
             log!("node {from} invalidates page {page} (epoch {epoch}), which this node owns (epoch {}): ignored", e.epoch);
             return;
@@ -1659,11 +1741,35 @@ impl PageEngine {
         d.models.set(range, model)
     }
 
+    /// The ranges with a model other than the default (for a checkpoint).
+    pub fn models(&self) -> Vec<(u64, u64, Model)> {
+        lock(&self.dir)
+            .models
+            .ranges()
+            .map(|(r, m)| (r.start, r.end, m))
+            .collect()
+    }
+
+    /// Restore: the models this node had and its clock at the stamp.
+    pub fn restore_models(&self, models: &[(u64, u64, Model)], clock: u64) {
+        let mut d = lock(&self.dir);
+        for &(first, end, model) in models {
+            d.models.set(first..end, model);
+        }
+        drop(d);
+        self.observe(clock);
+    }
+
     /// Whether any page may be under a relaxed model here (acquire points
     /// have nothing to do otherwise).
     pub fn any_relaxed(&self) -> bool {
         let d = lock(&self.dir);
         d.models.of(u64::MAX).relaxed() || d.models.ranges().any(|(_, m)| m.relaxed())
+    }
+
+    /// Pages this node writes with a twin (changes not released yet).
+    pub fn twinned(&self) -> usize {
+        lock(&self.dir).twinned.len()
     }
 
     /// A release point of this node: the changes of every twinned copy go

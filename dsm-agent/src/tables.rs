@@ -14,6 +14,7 @@ use crate::agent::{Agent, SessionId};
 use crate::heaps::{HeapTable, HeapsState};
 use crate::segments::{SegmentTable, SegmentsState};
 use crate::sync::{SyncState, SyncTable};
+use mome_protocol::peer::Model;
 
 /// Format of the blob; bumped when a table changes shape.
 const TABLES_VERSION: u32 = 1;
@@ -51,6 +52,13 @@ pub struct TablesState {
     pub heaps: HeapsState,
     pub segments: SegmentsState,
     pub sync: SyncState,
+    /// Several nodes: this node's consistency models set by MomeConsistency
+    /// (first page, end page, model) and its Lamport clock. Absent from
+    /// stamps taken before they existed (strong everywhere, clock 0).
+    #[serde(default)]
+    pub models: Vec<(u64, u64, Model)>,
+    #[serde(default)]
+    pub clock: u64,
 }
 
 /// The live tables rebuilt from a checkpoint.
@@ -67,11 +75,17 @@ impl TablesState {
         let heaps = crate::agent::lock(&agent.heaps).to_state(rank_of);
         let segments = crate::agent::lock(&agent.segments).to_state(rank_of);
         let sync = crate::agent::lock(&agent.sync).to_state(rank_of);
+        let (models, clock) = match agent.cluster.as_ref() {
+            Some(c) => (c.pages.models(), c.pages.tick()),
+            None => (Vec::new(), 0),
+        };
         TablesState {
             version: TABLES_VERSION,
             heaps,
             segments,
             sync,
+            models,
+            clock,
         }
     }
 
@@ -154,6 +168,8 @@ mod tests {
             heaps: heaps.to_state(rank_of),
             segments: segments.to_state(rank_of),
             sync: sync.to_state(rank_of),
+            models: vec![(3, 9, Model::Weak), (20, 21, Model::Release)],
+            clock: 77,
         };
         let blob = state.encode().unwrap();
         let back = TablesState::decode(&blob).unwrap();
@@ -163,6 +179,12 @@ mod tests {
         assert_eq!(t.heaps.runs_of(placeholder(1)), vec![3..5]);
         assert!(back.rebuild(8, 4, 1 << 20, 2).is_err());
         assert!(TablesState::decode(b"{}").is_err());
+        // A stamp from before the models were saved: none, clock 0.
+        let mut old: serde_json::Value = serde_json::from_slice(&blob).unwrap();
+        old.as_object_mut().unwrap().remove("models");
+        old.as_object_mut().unwrap().remove("clock");
+        let back = TablesState::decode(&serde_json::to_vec(&old).unwrap()).unwrap();
+        assert!(back.models.is_empty() && back.clock == 0);
         let mut v = state.clone();
         v.version = 99;
         assert!(matches!(

@@ -31,11 +31,18 @@ fn barriers_and_locks_span_nodes() {
     let agents = start_cluster(2, &["0", "1"], fast_config());
     let mut r0 = sync(&agents[0], 0);
     let mut r1 = sync(&agents[1], 1);
-    for date in 1..=3 {
+    // Barrier dates are Lamport dates: the same for every rank, each after
+    // the one before.
+    let mut last = 0;
+    for _ in 1..=3 {
         r0.send_sync(SyncReq::Barrier);
         assert_eq!(r0.recv_within(100), Got::Nothing, "barrier done alone");
-        assert_eq!(r1.call_sync(SyncReq::Barrier), Got::BarrierDone { date });
+        let Got::BarrierDone { date } = r1.call_sync(SyncReq::Barrier) else {
+            panic!("barrier not done");
+        };
         assert_eq!(r0.recv(), Got::BarrierDone { date });
+        assert!(date > last, "barrier date {date} after {last}");
+        last = date;
     }
     // Lock ids are spread over the nodes by hash: several ids cover both
     // a local and a remote manager for each rank.
