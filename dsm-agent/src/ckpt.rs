@@ -84,7 +84,7 @@ pub enum CkptError {
     Store(#[from] mome_store::StoreError),
     #[error("checkpoint task failed: {0}")]
     Task(String),
-    #[error("{count} page request(s) of this node still in flight after {}: the page traffic did not drain", humantime_ms(*.timeout))]
+    #[error("{count} page request(s) or remote free(s) of this node still in flight after {}: the traffic did not drain", humantime_ms(*.timeout))]
     Drain { count: usize, timeout: Duration },
     #[error("no `{step}` from the coordinator within {} (the other nodes did not all get there)", humantime_ms(*.timeout))]
     NoStep {
@@ -520,15 +520,16 @@ async fn wait_step(job: &mut Job, want: Step) -> Result<(), CkptError> {
     }
 }
 
-/// Coordinated checkpoints: waits until no page request of this node is
-/// in flight (its ranks are parked, so none starts).
+/// Coordinated checkpoints: waits until no page request and no remote free
+/// (shared malloc) of this node is in flight (its ranks are parked, so
+/// none starts): a remote free acknowledged is in its owner's tables.
 async fn drain(agent: &Agent, job: &Job) -> Result<(), CkptError> {
     let Some(cluster) = agent.cluster.as_ref() else {
         return Ok(());
     };
     let deadline = Instant::now() + job.park_timeout;
     loop {
-        let count = cluster.pages.outstanding();
+        let count = cluster.pages.outstanding() + agent.shmalloc.outstanding();
         if count == 0 {
             return Ok(());
         }

@@ -68,6 +68,7 @@ enum Reply {
     Resume { stamp: u64 },
     Image { addr: u64, len: u64 },
     Error { code: ErrorCode, message: String },
+    Frees { addrs: Vec<u8> },
 }
 
 impl From<SyncAnswer> for Reply {
@@ -116,6 +117,7 @@ impl Reply {
                 code: *code,
                 message,
             },
+            Reply::Frees { addrs } => AgentReply::Frees { addrs },
         }
     }
 }
@@ -334,6 +336,8 @@ fn request_name(req: &RankRequest<'_>) -> &'static str {
         RankRequest::Unlock { .. } => "Unlock",
         RankRequest::TryLock { .. } => "TryLock",
         RankRequest::KeyedBarrier { .. } => "KeyedBarrier",
+        RankRequest::ShmallocFree { .. } => "ShmallocFree",
+        RankRequest::ShmallocTake { .. } => "ShmallocTake",
     }
 }
 
@@ -652,6 +656,18 @@ impl Session {
                 );
                 Reply::Ok
             }
+            RankRequest::ShmallocFree { frees } => {
+                match crate::shmalloc::free_remote(agent, frees) {
+                    Ok(()) => Reply::Ok,
+                    Err(e) => {
+                        log!("session {}: remote free refused: {e}", self.label);
+                        Reply::error(e.code(), e)
+                    }
+                }
+            }
+            RankRequest::ShmallocTake { max } => Reply::Frees {
+                addrs: crate::shmalloc::take_bytes(agent, max),
+            },
             // The caller routes the other requests elsewhere.
             other => Reply::error(
                 ErrorCode::Invalid,

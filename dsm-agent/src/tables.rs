@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::agent::{Agent, SessionId};
 use crate::heaps::{HeapTable, HeapsState};
 use crate::segments::{SegmentTable, SegmentsState};
+use crate::shmalloc::{RemoteFrees, RemoteFreesState};
 use crate::sync::{SyncState, SyncTable};
 
 /// Format of the blob; bumped when a table changes shape.
@@ -51,6 +52,10 @@ pub struct TablesState {
     pub heaps: HeapsState,
     pub segments: SegmentsState,
     pub sync: SyncState,
+    /// Shared malloc: blocks other nodes freed, not yet taken by a rank
+    /// (absent from blobs written before shared malloc existed).
+    #[serde(default)]
+    pub shmalloc: RemoteFreesState,
 }
 
 /// The live tables rebuilt from a checkpoint.
@@ -58,6 +63,7 @@ pub struct Tables {
     pub heaps: HeapTable,
     pub segments: SegmentTable,
     pub sync: SyncTable,
+    pub shmalloc: RemoteFrees,
 }
 
 impl TablesState {
@@ -67,11 +73,19 @@ impl TablesState {
         let heaps = crate::agent::lock(&agent.heaps).to_state(rank_of);
         let segments = crate::agent::lock(&agent.segments).to_state(rank_of);
         let sync = crate::agent::lock(&agent.sync).to_state(rank_of);
+        let shmalloc = agent.shmalloc.to_state();
+        if !shmalloc.queue.is_empty() {
+            log!(
+                "shared malloc: {} blocks freed by other nodes wait for this node's ranks (kept in the checkpoint)",
+                shmalloc.queue.len()
+            );
+        }
         TablesState {
             version: TABLES_VERSION,
             heaps,
             segments,
             sync,
+            shmalloc,
         }
     }
 
@@ -114,6 +128,7 @@ impl TablesState {
             segments: SegmentTable::from_state(slots, reserve, &self.segments, placeholder)
                 .map_err(|e| mismatch("segment", &e))?,
             sync: SyncTable::from_state(nranks, &self.sync, placeholder),
+            shmalloc: RemoteFrees::from_state(&self.shmalloc),
         })
     }
 }
@@ -154,6 +169,9 @@ mod tests {
             heaps: heaps.to_state(rank_of),
             segments: segments.to_state(rank_of),
             sync: sync.to_state(rank_of),
+            shmalloc: RemoteFreesState {
+                queue: vec![0x4000_0000_0010],
+            },
         };
         let blob = state.encode().unwrap();
         let back = TablesState::decode(&blob).unwrap();
@@ -161,6 +179,7 @@ mod tests {
         let t = back.rebuild(16, 4, 1 << 20, 2).unwrap();
         assert_eq!(t.heaps.runs_of(placeholder(0)), vec![0..3]);
         assert_eq!(t.heaps.runs_of(placeholder(1)), vec![3..5]);
+        assert_eq!(t.shmalloc.take(8), vec![0x4000_0000_0010]);
         assert!(back.rebuild(8, 4, 1 << 20, 2).is_err());
         assert!(TablesState::decode(b"{}").is_err());
         let mut v = state.clone();
