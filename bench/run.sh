@@ -11,3 +11,4 @@ python3 bench/ckpt.py
 python3 bench/nodes.py
 python3 bench/consistency.py
 python3 bench/diskless.py --mib 128 --small-mib 32
+python3 bench/shmalloc.py

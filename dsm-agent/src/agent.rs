@@ -87,6 +87,8 @@ pub struct Agent {
     pub alias_pages: Mutex<std::collections::BTreeMap<(SessionId, u64), (u64, u64)>>,
     /// Several nodes: the mesh, the page protocol and the managers' routes.
     pub cluster: Option<crate::cluster::Cluster>,
+    /// Shared malloc: blocks freed by other nodes, remote frees in flight.
+    pub shmalloc: crate::shmalloc::RemoteFrees,
 }
 
 impl Agent {
@@ -108,10 +110,14 @@ impl Agent {
             Some(r) => Some(TablesState::decode(&r.index.tables)?),
             None => None,
         };
-        let (heaps, segments, sync) = match &saved {
+        let (heaps, segments, sync, shmalloc) = match &saved {
             Some(t) => {
                 let t = t.rebuild(heaps, slots, reserve, id.nranks)?;
-                (t.heaps, t.segments, t.sync)
+                let queued = t.shmalloc.to_state().queue.len();
+                if queued > 0 {
+                    log!("shared malloc: {queued} blocks freed by other nodes restored, waiting for this node's ranks");
+                }
+                (t.heaps, t.segments, t.sync, t.shmalloc)
             }
             None => (
                 // Several nodes: each hands out its own share of the heaps,
@@ -119,6 +125,7 @@ impl Agent {
                 HeapTable::new_part(heaps, id.node, id.nodes),
                 SegmentTable::new(slots, reserve),
                 SyncTable::new(id.nranks),
+                Default::default(),
             ),
         };
         let cluster = match &id.mesh {
@@ -165,6 +172,7 @@ impl Agent {
             started: Instant::now(),
             alias_pages: Mutex::new(std::collections::BTreeMap::new()),
             cluster,
+            shmalloc,
         })
     }
 

@@ -84,7 +84,7 @@ pub enum CkptError {
     Store(#[from] mome_store::StoreError),
     #[error("checkpoint task failed: {0}")]
     Task(String),
-    #[error("{count} page request(s) of this node still in flight after {}: the page traffic did not drain", humantime_ms(*.timeout))]
+    #[error("{count} page request(s) or remote free(s) of this node still in flight after {}: the traffic did not drain", humantime_ms(*.timeout))]
     Drain { count: usize, timeout: Duration },
     #[error("no `{step}` from the coordinator within {} (the other nodes did not all get there)", humantime_ms(*.timeout))]
     NoStep {
@@ -522,10 +522,12 @@ async fn wait_step(job: &mut Job, want: Step) -> Result<(), CkptError> {
 
 /// Coordinated checkpoints: releases this node's changes to pages it
 /// writes without owning them (release and weak consistency), then waits
-/// until no page request of this node and none of those changes is in
-/// flight (its ranks are parked, so none starts). Once every node is
-/// drained, each page's owner holds every write made to it: the stamp is
-/// the state after a release by every rank (docs/consistency.md).
+/// until no page request, none of those changes and no remote free (shared
+/// malloc) of this node is in flight (its ranks are parked, so none
+/// starts). Once every node is drained, each page's owner holds every write
+/// made to it: the stamp is the state after a release by every rank
+/// (docs/consistency.md); a remote free acknowledged is in its owner's
+/// tables.
 async fn drain(agent: &Agent, job: &Job) -> Result<(), CkptError> {
     let Some(cluster) = agent.cluster.as_ref() else {
         return Ok(());
@@ -538,7 +540,7 @@ async fn drain(agent: &Agent, job: &Job) -> Result<(), CkptError> {
     drop(cluster.pages.release());
     let deadline = Instant::now() + job.park_timeout;
     loop {
-        let count = cluster.pages.outstanding();
+        let count = cluster.pages.outstanding() + agent.shmalloc.outstanding();
         if count == 0 {
             return Ok(());
         }

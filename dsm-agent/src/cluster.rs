@@ -809,6 +809,10 @@ pub fn dispatch(agent: &Arc<Agent>, from: u32, msg: PeerMsg) {
                 crate::parity::chunk(agent, source, stamp, chunk, offset, total, &data);
             }
         }
+        PeerMsg::RemoteFree { seq, addrs } => {
+            crate::shmalloc::on_remote_free(agent, from, seq, &addrs)
+        }
+        PeerMsg::RemoteFreeAck { seq } => crate::shmalloc::on_ack(agent, from, seq),
         PeerMsg::StoreHeld {
             source,
             stamp,

@@ -28,6 +28,7 @@ mod replicate;
 mod restore;
 mod segments;
 mod session;
+mod shmalloc;
 mod snapshot;
 mod sync;
 mod tables;

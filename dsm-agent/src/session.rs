@@ -68,6 +68,7 @@ enum Reply {
     Resume { stamp: u64 },
     Image { addr: u64, len: u64 },
     Error { code: ErrorCode, message: String },
+    Frees { addrs: Vec<u8> },
 }
 
 impl From<SyncAnswer> for Reply {
@@ -116,6 +117,7 @@ impl Reply {
                 code: *code,
                 message,
             },
+            Reply::Frees { addrs } => AgentReply::Frees { addrs },
         }
     }
 }
@@ -336,6 +338,8 @@ fn request_name(req: &RankRequest<'_>) -> &'static str {
         RankRequest::KeyedBarrier { .. } => "KeyedBarrier",
         RankRequest::Consistency { .. } => "Consistency",
         RankRequest::SyncMem { .. } => "SyncMem",
+        RankRequest::ShmallocFree { .. } => "ShmallocFree",
+        RankRequest::ShmallocTake { .. } => "ShmallocTake",
     }
 }
 
@@ -769,6 +773,18 @@ impl Session {
                 );
                 Reply::Ok
             }
+            RankRequest::ShmallocFree { frees } => {
+                match crate::shmalloc::free_remote(agent, frees) {
+                    Ok(()) => Reply::Ok,
+                    Err(e) => {
+                        log!("session {}: remote free refused: {e}", self.label);
+                        Reply::error(e.code(), e)
+                    }
+                }
+            }
+            RankRequest::ShmallocTake { max } => Reply::Frees {
+                addrs: crate::shmalloc::take_bytes(agent, max),
+            },
             // The caller routes the other requests elsewhere.
             other => Reply::error(
                 ErrorCode::Invalid,

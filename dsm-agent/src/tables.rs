@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::agent::{Agent, SessionId};
 use crate::heaps::{HeapTable, HeapsState};
 use crate::segments::{SegmentTable, SegmentsState};
+use crate::shmalloc::{RemoteFrees, RemoteFreesState};
 use crate::sync::{SyncState, SyncTable};
 use mome_protocol::peer::Model;
 
@@ -59,6 +60,10 @@ pub struct TablesState {
     pub models: Vec<(u64, u64, Model)>,
     #[serde(default)]
     pub clock: u64,
+    /// Shared malloc: blocks other nodes freed, not yet taken by a rank
+    /// (absent from blobs written before shared malloc existed).
+    #[serde(default)]
+    pub shmalloc: RemoteFreesState,
 }
 
 /// The live tables rebuilt from a checkpoint.
@@ -66,6 +71,7 @@ pub struct Tables {
     pub heaps: HeapTable,
     pub segments: SegmentTable,
     pub sync: SyncTable,
+    pub shmalloc: RemoteFrees,
 }
 
 impl TablesState {
@@ -79,6 +85,13 @@ impl TablesState {
             Some(c) => (c.pages.models(), c.pages.tick()),
             None => (Vec::new(), 0),
         };
+        let shmalloc = agent.shmalloc.to_state();
+        if !shmalloc.queue.is_empty() {
+            log!(
+                "shared malloc: {} blocks freed by other nodes wait for this node's ranks (kept in the checkpoint)",
+                shmalloc.queue.len()
+            );
+        }
         TablesState {
             version: TABLES_VERSION,
             heaps,
@@ -86,6 +99,7 @@ impl TablesState {
             sync,
             models,
             clock,
+            shmalloc,
         }
     }
 
@@ -128,6 +142,7 @@ impl TablesState {
             segments: SegmentTable::from_state(slots, reserve, &self.segments, placeholder)
                 .map_err(|e| mismatch("segment", &e))?,
             sync: SyncTable::from_state(nranks, &self.sync, placeholder),
+            shmalloc: RemoteFrees::from_state(&self.shmalloc),
         })
     }
 }
@@ -170,6 +185,9 @@ mod tests {
             sync: sync.to_state(rank_of),
             models: vec![(3, 9, Model::Weak), (20, 21, Model::Release)],
             clock: 77,
+            shmalloc: RemoteFreesState {
+                queue: vec![0x4000_0000_0010],
+            },
         };
         let blob = state.encode().unwrap();
         let back = TablesState::decode(&blob).unwrap();
@@ -177,6 +195,7 @@ mod tests {
         let t = back.rebuild(16, 4, 1 << 20, 2).unwrap();
         assert_eq!(t.heaps.runs_of(placeholder(0)), vec![0..3]);
         assert_eq!(t.heaps.runs_of(placeholder(1)), vec![3..5]);
+        assert_eq!(t.shmalloc.take(8), vec![0x4000_0000_0010]);
         assert!(back.rebuild(8, 4, 1 << 20, 2).is_err());
         assert!(TablesState::decode(b"{}").is_err());
         // A stamp from before the models were saved: none, clock 0.

@@ -299,3 +299,36 @@ fn alias_requests() {
         Some(ErrorCode::Invalid)
     );
 }
+
+#[test]
+fn shmalloc_requests_with_bad_frees_are_refused_not_fatal() {
+    let agent = Agent::start(1, "0");
+    let mut r = agent.connect(0, Channel::Memory);
+    let shared = agent.layout.shared_base() + 4096;
+    let entry = |node: u32, addr: u64| {
+        let mut e = node.to_le_bytes().to_vec();
+        e.extend_from_slice(&addr.to_le_bytes());
+        e
+    };
+    // One node owns every heap: a remote free names this node, or no node.
+    for frees in [
+        entry(0, shared),
+        entry(3, shared),
+        entry(0, 0x1000),
+        entry(0, shared + 8),
+        vec![1, 2, 3],
+        vec![0; 12 * 40],
+    ] {
+        let got = r.call(&RankRequest::ShmallocFree { frees: &frees });
+        assert_eq!(got.code(), Some(ErrorCode::Invalid), "{frees:?}: {got:?}");
+    }
+    // Nothing was queued for this node; the agent still serves the rank.
+    assert_eq!(
+        r.call(&RankRequest::ShmallocTake { max: 500 }),
+        Got::Frees(vec![])
+    );
+    assert_eq!(
+        r.call(&RankRequest::AllocHeaps { count: 1 }),
+        Got::Heaps { first: 0, count: 1 }
+    );
+}

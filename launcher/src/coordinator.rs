@@ -806,6 +806,9 @@ impl Coordinator {
                 if let Some((stamp, _)) = &restore {
                     extra.push((mome_protocol::env::RESTORE.to_string(), stamp.to_string()));
                 }
+                if opts.config.memory.malloc == mome_protocol::config::MallocMode::Shared {
+                    extra.push((mome_protocol::env::MALLOC.to_string(), "shared".into()));
+                }
                 extra
             },
         };

@@ -79,6 +79,27 @@ int mome_node(void);
 /* 1 when running under mome-run (connected to an agent), 0 otherwise. */
 int mome_active(void);
 
+/* Shared malloc (MomeMalloc). Blocks come from heaps shared by every rank of
+ * every node, at the same address everywhere: a structure built with them
+ * can be linked by pointers, passed through shared memory, read and changed
+ * by any rank (coherent across nodes, like every shared segment), and any
+ * rank may free or reallocate a block, whichever node allocated it.
+ * Each node allocates from 8 MiB heaps of its own with no job-wide lock; a
+ * block of another node is sent back to it (one round trip to the local
+ * agent) and reused there. Plain free() and realloc() accept these blocks
+ * too; with `memory: malloc: shared` in the job's configuration, malloc()
+ * and friends allocate here as well. mome_shfree of a pointer that is not
+ * a block prints an error on stderr and does nothing (a block freed twice
+ * is caught unless its memory was reused meanwhile).
+ * Without mome (libmome.so) these are malloc, calloc, realloc and free. */
+void *mome_shmalloc(size_t size);
+void *mome_shcalloc(size_t n, size_t size);
+void *mome_shrealloc(void *p, size_t size);
+void mome_shfree(void *p);
+/* Bytes of shared heap this node's allocator has taken so far (it never
+ * gives them back, but reuses what is freed); 0 without mome. */
+size_t mome_shmalloc_footprint(void);
+
 #ifdef __cplusplus
 }
 #endif

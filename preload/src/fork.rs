@@ -6,19 +6,25 @@
 //! the memfd), with the allocator locked so the copy is consistent. The child
 //! replaces the private zone with private memory and moves the copies into
 //! place (mremap, no second copy); the parent drops the temporary. Shared
-//! segments stay shared with the child, as MAP_SHARED memory does.
+//! segments stay shared with the child, as MAP_SHARED memory does, except
+//! the shared heaps of shared malloc (MomeMalloc): the blocks there are the
+//! rank's malloc'ed data, so the child gets a private copy of them too (of
+//! the pages present on this node), taken with the node's allocator locked.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::pages::{HeapSource, PAGES};
 use crate::state::{self, Mode};
-use crate::{malloc, report, sys};
+use crate::{malloc, report, shmalloc, sys};
 
 /// The temporary copy: address and length (0 when none).
 static TEMP: AtomicU64 = AtomicU64::new(0);
 static TEMP_LEN: AtomicU64 = AtomicU64::new(0);
 /// Header of the temporary: run count, then (addr, len) pairs.
 const RUN_ENTRY: u64 = 16;
+/// The shared heaps' copy: a sparse private mapping of the area's size
+/// (0 when none).
+static AREA_TEMP: AtomicU64 = AtomicU64::new(0);
 
 pub fn install() {
     // SAFETY: registering three extern "C" handlers with no arguments.
@@ -39,6 +45,9 @@ extern "C" fn prepare() {
         state::MEM.lock_for_fork();
         state::SYNC.lock_for_fork();
         snapshot_heaps();
+        if shmalloc::lock_for_fork() {
+            snapshot_area();
+        }
     }
 }
 
@@ -55,6 +64,11 @@ extern "C" fn parent() {
         if t != 0 {
             let _ = sys::munmap(t, l);
         }
+        let t = AREA_TEMP.swap(0, Ordering::Relaxed);
+        if let Some((_, len)) = shmalloc::area_range().filter(|_| t != 0) {
+            let _ = sys::munmap(t, len);
+        }
+        shmalloc::unlock_after_fork();
         state::SYNC.force_unlock();
         state::MEM.force_unlock();
     }
@@ -93,6 +107,7 @@ extern "C" fn child() {
                 }
             }
         }
+        privatize_area();
         PAGES.lock().set_source(HeapSource::Local);
         state::set_mode(Mode::Detached);
     }
@@ -215,4 +230,42 @@ fn privatize() {
         src += len;
     }
     let _ = sys::munmap(temp, header);
+}
+
+/// Copies the data of the shared heaps present on this node into a sparse
+/// private temporary of the area's size, at the same offsets.
+fn snapshot_area() {
+    let (Some(info), Some((base, len))) = (state::info(), shmalloc::area_range()) else {
+        return;
+    };
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    let Ok(temp) = sys::mmap(0, len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) else {
+        report!(
+            "fork: cannot reserve {} bytes to copy the shared heaps",
+            len
+        );
+        return;
+    };
+    copy_data(info.memfd, info.layout.file_offset(base), base, len, temp);
+    AREA_TEMP.store(temp, Ordering::Relaxed);
+}
+
+/// The child's shared heaps become its private copy (or, without one,
+/// private zeros rather than the parent's memory).
+fn privatize_area() {
+    let Some((base, len)) = shmalloc::area_range() else {
+        return;
+    };
+    let temp = AREA_TEMP.swap(0, Ordering::Relaxed);
+    let mv = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+    if temp != 0 && sys::mremap(temp, len, len, mv, base).is_ok() {
+        return;
+    }
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED;
+    if let Err(e) = sys::mmap(base, len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) {
+        sys::fatal(format_args!(
+            "fork: cannot give the child private shared heaps: errno {e}"
+        ));
+    }
+    report!("fork: the child's copy of the shared heaps could not be made: they read as zeros");
 }

@@ -9,7 +9,8 @@
 //!
 //! Files: `state` (modes, start-up), `agent` (the rank's sockets),
 //! `bootstrap` (allocations before start-up), `pages` (page runs of heaps),
-//! `malloc`, `mmap`, `segments` (shm and shared segments), `api` (mome.h),
+//! `malloc`, `mmap`, `segments` (shm and shared segments), `shmalloc`
+//! (malloc in shared heaps, MomeMalloc), `api` (mome.h),
 //! `ckpt` (checkpoint and restore of the rank's private state),
 //! `fork`, `native` (glibc's definitions), `lock`, `sys` (raw syscalls),
 //! `pthread` (process-shared pthread mutexes and barriers across nodes).
@@ -26,6 +27,7 @@ pub mod native;
 pub mod pages;
 pub mod pthread;
 pub mod segments;
+pub mod shmalloc;
 pub mod signals;
 pub mod state;
 pub mod sys;

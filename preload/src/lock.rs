@@ -137,3 +137,77 @@ impl<T> Drop for Guard<'_, T> {
         self.lock.unlock();
     }
 }
+
+/// A mutex on a word of memory shared by several processes (a page of the
+/// node's memory file): the futex calls are process-shared (no
+/// FUTEX_PRIVATE_FLAG, which keys the wait on the address space and so
+/// never wakes another process). The word starts at 0 (free), as fresh
+/// window memory does, and needs no initialisation.
+pub struct SharedLock<'a> {
+    word: &'a AtomicU32,
+}
+
+/// How long one futex wait lasts before the lock word is looked at again
+/// (a holder on another node's page can only release through a page fault,
+/// which wakes nobody here).
+const SHARED_WAIT_NS: i64 = 50_000_000;
+
+impl<'a> SharedLock<'a> {
+    /// Takes the lock on `word`; released when the guard drops.
+    pub fn lock(word: &'a AtomicU32) -> SharedLock<'a> {
+        if word
+            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            Self::contended(word);
+        }
+        SharedLock { word }
+    }
+
+    #[cold]
+    fn contended(word: &AtomicU32) {
+        let mut spins = 0;
+        loop {
+            if word.swap(2, Ordering::Acquire) == 0 {
+                return;
+            }
+            if spins < 100 {
+                spins += 1;
+                core::hint::spin_loop();
+                continue;
+            }
+            let ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: SHARED_WAIT_NS,
+            };
+            // SAFETY: futex wait on the shared word while it equals 2; the
+            // timeout bounds the wait if a wake is ever missed.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    word.as_ptr(),
+                    libc::FUTEX_WAIT,
+                    2u32,
+                    &ts as *const libc::timespec,
+                );
+            }
+        }
+    }
+}
+
+impl SharedLock<'_> {
+    /// Releases the lock on `word`, taken by a guard that was forgotten
+    /// (fork's prepare handler holds it across the fork).
+    pub fn unlock(word: &AtomicU32) {
+        if word.swap(0, Ordering::Release) == 2 {
+            // SAFETY: futex wake on the shared word.
+            unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, 1) };
+        }
+    }
+}
+
+impl Drop for SharedLock<'_> {
+    fn drop(&mut self) {
+        SharedLock::unlock(self.word);
+    }
+}

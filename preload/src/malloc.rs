@@ -6,13 +6,20 @@
 //! the rank is connected, blocks come from the bootstrap arena. A process
 //! that inherited the preload but is not a rank (a forked-and-exec'd child)
 //! forwards to glibc's allocator.
+//!
+//! With `memory.malloc: shared` the program's calls allocate from the
+//! shared heaps instead (shmalloc.rs); the library's own allocations
+//! (`PreloadGlobalAlloc`) stay private. Whatever the setting, free,
+//! realloc and malloc_usable_size go by the block's address, so a block of
+//! the shared heaps (mome_shmalloc, or another rank's malloc) is freed
+//! where it belongs.
 
 use core::ffi::c_void;
 use core::ptr::null_mut;
 
 use crate::lock::FutexLock;
 use crate::state::{self, Mode};
-use crate::{bootstrap, native, pages, sys};
+use crate::{bootstrap, native, pages, shmalloc, sys};
 
 /// dlmalloc's system allocator: page runs of the window.
 pub struct WindowSystem;
@@ -100,6 +107,18 @@ fn enomem() -> *mut c_void {
     null_mut()
 }
 
+/// An allocation of the program: from the shared heaps when
+/// `memory.malloc` is shared (private heaps if they are unavailable).
+fn alloc_program(size: usize, align: usize) -> *mut c_void {
+    if state::mode() == Mode::Rank && shmalloc::malloc_is_shared() {
+        let p = shmalloc::alloc(size, align);
+        if !p.is_null() {
+            return p;
+        }
+    }
+    alloc_aligned(size, align)
+}
+
 fn alloc_aligned(size: usize, align: usize) -> *mut c_void {
     let size = size.max(1);
     let p = match state::mode() {
@@ -133,6 +152,12 @@ fn usable(p: *mut c_void) -> usize {
     if p.is_null() {
         return 0;
     }
+    if shmalloc::in_area(p as u64) {
+        // Same chunk format as below (dlmalloc).
+        // SAFETY: p is a live block of the shared heaps (caller's contract).
+        let head = unsafe { *(p as *const usize).sub(1) };
+        return (head & !7) - 8;
+    }
     if bootstrap::contains(p.cast()) {
         // SAFETY: p is a bootstrap block.
         return unsafe { bootstrap::size_of(p.cast()) };
@@ -157,7 +182,7 @@ fn usable(p: *mut c_void) -> usize {
 
 #[no_mangle]
 pub extern "C" fn malloc(size: usize) -> *mut c_void {
-    alloc_aligned(size, MALLOC_ALIGN)
+    alloc_program(size, MALLOC_ALIGN)
 }
 
 /// # Safety
@@ -170,6 +195,10 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
     if in_window(p) {
         // SAFETY: p is a live block of our dlmalloc (the caller's contract).
         with_dl(|dl| unsafe { dl.c_free(p.cast()) });
+    } else if shmalloc::in_shared_zone(p as u64) {
+        if let Err(e) = shmalloc::free(p as u64) {
+            shmalloc::report_free_error("free", e);
+        }
     } else if state::mode() == Mode::Native {
         // SAFETY: in Native mode every other block came from glibc.
         unsafe { native::free(p) };
@@ -191,6 +220,12 @@ pub extern "C" fn calloc(n: usize, size: usize) -> *mut c_void {
     let Some(total) = n.checked_mul(size) else {
         return enomem();
     };
+    if state::mode() == Mode::Rank && shmalloc::malloc_is_shared() {
+        let p = shmalloc::alloc_zeroed(total);
+        if !p.is_null() {
+            return p;
+        }
+    }
     match state::mode() {
         Mode::Rank | Mode::Detached => {
             // SAFETY: dlmalloc's calloc zeroes unless the memory is fresh
@@ -220,6 +255,17 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         unsafe { free(p) };
         return null_mut();
     }
+    if state::mode() == Mode::Rank && shmalloc::in_shared_zone(p as u64) {
+        return match shmalloc::realloc(p as u64, size) {
+            Ok(q) if q.is_null() => enomem(),
+            Ok(q) => q,
+            Err(e) => {
+                shmalloc::report_free_error("realloc", e);
+                sys::set_errno(libc::EINVAL);
+                null_mut()
+            }
+        };
+    }
     if bootstrap::contains(p.cast()) || (!in_window(p) && state::mode() != Mode::Native) {
         let old = usable(p);
         let q = malloc(size);
@@ -230,6 +276,19 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         return q;
     }
     if in_window(p) {
+        if state::mode() == Mode::Rank && shmalloc::malloc_is_shared() {
+            // A block allocated before the shared heaps took over (or when
+            // they were unavailable): it moves to them.
+            let q = alloc_program(size, MALLOC_ALIGN);
+            if !q.is_null() {
+                let n = usable(p).min(size);
+                // SAFETY: both blocks are valid for n bytes.
+                unsafe { core::ptr::copy_nonoverlapping(p as *const u8, q as *mut u8, n) };
+                // SAFETY: p is a live block of our dlmalloc.
+                with_dl(|dl| unsafe { dl.c_free(p.cast()) });
+                return q;
+            }
+        }
         // SAFETY: p is a live block of our dlmalloc.
         let q = with_dl(|dl| unsafe { dl.c_realloc(p.cast(), size) });
         return if q.is_null() { enomem() } else { q.cast() };
@@ -255,7 +314,7 @@ pub extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
         sys::set_errno(libc::EINVAL);
         return null_mut();
     }
-    alloc_aligned(size, align)
+    alloc_program(size, align)
 }
 
 #[no_mangle]
@@ -270,7 +329,7 @@ pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, siz
     if !align.is_power_of_two() || !align.is_multiple_of(core::mem::size_of::<usize>()) {
         return libc::EINVAL;
     }
-    let p = alloc_aligned(size, align);
+    let p = alloc_program(size, align);
     if p.is_null() {
         return libc::ENOMEM;
     }
@@ -281,12 +340,12 @@ pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, siz
 
 #[no_mangle]
 pub extern "C" fn valloc(size: usize) -> *mut c_void {
-    alloc_aligned(size, 4096)
+    alloc_program(size, 4096)
 }
 
 #[no_mangle]
 pub extern "C" fn pvalloc(size: usize) -> *mut c_void {
-    alloc_aligned(size.next_multiple_of(4096), 4096)
+    alloc_program(size.next_multiple_of(4096), 4096)
 }
 
 /// # Safety

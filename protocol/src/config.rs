@@ -42,6 +42,26 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     pub nodes: NodesConfig,
     pub redundancy: RedundancyConfig,
+    pub memory: MemoryConfig,
+}
+
+/// Where the program's memory comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// private: `malloc` and friends allocate from the rank's private
+    /// heaps; shared: from the job's shared heaps (MomeMalloc, the same
+    /// allocator as `mome_shmalloc`), so a malloc'ed structure can be
+    /// reached from every rank of every node through its pointers.
+    pub malloc: MallocMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MallocMode {
+    #[default]
+    Private,
+    Shared,
 }
 
 /// Diskless checkpoints of multi-node jobs: where each node's checkpoint
@@ -570,6 +590,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("nodes.listen") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn malloc_mode() {
+        let c = Config::from_yaml("memory:\n  malloc: shared\n", "j").unwrap();
+        assert_eq!(c.memory.malloc, MallocMode::Shared);
+        assert_eq!(Config::default().memory.malloc, MallocMode::Private);
+        let e = Config::from_yaml("memory:\n  malloc: global\n", "j")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("memory.malloc") && e.contains("line 2"), "{e}");
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub use config::Config;
 pub use layout::WindowLayout;
 
 /// Bumped whenever a message of [`rank`] changes shape.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Environment variables set by `mome-run` for every rank.
 pub mod env {
@@ -46,4 +46,7 @@ pub mod env {
     pub const RESTORE: &str = "MOME_RESTORE";
     /// Signal number that brings a rank to a checkpoint.
     pub const CKPT_SIGNAL: &str = "MOME_CKPT_SIGNAL";
+    /// `shared` when `memory.malloc` is shared: the program's malloc family
+    /// allocates from the job's shared heaps (MomeMalloc).
+    pub const MALLOC: &str = "MOME_MALLOC";
 }

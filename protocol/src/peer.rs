@@ -32,7 +32,7 @@ use crate::layout::PAGE_SIZE;
 use crate::rank::ErrorCode;
 
 /// Bumped whenever a [`PeerMsg`] changes shape.
-pub const PEER_PROTOCOL_VERSION: u32 = 3;
+pub const PEER_PROTOCOL_VERSION: u32 = 4;
 /// Bytes of a nonce and of a proof.
 pub const NONCE_LEN: usize = 32;
 /// Most pages a read grant carries after the one asked for (a frame holds
@@ -331,10 +331,25 @@ pub enum PeerMsg {
         req: u64,
         date: u64,
     },
+    /// Shared malloc (MomeMalloc): ranks of the sender freed the blocks at
+    /// `addrs` (at most [`MAX_REMOTE_FREES`]), in shared heaps the receiver
+    /// owns. `seq` numbers the sender's messages; the receiver queues the
+    /// blocks for its ranks and answers `RemoteFreeAck`.
+    RemoteFree {
+        seq: u64,
+        addrs: Vec<u64>,
+    },
+    /// The receiver's remote free `seq` is queued at the sender.
+    RemoteFreeAck {
+        seq: u64,
+    },
 }
 
 /// Most bytes of file data in one `StoreChunk` (a frame is at most 64 KiB).
 pub const MAX_STORE_CHUNK: usize = 60 * 1024;
+
+/// Most blocks in one `RemoteFree` message.
+pub const MAX_REMOTE_FREES: usize = 256;
 
 /// Most runs in one `OwnerHints` message (a frame is at most 64 KiB).
 pub const MAX_HINT_RUNS: usize = 2048;
@@ -367,6 +382,8 @@ impl PeerMsg {
             PeerMsg::StoreHeld { .. } => "StoreHeld",
             PeerMsg::ParityInfo { .. } => "ParityInfo",
             PeerMsg::ParityChunk { .. } => "ParityChunk",
+            PeerMsg::RemoteFree { .. } => "RemoteFree",
+            PeerMsg::RemoteFreeAck { .. } => "RemoteFreeAck",
         }
     }
 
@@ -432,6 +449,10 @@ impl PeerMsg {
             PeerMsg::StoreHeld { error: Some(e), .. } if e.len() > MAX_TEXT => {
                 Err("store error text too long".into())
             }
+            PeerMsg::RemoteFree { addrs, .. } if addrs.len() > MAX_REMOTE_FREES => Err(format!(
+                "{} remote frees in one message, more than {MAX_REMOTE_FREES}",
+                addrs.len()
+            )),
             PeerMsg::OwnerHints { runs } if runs.len() > MAX_HINT_RUNS => Err(format!(
                 "{} owner hints, more than {MAX_HINT_RUNS}",
                 runs.len()

@@ -169,7 +169,29 @@ pub enum RankRequest<'a> {
         date: u64,
         seq: u64,
     },
+    /// Shared malloc (MomeMalloc): blocks of shared heaps owned by other
+    /// nodes were freed. `frees` holds up to [`MAX_SHMALLOC_FREES`] entries
+    /// of 12 bytes: owner node (u32) and block address (u64), little-endian.
+    /// The agent sends each to its node, which queues it for its ranks;
+    /// answered `Ok` at once.
+    ShmallocFree {
+        #[serde(borrow, with = "serde_bytes")]
+        frees: &'a [u8],
+    },
+    /// Shared malloc: up to `max` queued frees of blocks this node owns,
+    /// for the rank to apply. Answered `Frees`.
+    ShmallocTake {
+        max: u32,
+    },
 }
+
+/// Most entries in one `ShmallocFree` (the preload's request buffer is 512
+/// bytes).
+pub const MAX_SHMALLOC_FREES: usize = 32;
+/// Bytes of one `ShmallocFree` entry.
+pub const SHMALLOC_FREE_ENTRY: usize = 12;
+/// Most addresses in one `Frees` reply (the preload's reply buffer is 1 KiB).
+pub const MAX_SHMALLOC_TAKE: usize = 112;
 
 /// Lock and barrier ids with this bit set name process-shared pthread
 /// objects placed in the window (the bit or'ed with the object's address);
@@ -254,5 +276,10 @@ pub enum AgentReply<'a> {
         code: ErrorCode,
         #[serde(borrow)]
         message: &'a str,
+    },
+    /// Answer to `ShmallocTake`: block addresses, 8 bytes little-endian each.
+    Frees {
+        #[serde(borrow, with = "serde_bytes")]
+        addrs: &'a [u8],
     },
 }

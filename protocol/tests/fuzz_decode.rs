@@ -561,6 +561,9 @@ fn arb_peer_msg() -> impl Strategy<Value = PeerMsg> {
                 error
             }
         ),
+        (any::<u64>(), proptest::collection::vec(any::<u64>(), 0..8))
+            .prop_map(|(seq, addrs)| PeerMsg::RemoteFree { seq, addrs }),
+        any::<u64>().prop_map(|seq| PeerMsg::RemoteFreeAck { seq }),
     ]
 }
 
@@ -592,9 +595,11 @@ fn peer_tag(m: &PeerMsg) -> u8 {
         PeerMsg::StoreHeld { .. } => 21,
         PeerMsg::PageDiff { .. } => 22,
         PeerMsg::DiffAck { .. } => 23,
+        PeerMsg::RemoteFree { .. } => 24,
+        PeerMsg::RemoteFreeAck { .. } => 25,
     }
 }
-const PEER_VARIANTS: u8 = 24;
+const PEER_VARIANTS: u8 = 26;
 
 /// What `validate` must answer, written independently of it.
 fn expected_valid(m: &PeerMsg) -> bool {
@@ -624,6 +629,7 @@ fn expected_valid(m: &PeerMsg) -> bool {
                     .is_some_and(|end| end <= *total)
         }
         PeerMsg::StoreHeld { error, .. } => error.as_ref().is_none_or(|e| e.len() <= 4096),
+        PeerMsg::RemoteFree { addrs, .. } => addrs.len() <= 256,
         PeerMsg::ParityChunk {
             offset,
             total,
@@ -658,8 +664,8 @@ struct Params {
     f2: bool,
 }
 
-const RANK_VARIANTS: u8 = 22;
-const REPLY_VARIANTS: u8 = 9;
+const RANK_VARIANTS: u8 = 24;
+const REPLY_VARIANTS: u8 = 10;
 
 fn arb_params(variants: u8) -> impl Strategy<Value = Params> {
     (
@@ -749,6 +755,10 @@ fn rank_request(p: &Params) -> RankRequest<'_> {
             date: c,
             seq: y as u64,
         },
+        22 => RankRequest::ShmallocFree {
+            frees: p.text.as_bytes(),
+        },
+        23 => RankRequest::ShmallocTake { max: x },
         v => unreachable!("RankRequest variant {v}"),
     }
 }
@@ -778,6 +788,8 @@ fn rank_tag(m: &RankRequest) -> u8 {
         RankRequest::KeyedBarrier { .. } => 19,
         RankRequest::Consistency { .. } => 20,
         RankRequest::SyncMem { .. } => 21,
+        RankRequest::ShmallocFree { .. } => 22,
+        RankRequest::ShmallocTake { .. } => 23,
     }
 }
 
@@ -810,6 +822,9 @@ fn agent_reply(p: &Params) -> AgentReply<'_> {
             code: ERROR_CODES[(y % 8) as usize],
             message: &p.text,
         },
+        9 => AgentReply::Frees {
+            addrs: p.text.as_bytes(),
+        },
         v => unreachable!("AgentReply variant {v}"),
     }
 }
@@ -826,6 +841,7 @@ fn reply_tag(m: &AgentReply) -> u8 {
         AgentReply::Resume { .. } => 6,
         AgentReply::Image { .. } => 7,
         AgentReply::Error { .. } => 8,
+        AgentReply::Frees { .. } => 9,
     }
 }
 
@@ -1557,6 +1573,11 @@ fn peer_samples() -> Vec<(String, PeerMsg)> {
         stamp: 7,
         error: Some("no space left on device".into()),
     });
+    out.push(PeerMsg::RemoteFree {
+        seq: 3,
+        addrs: vec![0x3000_0080_0010, 0x3000_0080_0410],
+    });
+    out.push(PeerMsg::RemoteFreeAck { seq: 3 });
     out.push(PeerMsg::PageGrant {
         page: 1,
         req: 2,

@@ -347,6 +347,8 @@ pub enum Got {
         len: u64,
     },
     Error(ErrorCode, String),
+    /// Block addresses (ShmallocTake).
+    Frees(Vec<u64>),
     /// The agent closed the connection.
     Closed,
     /// Nothing within the read timeout.
@@ -383,6 +385,12 @@ fn own(reply: AgentReply<'_>) -> Got {
         AgentReply::Resume { stamp } => Got::Resume { stamp },
         AgentReply::Image { addr, len } => Got::Image { addr, len },
         AgentReply::Error { code, message } => Got::Error(code, message.to_string()),
+        AgentReply::Frees { addrs } => Got::Frees(
+            addrs
+                .chunks_exact(8)
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+        ),
     }
 }
 

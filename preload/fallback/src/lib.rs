@@ -287,6 +287,57 @@ pub unsafe extern "C" fn mome_active() -> libc::c_int {
     0
 }
 
+// ---- Shared malloc: one process shares with nobody, so plain malloc. ----
+
+/// `malloc`.
+///
+/// # Safety
+/// As `malloc`.
+#[no_mangle]
+pub unsafe extern "C" fn mome_shmalloc(size: usize) -> *mut c_void {
+    // SAFETY: forwarding to the C allocator.
+    unsafe { libc::malloc(size) }
+}
+
+/// `calloc`.
+///
+/// # Safety
+/// As `calloc`.
+#[no_mangle]
+pub unsafe extern "C" fn mome_shcalloc(n: usize, size: usize) -> *mut c_void {
+    // SAFETY: forwarding to the C allocator.
+    unsafe { libc::calloc(n, size) }
+}
+
+/// `realloc`.
+///
+/// # Safety
+/// `p` is null or a block of `mome_shmalloc` (the C contract of realloc).
+#[no_mangle]
+pub unsafe extern "C" fn mome_shrealloc(p: *mut c_void, size: usize) -> *mut c_void {
+    // SAFETY: same contract.
+    unsafe { libc::realloc(p, size) }
+}
+
+/// `free`.
+///
+/// # Safety
+/// `p` is null or a block of `mome_shmalloc` (the C contract of free).
+#[no_mangle]
+pub unsafe extern "C" fn mome_shfree(p: *mut c_void) {
+    // SAFETY: same contract.
+    unsafe { libc::free(p) }
+}
+
+/// 0: no shared heaps without mome.
+///
+/// # Safety
+/// Always safe; `unsafe` only for uniformity with the C API.
+#[no_mangle]
+pub unsafe extern "C" fn mome_shmalloc_footprint() -> usize {
+    0
+}
+
 // ---- Fortran 77 bindings: by reference, trailing underscore. ----
 
 /// `INTEGER FUNCTION MOMEMMAP(ADDR, LEN, PROT, FLAGS, SEG, OFFSET)`: maps
