@@ -383,6 +383,9 @@ fn channel_of(req: &RankRequest<'_>) -> Option<Channel> {
     }
 }
 
+/// Name of the shared malloc area's segment (preload/src/shmalloc.rs).
+const SHMALLOC_AREA: &str = "mome:shmalloc";
+
 struct Session {
     agent: Arc<Agent>,
     id: SessionId,
@@ -483,9 +486,14 @@ impl Session {
                 },
                 ref req if segment_op(req).is_some() => {
                     let op = segment_op(req).expect("checked");
+                    let shmalloc_area =
+                        matches!(&op, SegmentOp::Open { name, .. } if name == SHMALLOC_AREA);
                     let answer =
                         cluster::segment_call(&self.agent, self.id, self.rank, op, &self.label)
                             .await;
+                    if let (true, SegmentAnswer::Segment { slot, .. }) = (shmalloc_area, &answer) {
+                        self.keep_strong(*slot);
+                    }
                     self.segment_reply(answer)
                 }
                 RankRequest::CkptParked {
@@ -679,6 +687,22 @@ impl Session {
             Ok(_) => Reply::Ok,
             Err(e) => Reply::error(ErrorCode::NodeFailed, e),
         }
+    }
+
+    /// The shared malloc area stays under strong consistency whatever the
+    /// node's default model: its allocator state, lock words and heap owner
+    /// table are read and written by every rank without synchronisation
+    /// the relaxed models would need.
+    fn keep_strong(&self, slot: u32) {
+        let Some(cluster) = self.agent.cluster.as_ref() else {
+            return;
+        };
+        let layout = self.agent.id.layout;
+        let first = (layout.segment_addr(slot) - layout.shared_base()) / PAGE_SIZE;
+        let count = layout.segment_reserve / PAGE_SIZE;
+        // Opened before any block of it is used on this node: no relaxed
+        // copy of it can be held yet.
+        cluster.pages.set_model(first..first + count, Model::Strong);
     }
 
     fn segment_reply(&self, answer: SegmentAnswer) -> Reply {
