@@ -726,17 +726,18 @@ pub fn dispatch(agent: &Arc<Agent>, from: u32, msg: PeerMsg) {
                 }
             }
         }
-        PeerMsg::SyncDone { req, answer, date } => match {
+        PeerMsg::SyncDone { req, answer, date } => {
             pages.observe(date);
-            lock(&cluster.sync_waiting).remove(&req)
-        } {
-            // A dropped receiver: the session ended while waiting; its
-            // SessionEnded releases what the grant gave it.
-            Some(tx) => {
-                let _ = tx.send(answer);
+            let waiting = lock(&cluster.sync_waiting).remove(&req);
+            match waiting {
+                // A dropped receiver: the session ended while waiting; its
+                // SessionEnded releases what the grant gave it.
+                Some(tx) => {
+                    let _ = tx.send(answer);
+                }
+                None => log!("SyncDone {req} from node {from} matches no request: ignored"),
             }
-            None => log!("SyncDone {req} from node {from} matches no request: ignored"),
-        },
+        }
         PeerMsg::Segment {
             req,
             session,
