@@ -1134,6 +1134,7 @@ impl PageEngine {
         e.copyset &= !(1 << r.from);
         let epoch = e.epoch;
         let data = (!current).then(|| self.read_page(page));
+        let extra = self.twinned_run(d, page, r.from, r.prefetch);
         self.mesh.send(
             r.from,
             PeerMsg::PageGrant {
@@ -1143,11 +1144,90 @@ impl PageEngine {
                 epoch,
                 copyset: 0,
                 data,
-                extra: Vec::new(),
+                extra,
                 date: self.tick(),
                 twin: true,
             },
         );
+    }
+
+    /// Copies to write with a twin of the pages after `page` for `to` (a
+    /// sequential relaxed writer), as long as this node owns them, holds
+    /// them and can give them at once; this node stops writing them in
+    /// place until its next write fault, as for the page asked for.
+    fn twinned_run(
+        &self,
+        d: &mut Directory,
+        page: u64,
+        to: u32,
+        count: u32,
+    ) -> Vec<(u64, Vec<u8>)> {
+        let (n, any_writable) = self.givable_run(d, page, count, |e| e.access != Access::None);
+        if n == 0 {
+            return Vec::new();
+        }
+        if any_writable {
+            self.protect_run(d, page + 1, n);
+        }
+        let run = self.read_run(page + 1, n);
+        run.chunks(PAGE_SIZE as usize)
+            .enumerate()
+            .map(|(i, data)| {
+                let e = self.entry(d, page + 1 + i as u64);
+                e.access = Access::Read;
+                e.writers |= 1 << to;
+                e.relaxed |= 1 << to;
+                e.copyset &= !(1 << to);
+                (e.epoch, data.to_vec())
+            })
+            .collect()
+    }
+
+    /// Installs the copies to write that came with a twin grant, with
+    /// their twins: pages this node does not own, asks nothing for, does
+    /// not write already, and no invalidation made stale. The others are
+    /// dropped (the owner then counts this node among the page's writers
+    /// needlessly: it only makes the owner give copies rather than
+    /// ownership).
+    fn take_twinned(
+        &self,
+        d: &mut Directory,
+        from: u32,
+        page: u64,
+        extra: Vec<(u64, Vec<u8>)>,
+        date: u64,
+    ) {
+        let mut last = page;
+        for (i, (epoch, data)) in extra.into_iter().enumerate() {
+            let q = page + 1 + i as u64;
+            let e = self.entry(d, q);
+            let usable = e.pending.is_none()
+                && !e.owner
+                && e.twin.is_none()
+                && e.access != Access::Write
+                && epoch >= e.min_epoch;
+            if !usable {
+                continue;
+            }
+            if e.access == Access::Read {
+                self.punch(q, 1);
+            }
+            let e = self.entry(d, q);
+            e.access = Access::Write;
+            e.prob_owner = from;
+            e.epoch = epoch;
+            e.valid = date;
+            e.held_relaxed = true;
+            let mut twin = Box::new(Page([0; PAGE_SIZE as usize]));
+            twin.0.copy_from_slice(&data);
+            e.twin = Some(twin);
+            d.twinned.insert(q);
+            d.stats.twins += 1;
+            d.stats.prefetched += 1;
+            self.install(d, q, &data, false, None);
+            last = q;
+        }
+        d.writes.advance(page, last);
     }
 
     /// Ownership of the pages after `page` for `to` (sequential writes), as
@@ -1361,7 +1441,9 @@ impl PageEngine {
                 e.pending.as_ref().map(|p| (p.req, p.write, p.granted))
             );
         }
-        if !extra.is_empty() && !write {
+        if !extra.is_empty() && twin {
+            self.take_twinned(&mut d, from, page, extra, date);
+        } else if !extra.is_empty() && !write {
             let contract = d
                 .entries
                 .get(&page)
