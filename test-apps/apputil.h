@@ -19,7 +19,8 @@
  * makes every shared range an app maps (shared_segment(), or app_share()
  * for memory mapped another way) use that model, with MomeConsistency(), on
  * its rank's node; unset or empty, nothing is called (mome's default,
- * strong). The apps are written for release consistency: every read of
+ * strong). MOME_APP_MODEL=mixed: release on even nodes, strong on odd ones
+ * (nodes using different models on the same pages). The apps are written for release consistency: every read of
  * another rank's data follows a barrier() or a lock that orders it after the
  * write. Under weak, a node's copies are refreshed only by MomeSyncMem(), so
  * barrier() then calls MomeSyncMem(range, len, mome_last_barrier_date()) for
@@ -119,8 +120,12 @@ static inline int app_model(void)
         model = MOME_RELEASE;
     else if (strcmp(m, "weak") == 0)
         model = MOME_WEAK;
+    else if (strcmp(m, "mixed") == 0)
+        /* Nodes use different models on the same pages: release on even
+         * nodes, strong on odd ones. */
+        model = mome_node() % 2 == 0 ? MOME_RELEASE : MOME_STRONG;
     else {
-        fprintf(stderr, "%s: bad MOME_APP_MODEL '%s' (expected strong, release or weak)\n",
+        fprintf(stderr, "%s: bad MOME_APP_MODEL '%s' (expected strong, release, weak or mixed)\n",
                 app_name, m);
         exit(2);
     }

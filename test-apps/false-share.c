@@ -42,7 +42,8 @@
 #include "apputil.h"
 
 #define USAGE "MODEL [PAGES [ITERS [PATTERN]]] | check-args\n" \
-    "  MODEL: strong, release or weak; PAGES shared pages (default 64),\n" \
+    "  MODEL: strong, release, weak or mixed (release on even nodes, strong on\n" \
+    "  odd ones); PAGES shared pages (default 64),\n" \
     "  ITERS iterations (default 20), PATTERN interleaved (default) or blocks:\n" \
     "  every rank writes its disjoint part of every page, a barrier, every rank\n" \
     "  checks every word; then counters under mome_lock in pages written by all.\n" \
@@ -175,6 +176,10 @@ int main(int argc, char **argv)
         model = MOME_RELEASE;
     else if (strcmp(mname, "weak") == 0)
         model = MOME_WEAK;
+    else if (strcmp(mname, "mixed") == 0)
+        /* Nodes use different models on the same pages: release on even
+         * nodes, strong on odd ones. */
+        model = mome_node() % 2 == 0 ? MOME_RELEASE : MOME_STRONG;
     else if (strcmp(mname, "check-args") == 0 && argc == 2)
         return check_args();
     else {

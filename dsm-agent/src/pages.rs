@@ -192,9 +192,13 @@ struct Entry {
     relaxed: u64,
     /// Owner: nodes writing a twinned copy (bit per node).
     writers: u64,
-    /// Owner: invalidation acks to take silently (copies dropped after a
-    /// merge, which waits for nobody).
+    /// Owner: invalidations sent after a merge, not acknowledged yet (bit
+    /// per node); the merges wait for them before they are acknowledged.
     loose_acks: u64,
+    /// Owner: merges acknowledged once `loose_acks` is empty, as (writer,
+    /// its request): a release completes only when no copy kept current
+    /// (strong contract) still shows the page as it was before.
+    merge_waiting: Vec<(u32, u64)>,
     /// Not owner: this node's copy was given under a relaxed contract (the
     /// owner does not invalidate it).
     held_relaxed: bool,
@@ -242,6 +246,7 @@ impl Entry {
             relaxed: 0,
             writers: 0,
             loose_acks: 0,
+            merge_waiting: Vec::new(),
             held_relaxed: false,
             twin: None,
             diffs: Vec::new(),
@@ -1647,8 +1652,15 @@ impl PageEngine {
         let e = self.entry(&mut d, page);
         let awaited = e.epoch == epoch && e.pending.as_ref().is_some_and(|p| p.granted && p.write);
         if !awaited && e.loose_acks & (1 << from) != 0 {
-            // A copy dropped after a merge, which waited for nobody.
+            // A copy dropped after a merge: once none is left, the merges
+            // are acknowledged.
             e.loose_acks &= !(1 << from);
+            if e.loose_acks == 0 {
+                let date = e.mdate;
+                for (writer, req) in std::mem::take(&mut e.merge_waiting) {
+                    self.ack_merge(&mut d, page, writer, req, date);
+                }
+            }
             return;
         }
         let Some(p) = e.pending.as_mut().filter(|p| p.granted && p.write) else {
@@ -2099,7 +2111,16 @@ impl PageEngine {
                 );
             }
         }
-        if from == me {
+        let e = self.entry(d, page);
+        if e.loose_acks != 0 {
+            e.merge_waiting.push((from, req));
+            return;
+        }
+        self.ack_merge(d, page, from, req, date);
+    }
+
+    fn ack_merge(&self, d: &mut Directory, page: u64, from: u32, req: u64, date: u64) {
+        if from == self.node {
             self.diff_acked(d, req);
         } else {
             self.mesh.send(from, PeerMsg::DiffAck { page, req, date });

@@ -111,6 +111,15 @@ fn false_share_weak() {
     false_share("weak");
 }
 
+/// Nodes using different models on the same pages: release on even nodes,
+/// strong on odd ones. A merge of a relaxed writer's changes invalidates
+/// the strong nodes' copies before the release completes, so the strong
+/// nodes see every write made before a barrier too.
+#[test]
+fn false_share_mixed_models() {
+    false_share("mixed");
+}
+
 /// Every test application with shared memory, small sizes.
 const APPS: &[(&str, &[&str])] = &[
     ("jacobi", &["128", "30"]),
@@ -159,6 +168,11 @@ fn every_app_under_release_on_two_nodes() {
 #[test]
 fn every_app_under_weak_on_two_nodes() {
     apps_under("weak");
+}
+
+#[test]
+fn every_app_under_mixed_models_on_two_nodes() {
+    apps_under("mixed");
 }
 
 #[test]
