@@ -35,6 +35,9 @@
  * (one line), the write/sync phase being the writes plus the barrier (and
  * MomeSyncMem) that makes them visible.
  *
+ * FALSE_SHARE_DEBUG=1: every rank prints the counter pages it finds wrong
+ * after the lock phase (count and sum found and wanted), on stderr.
+ *
  * `false-share check-args` checks instead that MomeConsistency and
  * MomeSyncMem refuse bad arguments with EINVAL: an unknown model, and under
  * mome-run a range outside the DSM window and a date in the future.
@@ -146,6 +149,9 @@ static int check_args(void)
         expect(MomeConsistency(&global, sizeof global, MOME_WEAK), EINVAL,
                "MomeConsistency(a global of the executable)");
         expect(MomeConsistency(NULL, PAGE, MOME_RELEASE), EINVAL, "MomeConsistency(NULL)");
+        /* Starts in the window, runs past its end. */
+        expect(MomeConsistency(p, (size_t)1 << 62, MOME_RELEASE), EINVAL,
+               "MomeConsistency(a range past the window's end)");
         expect(MomeSyncMem(&local, sizeof local, date), EINVAL, "MomeSyncMem(a stack address)");
         expect(MomeSyncMem(NULL, PAGE, date), EINVAL, "MomeSyncMem(NULL)");
         /* A date no barrier has reached yet. */
@@ -262,6 +268,9 @@ int main(int argc, char **argv)
         volatile struct counter *c = (volatile struct counter *)page;
         lock_errors += c->count != (uint64_t)k;
         lock_errors += c->sum != (uint64_t)k * (uint64_t)(k + 1) / 2;
+        if (getenv("FALSE_SHARE_DEBUG") && (c->count != (uint64_t)k || c->sum != (uint64_t)k * (uint64_t)(k + 1) / 2))
+            fprintf(stderr, "rank %d: counter page %d count %" PRIu64 " sum %" PRIu64 " (want %ld %" PRIu64 ")\n",
+                    rank, p, (uint64_t)c->count, (uint64_t)c->sum, k, (uint64_t)k * (uint64_t)(k + 1) / 2);
         for (long w = CHEAD; w < WORDS; w++) {
             int r = cowner(w, nranks);
             long lo, hi;

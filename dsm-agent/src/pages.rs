@@ -155,6 +155,8 @@ struct Pending {
     date: u64,
     /// The contract the request was made under.
     contract: Model,
+    /// This node's date when it asked (its answer is dated after it).
+    asked_at: u64,
 }
 
 /// A delta that reached this node before it owns the page it is for.
@@ -220,9 +222,24 @@ impl Entry {
 
     /// Owner: node `node`'s copy, valid from `date`, is the page as it is
     /// now (a copy in the copyset is kept current; a relaxed one is when
-    /// the page did not change since it was given).
+    /// the page did not change since it was given and is not being written
+    /// in place here).
     fn holds_current(&self, node: u32, date: u64) -> bool {
-        self.copyset & (1 << node) != 0 || (self.relaxed & (1 << node) != 0 && date > self.mdate)
+        // A page written in place here changes without being dated.
+        self.copyset & (1 << node) != 0
+            || (self.relaxed & (1 << node) != 0
+                && self.access != Access::Write
+                && date > self.mdate)
+    }
+
+    /// Local ranks stop writing the page (it becomes read-only here). An
+    /// owner writes in place without dating each write: the end of the
+    /// writing dates what it changed, for copies given while it wrote.
+    fn end_writing(&mut self, date: u64) {
+        if self.access == Access::Write && self.owner {
+            self.mdate = date;
+        }
+        self.access = Access::Read;
     }
 
     fn initial(home: u32, me: u32) -> Entry {
@@ -643,6 +660,15 @@ impl PageEngine {
         }
     }
 
+    /// Logs the first 16 bytes of the page as this node holds it (tracing).
+    fn trace_head(&self, page: u64, what: &str) {
+        if tracing() {
+            let mut head = [0u8; 16];
+            let _ = self.memfd.read_exact_at(&mut head, self.file_offset(page));
+            log!("trace p{page}: {what} head {head:02x?}");
+        }
+    }
+
     /// Whether the page is in the node's memfd (SEEK_DATA at its offset).
     fn present(&self, page: u64) -> bool {
         let off = self.file_offset(page) as libc::off_t;
@@ -725,12 +751,15 @@ impl PageEngine {
                 twin: false,
                 date: 0,
                 contract,
+                asked_at: 0,
             }));
             let epoch = e.epoch;
             self.invalidate(d, page, epoch, targets);
             return;
         }
         let to = e.prob_owner;
+        let asked_at = self.tick();
+        let e = self.entry(d, page);
         e.pending = Some(Box::new(Pending {
             req,
             write,
@@ -742,6 +771,7 @@ impl PageEngine {
             twin: false,
             date: 0,
             contract,
+            asked_at,
         }));
         let has_copy = e.access == Access::Read;
         let copy_date = e.valid;
@@ -758,7 +788,7 @@ impl PageEngine {
                 prefetch,
                 contract,
                 copy_date,
-                date: self.tick(),
+                date: asked_at,
             },
         );
     }
@@ -835,6 +865,7 @@ impl PageEngine {
             if self.install(d, page, &data, !writable, skip) {
                 served = target;
             }
+            self.trace_head(page, "installed");
         }
         self.take_queued_diffs(d, page);
         let mut waiters = waiters;
@@ -1050,13 +1081,17 @@ impl PageEngine {
         let e = self.entry(d, page);
         let access = e.access;
         if !r.write {
+            // Downgrade: no local rank may write once the copy is out (its
+            // next write is a fault, which dates the change after the copy).
             if access == Access::Write {
-                // Downgrade: no local rank may write once the copy is out.
                 self.protect_everywhere(d, page);
             }
+            // Dated before it is read: the copy holds every write made here
+            // before its date (ranks may go on writing meanwhile).
+            let date = self.tick();
             let data = self.read_page(page);
             let e = self.entry(d, page);
-            e.access = Access::Read;
+            e.end_writing(date);
             if r.contract.relaxed() {
                 e.relaxed |= 1 << r.from;
             } else {
@@ -1074,7 +1109,7 @@ impl PageEngine {
                     copyset: 0,
                     data: Some(data),
                     extra,
-                    date: self.tick(),
+                    date,
                     twin: false,
                 },
             );
@@ -1090,8 +1125,13 @@ impl PageEngine {
             // Stop local writers before the last read of the page.
             self.protect_everywhere(d, page);
         }
+        self.trace_head(page, "ownership given");
         let e = self.entry(d, page);
         let send_data = !(r.has_copy && e.holds_current(r.from, r.copy_date));
+        trace!(
+            "trace p{page}: to n{} has_copy={} copy_date={} copyset={:#x} relaxed={:#x} access={:?} mdate={} send_data={send_data}",
+            r.from, r.has_copy, r.copy_date, e.copyset, e.relaxed, e.access, e.mdate
+        );
         let copyset = e.copyset & !(1 << r.from) & !(1 << me);
         let epoch = e.epoch + 1;
         let data = send_data.then(|| self.read_page(page));
@@ -1124,15 +1164,17 @@ impl PageEngine {
 
     /// A relaxed write request while the page is being written here or by
     /// others: the requester gets a copy to write with a twin, and the
-    /// page stays here. The owner stops writing in place until its next
-    /// write fault, which dates the change after the copy.
+    /// page stays here.
     fn serve_twin(&self, d: &mut Directory, page: u64, r: Request) {
+        // This node stops writing in place until its next write fault,
+        // which dates its change after the copy.
         let e = self.entry(d, page);
         if e.access == Access::Write {
             self.protect_everywhere(d, page);
         }
+        let date = self.tick();
         let e = self.entry(d, page);
-        e.access = Access::Read;
+        e.end_writing(date);
         let current = r.has_copy && e.holds_current(r.from, r.copy_date);
         e.writers |= 1 << r.from;
         e.relaxed |= 1 << r.from;
@@ -1150,7 +1192,7 @@ impl PageEngine {
                 copyset: 0,
                 data,
                 extra,
-                date: self.tick(),
+                date,
                 twin: true,
             },
         );
@@ -1174,12 +1216,13 @@ impl PageEngine {
         if any_writable {
             self.protect_run(d, page + 1, n);
         }
+        let date = self.tick();
         let run = self.read_run(page + 1, n);
         run.chunks(PAGE_SIZE as usize)
             .enumerate()
             .map(|(i, data)| {
                 let e = self.entry(d, page + 1 + i as u64);
-                e.access = Access::Read;
+                e.end_writing(date);
                 e.writers |= 1 << to;
                 e.relaxed |= 1 << to;
                 e.copyset &= !(1 << to);
@@ -1349,6 +1392,7 @@ impl PageEngine {
             self.punch(page, 1);
         }
         self.install(d, page, &data, false, None);
+        self.trace_head(page, "handed over, installed");
         self.take_queued_diffs(d, page);
         if pending.is_some() {
             log!("page {page}: handed over by node {from} while this node asked for it");
@@ -1370,8 +1414,11 @@ impl PageEngine {
         count: u32,
         contract: Model,
     ) -> Vec<(u64, Vec<u8>)> {
+        // A relaxed copy is dropped by its holder without telling the
+        // owner: `relaxed` cannot say whether `to` still has one (the
+        // receiver skips what it holds).
         let (n, any_writable) = self.givable_run(d, page, count, |e| {
-            e.access != Access::None && (e.copyset | e.relaxed) & (1 << to) == 0
+            e.access != Access::None && e.copyset & (1 << to) == 0
         });
         if n == 0 {
             return Vec::new();
@@ -1385,8 +1432,9 @@ impl PageEngine {
         run.chunks(PAGE_SIZE as usize)
             .enumerate()
             .map(|(i, data)| {
+                let date = self.tick();
                 let e = self.entry(d, page + 1 + i as u64);
-                e.access = Access::Read;
+                e.end_writing(date);
                 if contract.relaxed() {
                     e.relaxed |= 1 << to;
                 } else {
@@ -1486,6 +1534,7 @@ impl PageEngine {
                 twin: false,
                 date,
                 contract: Model::Strong,
+                asked_at: 0,
             }));
         } else if !matches {
             // A read copy nobody waits for: dropping it is safe (the owner's
@@ -1633,6 +1682,14 @@ impl PageEngine {
             log!("node {from} invalidates page {page} (epoch {epoch}), which this node owns (epoch {}): ignored", e.epoch);
             return;
         }
+        if e.access != Access::None && e.epoch >= epoch && e.twin.is_none() {
+            // A copy given after this invalidation was sent: a merge does
+            // not wait for its invalidations before it gives copies again
+            // (see `merge_diff`), and such a copy holds the merged page.
+            // Dropping it would leave the owner's copyset wrong.
+            self.mesh.send(from, PeerMsg::InvalidateAck { page, epoch });
+            return;
+        }
         e.min_epoch = e.min_epoch.max(epoch);
         e.prob_owner = new_owner;
         // Changes this node made to a twinned copy go to the new owner
@@ -1741,9 +1798,10 @@ impl PageEngine {
     /// it written, which checkpoints rely on to see what changed.
     fn take_write_access(&self, d: &mut Directory) {
         let mut writable: Vec<u64> = Vec::new();
+        let date = self.tick();
         for (&p, e) in d.entries.iter_mut() {
             if e.owner && e.access == Access::Write {
-                e.access = Access::Read;
+                e.end_writing(date);
                 writable.push(p);
             }
         }
@@ -1905,24 +1963,38 @@ impl PageEngine {
         let mut twinned = Vec::new();
         let mut busy = false;
         for (&p, e) in &d.entries {
-            if e.owner || e.access == Access::None || e.valid >= date {
+            if e.owner || range.as_ref().is_some_and(|r| !r.contains(&p)) {
                 continue;
             }
-            if range.as_ref().is_some_and(|r| !r.contains(&p)) {
+            if let Some(q) = e.pending.as_ref() {
+                // Asked for before the acquire under a relaxed contract: the
+                // answer (and the pages that come with it) may be older
+                // than the acquire; look again once it is in.
+                if !q.granted
+                    && q.asked_at < date
+                    && q.contract.relaxed()
+                    && model_filter(d.models.of(p))
+                {
+                    busy = true;
+                }
+                continue;
+            }
+            if e.access == Access::None || e.valid >= date {
                 continue;
             }
             if !(e.held_relaxed || e.twin.is_some()) || !model_filter(d.models.of(p)) {
                 continue;
             }
-            if e.pending.is_some() {
-                busy = true;
-            } else if e.twin.is_some() {
+            if e.twin.is_some() {
                 twinned.push(p);
             } else {
                 stale.push(p);
             }
         }
         stale.sort_unstable();
+        if tracing() && !stale.is_empty() {
+            log!("trace: acquire at {date} drops {stale:?}, flushes {twinned:?}, busy {busy}");
+        }
         for r in runs_of(&stale) {
             self.punch(r.start, r.end - r.start);
             for p in r {
@@ -1961,14 +2033,20 @@ impl PageEngine {
         d.twinned.remove(&page);
         // Stop local writers before the page is read for its delta.
         self.protect_everywhere(d, page);
+        let date = self.tick();
         let e = self.entry(d, page);
-        e.access = Access::Read;
+        e.end_writing(date);
         if owner {
             // The page came here meanwhile: the changes are in place.
             return;
         }
         let to = e.prob_owner;
         let current = self.read_page(page);
+        trace!(
+            "trace p{page}: flush to n{to} head {:02x?} twin head {:02x?}",
+            &current[..16],
+            &twin.0[..16]
+        );
         let Some(delta) = relaxed::delta(&current, &twin.0) else {
             return;
         };
@@ -2086,6 +2164,14 @@ impl PageEngine {
         // zone (checked in page_ptr); local ranks may write other bytes of
         // it meanwhile, not the ones the delta changes (disjoint writers).
         unsafe { relaxed::merge(ptr, &x) };
+        if tracing() {
+            // SAFETY: as above, 16 bytes of the page, for the log.
+            let head = unsafe { std::slice::from_raw_parts(ptr, 16) };
+            log!(
+                "trace p{page}: merged {req} of n{from} delta head {:02x?} now {head:02x?}",
+                &x[..16]
+            );
+        }
         d.written.insert(page);
         d.stats.diffs_merged += 1;
         let date = self.tick();

@@ -246,7 +246,10 @@ fn check_range(addr: *mut c_void, len: usize) -> i32 {
         return 0;
     }
     let a = addr as u64;
-    if state::window_contains(a) || segments::is_shared_range(a, len as u64) {
+    // The whole range, not just its first byte: inside the window, or
+    // inside one view of a segment mapped outside it.
+    let in_window = state::info().is_some_and(|i| i.layout.contains_range(a, len as u64));
+    if in_window || segments::is_shared_range(a, len as u64) {
         0
     } else {
         libc::EINVAL
