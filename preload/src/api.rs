@@ -137,6 +137,9 @@ pub extern "C" fn mome_barrier() -> i32 {
         LAST_BARRIER.fetch_add(1, Ordering::Relaxed);
         return 0;
     }
+    // Frees of other nodes' shared-malloc blocks go before the barrier, so
+    // that their owners can reuse them after it.
+    crate::shmalloc::flush_pending_frees();
     sync_call(
         |seq| RankRequest::Barrier { seq },
         "Barrier",

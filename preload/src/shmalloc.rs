@@ -577,6 +577,19 @@ fn owner_of(p: u64) -> Result<(Area, u32), ShfreeError> {
     }
 }
 
+/// Sends the frees of other nodes' blocks this node gathered so far (at a
+/// barrier: their owners can reuse the blocks after it, not only once a
+/// batch is full).
+pub fn flush_pending_frees() {
+    if state::mode() != Mode::Rank {
+        return;
+    }
+    if let Some(area) = attached() {
+        let _guard = lock_node(&area);
+        flush(&area);
+    }
+}
+
 /// Frees block `p` of the shared heaps, wherever it was allocated.
 pub fn free(p: u64) -> Result<(), ShfreeError> {
     if state::mode() != Mode::Rank {
