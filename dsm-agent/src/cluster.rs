@@ -351,6 +351,12 @@ pub async fn acquire(agent: &Agent, what: Acquire) -> Result<usize, String> {
     // none is stale.
     let deadline = tokio::time::Instant::now() + merge_timeout(cluster);
     loop {
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "copies of shared pages still stale after {:.1} s",
+                merge_timeout(cluster).as_secs_f64()
+            ));
+        }
         let stale = cluster
             .pages
             .drop_stale(what.date, what.range.clone(), |m| {
@@ -359,13 +365,10 @@ pub async fn acquire(agent: &Agent, what: Acquire) -> Result<usize, String> {
         dropped += stale.dropped;
         if let Some(rx) = stale.merged {
             merged(cluster, rx).await?;
+        } else if stale.again {
+            // Released copies with nothing to merge: dropped right away.
+            continue;
         } else if stale.busy {
-            if tokio::time::Instant::now() > deadline {
-                return Err(format!(
-                    "pages asked for by this node not answered after {:.1} s",
-                    merge_timeout(cluster).as_secs_f64()
-                ));
-            }
             tokio::time::sleep(std::time::Duration::from_micros(100)).await;
         } else {
             return Ok(dropped);

@@ -406,6 +406,9 @@ pub struct Stale {
     /// Stale copies have a request of this node in flight: call again
     /// shortly.
     pub busy: bool,
+    /// Stale twinned copies were released (with or without changes to
+    /// merge): they are stale read copies now, dropped by the next call.
+    pub again: bool,
 }
 
 /// The agent's own mapping of the shared zone of the memfd (not registered
@@ -2015,6 +2018,7 @@ impl PageEngine {
                 Self::wait_for_diffs(&mut d)
             },
             busy,
+            again: !twinned.is_empty(),
         }
     }
 
