@@ -1622,13 +1622,29 @@ impl PageEngine {
         for (i, (epoch, data)) in extra.into_iter().enumerate() {
             let q = page + 1 + i as u64;
             let e = self.entry(d, q);
-            let usable =
-                e.pending.is_none() && !e.owner && e.access == Access::None && epoch >= e.min_epoch;
+            // A read copy of an older epoch is replaced: the owner now
+            // counts this node among the holders of the current one (a
+            // merge gives copies again before its invalidation of the old
+            // one arrived here), so it must be the one held.
+            // Taken even with a request of this node in flight for it: the
+            // owner counts this node in the copyset from now on, and its
+            // answer to that request leaves the data out if so.
+            let older = e.access == Access::Read && e.twin.is_none() && e.epoch < epoch;
+            let usable = e.pending.as_ref().is_none_or(|p| !p.granted)
+                && !e.owner
+                && (e.access == Access::None || older)
+                && epoch >= e.min_epoch;
             if !usable {
                 self.install_run(d, run_first, &run);
                 run.clear();
                 continue;
             }
+            if older {
+                self.install_run(d, run_first, &run);
+                run.clear();
+                self.punch(q, 1);
+            }
+            let e = self.entry(d, q);
             e.access = Access::Read;
             e.prob_owner = from;
             e.epoch = epoch;
@@ -1681,6 +1697,13 @@ impl PageEngine {
             e.owner,
             e.pending.as_ref().map(|p| (p.req, p.write, p.granted))
         );
+        if e.owner && epoch < e.epoch {
+            // An invalidation sent after a merge that did not wait for it,
+            // overtaken by the page coming here (with the merge in it):
+            // nothing to drop, but the merge waits for this answer.
+            self.mesh.send(from, PeerMsg::InvalidateAck { page, epoch });
+            return;
+        }
         if e.owner {
             log!("node {from} invalidates page {page} (epoch {epoch}), which this node owns (epoch {}): ignored", e.epoch);
             return;
