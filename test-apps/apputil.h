@@ -104,6 +104,22 @@ __attribute__((noreturn, format(printf, 2, 3))) static inline void die_errno(int
 
 /* ---- Consistency model of the shared ranges (MOME_APP_MODEL) ---- */
 
+/* The model named `m` on this rank's node: strong, release, weak, or mixed
+ * (nodes use different models on the same pages: release on even nodes,
+ * strong on odd ones); -1 for any other name. */
+static inline int app_parse_model(const char *m)
+{
+    if (strcmp(m, "strong") == 0)
+        return MOME_STRONG;
+    if (strcmp(m, "release") == 0)
+        return MOME_RELEASE;
+    if (strcmp(m, "weak") == 0)
+        return MOME_WEAK;
+    if (strcmp(m, "mixed") == 0)
+        return mome_node() % 2 == 0 ? MOME_RELEASE : MOME_STRONG;
+    return -1;
+}
+
 /* Model named by MOME_APP_MODEL: MOME_STRONG, MOME_RELEASE or MOME_WEAK, or
  * -1 when the variable is unset or empty. A bad value exits 2. */
 static inline int app_model(void)
@@ -112,19 +128,9 @@ static inline int app_model(void)
     if (model != -2)
         return model;
     const char *m = getenv("MOME_APP_MODEL");
-    if (m == NULL || *m == '\0')
+    if (m == NULL || *m == '\0') {
         model = -1;
-    else if (strcmp(m, "strong") == 0)
-        model = MOME_STRONG;
-    else if (strcmp(m, "release") == 0)
-        model = MOME_RELEASE;
-    else if (strcmp(m, "weak") == 0)
-        model = MOME_WEAK;
-    else if (strcmp(m, "mixed") == 0)
-        /* Nodes use different models on the same pages: release on even
-         * nodes, strong on odd ones. */
-        model = mome_node() % 2 == 0 ? MOME_RELEASE : MOME_STRONG;
-    else {
+    } else if ((model = app_parse_model(m)) < 0) {
         fprintf(stderr, "%s: bad MOME_APP_MODEL '%s' (expected strong, release, weak or mixed)\n",
                 app_name, m);
         exit(2);

@@ -175,20 +175,10 @@ int main(int argc, char **argv)
         app_usage(stderr, 2);
     }
     const char *mname = argv[1];
-    int model;
-    if (strcmp(mname, "strong") == 0)
-        model = MOME_STRONG;
-    else if (strcmp(mname, "release") == 0)
-        model = MOME_RELEASE;
-    else if (strcmp(mname, "weak") == 0)
-        model = MOME_WEAK;
-    else if (strcmp(mname, "mixed") == 0)
-        /* Nodes use different models on the same pages: release on even
-         * nodes, strong on odd ones. */
-        model = mome_node() % 2 == 0 ? MOME_RELEASE : MOME_STRONG;
-    else if (strcmp(mname, "check-args") == 0 && argc == 2)
+    if (strcmp(mname, "check-args") == 0 && argc == 2)
         return check_args();
-    else {
+    int model = app_parse_model(mname);
+    if (model < 0) {
         fprintf(stderr, "false-share: bad MODEL '%s'\n", mname);
         app_usage(stderr, 2);
     }

@@ -164,6 +164,8 @@ struct Pending {
 struct QueuedDiff {
     from: u32,
     req: u64,
+    date: u64,
+    hops: u32,
     delta: Vec<u8>,
 }
 
@@ -844,12 +846,7 @@ impl PageEngine {
                 // every local rank, so nobody changes it while it is read.
                 None => self.read_page(page),
             };
-            let e = self.entry(d, page);
-            let mut page_box = Box::new(Page([0; PAGE_SIZE as usize]));
-            page_box.0.copy_from_slice(&twin);
-            e.twin = Some(page_box);
-            d.twinned.insert(page);
-            d.stats.twins += 1;
+            self.keep_twin(d, page, &twin);
         }
         // The first waiter that missed the page gets it copied straight to
         // its address, woken by the copy.
@@ -970,21 +967,7 @@ impl PageEngine {
                 let waited = e.pending.as_ref().is_some_and(|p| p.req == r.req);
                 if waited && e.prob_owner != self.node {
                     let to = e.prob_owner;
-                    self.mesh.send(
-                        to,
-                        PeerMsg::PageRequest {
-                            page,
-                            from: r.from,
-                            req: r.req,
-                            write: r.write,
-                            has_copy: r.has_copy,
-                            hops: r.hops.saturating_add(1),
-                            prefetch: r.prefetch,
-                            contract: r.contract,
-                            copy_date: r.copy_date,
-                            date: r.date,
-                        },
-                    );
+                    self.forward_request(to, page, r);
                 }
                 return;
             }
@@ -1005,21 +988,7 @@ impl PageEngine {
                 );
             }
             d.stats.forwarded += 1;
-            self.mesh.send(
-                to,
-                PeerMsg::PageRequest {
-                    page,
-                    from: r.from,
-                    req: r.req,
-                    write: r.write,
-                    has_copy: r.has_copy,
-                    hops: r.hops.saturating_add(1),
-                    prefetch: r.prefetch,
-                    contract: r.contract,
-                    copy_date: r.copy_date,
-                    date: r.date,
-                },
-            );
+            self.forward_request(to, page, r);
             return;
         }
         if r.from == self.node {
@@ -1036,6 +1005,25 @@ impl PageEngine {
             return;
         }
         self.serve(d, page, r);
+    }
+
+    /// Passes request `r` for `page` on to node `to`, one hop further.
+    fn forward_request(&self, to: u32, page: u64, r: Request) {
+        self.mesh.send(
+            to,
+            PeerMsg::PageRequest {
+                page,
+                from: r.from,
+                req: r.req,
+                write: r.write,
+                has_copy: r.has_copy,
+                hops: r.hops.saturating_add(1),
+                prefetch: r.prefetch,
+                contract: r.contract,
+                copy_date: r.copy_date,
+                date: r.date,
+            },
+        );
     }
 
     /// Serves queued requests of `page` once its hold time is over.
@@ -1269,11 +1257,7 @@ impl PageEngine {
             e.epoch = epoch;
             e.valid = date;
             e.held_relaxed = true;
-            let mut twin = Box::new(Page([0; PAGE_SIZE as usize]));
-            twin.0.copy_from_slice(&data);
-            e.twin = Some(twin);
-            d.twinned.insert(q);
-            d.stats.twins += 1;
+            self.keep_twin(d, q, &data);
             d.stats.prefetched += 1;
             self.install(d, q, &data, false, None);
             last = q;
@@ -2045,6 +2029,16 @@ impl PageEngine {
         }
     }
 
+    /// This node writes `page` from now on with `data` as its twin (the
+    /// page as it was when it started writing).
+    fn keep_twin(&self, d: &mut Directory, page: u64, data: &[u8]) {
+        let mut twin = Box::new(Page([0; PAGE_SIZE as usize]));
+        twin.0.copy_from_slice(data);
+        self.entry(d, page).twin = Some(twin);
+        d.twinned.insert(page);
+        d.stats.twins += 1;
+    }
+
     /// Sends the changes of a twinned copy to the page's owner (nothing
     /// when there is no twin or nothing changed); the copy becomes a read
     /// copy again, so that the next local write asks anew.
@@ -2123,22 +2117,47 @@ impl PageEngine {
         }
         if e.pending.as_ref().is_some_and(|p| p.write) || e.owner {
             // This node owns the page or is about to: merged once it does.
-            e.diffs.push(QueuedDiff { from, req, delta });
+            e.diffs.push(QueuedDiff {
+                from,
+                req,
+                date,
+                hops,
+                delta,
+            });
             return;
         }
         let to = e.prob_owner;
-        if hops == MAX_HOPS {
-            log!("changes {req} of node {from} to page {page} forwarded {MAX_HOPS} times (now to node {to})");
+        self.forward_diff(
+            to,
+            page,
+            QueuedDiff {
+                from,
+                req,
+                date,
+                hops,
+                delta,
+            },
+        );
+    }
+
+    /// Passes changes `q` to `page` on to node `to`, one hop further.
+    fn forward_diff(&self, to: u32, page: u64, q: QueuedDiff) {
+        if q.hops == MAX_HOPS {
+            log!(
+                "changes {} of node {} to page {page} forwarded {MAX_HOPS} times (now to node {to})",
+                q.req,
+                q.from
+            );
         }
         self.mesh.send(
             to,
             PeerMsg::PageDiff {
                 page,
-                from,
-                req,
-                date,
-                hops: hops.saturating_add(1),
-                delta,
+                from: q.from,
+                req: q.req,
+                date: q.date,
+                hops: q.hops.saturating_add(1),
+                delta: q.delta,
             },
         );
     }
@@ -2156,17 +2175,7 @@ impl PageEngine {
             if owner {
                 self.merge_diff(d, page, q.from, q.req, &q.delta);
             } else {
-                self.mesh.send(
-                    to,
-                    PeerMsg::PageDiff {
-                        page,
-                        from: q.from,
-                        req: q.req,
-                        date: self.tick(),
-                        hops: 1,
-                        delta: q.delta,
-                    },
-                );
+                self.forward_diff(to, page, q);
             }
         }
     }

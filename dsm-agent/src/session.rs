@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use mome_protocol::ckpt::AgentEvent;
 use mome_protocol::frame::{self, FrameError};
 use mome_protocol::layout::{Zone, HEAP_SIZE, PAGE_SIZE};
-use mome_protocol::rank::{AgentReply, Channel, ErrorCode, RankRequest};
+use mome_protocol::rank::{AgentReply, Channel, ErrorCode, RankRequest, SHMALLOC_AREA};
 use mome_protocol::PROTOCOL_VERSION;
 use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
@@ -382,9 +382,6 @@ fn channel_of(req: &RankRequest<'_>) -> Option<Channel> {
         _ => Some(Channel::Memory),
     }
 }
-
-/// Name of the shared malloc area's segment (preload/src/shmalloc.rs).
-const SHMALLOC_AREA: &str = "mome:shmalloc";
 
 struct Session {
     agent: Arc<Agent>,

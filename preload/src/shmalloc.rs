@@ -51,8 +51,8 @@ use crate::lock::{FutexLock, SharedLock};
 use crate::state::{self, Mode};
 use crate::{report, segments, sys};
 
-/// Name of the segment holding the area.
-pub const AREA_NAME: &str = "mome:shmalloc";
+/// Name of the segment holding the area (the agent keeps it strong).
+pub const AREA_NAME: &str = mome_protocol::rank::SHMALLOC_AREA;
 /// `owner[heap]` table, in heap 0.
 const OWNERS_OFFSET: u64 = PAGE_SIZE;
 /// Node states, in heap 0, each in pages of its own (only its node writes

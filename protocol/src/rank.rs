@@ -188,6 +188,10 @@ pub enum RankRequest<'a> {
 /// Most entries in one `ShmallocFree` (the preload's request buffer is 512
 /// bytes).
 pub const MAX_SHMALLOC_FREES: usize = 32;
+
+/// Name of the shared malloc area's segment: the preload opens it, the
+/// agent keeps it under strong consistency.
+pub const SHMALLOC_AREA: &str = "mome:shmalloc";
 /// Bytes of one `ShmallocFree` entry.
 pub const SHMALLOC_FREE_ENTRY: usize = 12;
 /// Most addresses in one `Frees` reply (the preload's reply buffer is 1 KiB).

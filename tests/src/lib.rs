@@ -245,6 +245,54 @@ impl Home {
         self.start_with_env(args, &[], tag)
     }
 
+    /// Runs `mome-run ARGS` with `env` to its end: (success, stdout,
+    /// stderr). A job still running after `timeout` is a hang: killed, and
+    /// the test fails saying `what`.
+    pub fn run_to_end(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+        what: &str,
+        timeout: std::time::Duration,
+    ) -> (bool, String, String) {
+        let mut job = self.start_with_env(args, env, "job");
+        let start = std::time::Instant::now();
+        let exit = loop {
+            if let Some(s) = job.child.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > timeout {
+                job.kill9(self);
+                panic!(
+                    "{what} did not end in {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                    job.stdout(),
+                    job.stderr()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        (exit.success(), job.stdout(), job.stderr())
+    }
+
+    /// The agents' logs of job `id` (of every job of this home when
+    /// `None`), concatenated.
+    pub fn agent_logs(&self, id: Option<&str>) -> String {
+        let ids = match id {
+            Some(id) => vec![id.to_string()],
+            None => self.jobs(),
+        };
+        let mut all = String::new();
+        for id in ids {
+            let dir = self.path().join("jobs").join(id).join("logs");
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if e.file_name().to_string_lossy().starts_with("agent") {
+                    all += &std::fs::read_to_string(e.path()).unwrap_or_default();
+                }
+            }
+        }
+        all
+    }
+
     /// The same, with extra environment variables for mome-run (which
     /// passes its environment on to the ranks).
     pub fn start_with_env(&self, args: &[&str], env: &[(&str, &str)], tag: &str) -> BackgroundJob {

@@ -17,7 +17,7 @@
 //!   check-args`).
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mome_tests::*;
 
@@ -27,23 +27,7 @@ const TIMEOUT: Duration = Duration::from_secs(90);
 /// Runs `mome-run ARGS` with `env` to its end (killing it after TIMEOUT);
 /// returns (success, stdout, stderr).
 fn run_job(home: &Home, args: &[&str], env: &[(&str, &str)], what: &str) -> (bool, String, String) {
-    let mut job = home.start_with_env(args, env, "job");
-    let start = Instant::now();
-    let exit = loop {
-        if let Some(s) = job.child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > TIMEOUT {
-            job.kill9(home);
-            panic!(
-                "{what} did not end in {TIMEOUT:?}\nstdout:\n{}\nstderr:\n{}",
-                job.stdout(),
-                job.stderr()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    (exit.success(), job.stdout(), job.stderr())
+    home.run_to_end(args, env, what, TIMEOUT)
 }
 
 /// `app args` natively (one rank), with `env`.
@@ -224,14 +208,7 @@ fn consistency_calls_refuse_bad_arguments() {
 
 /// The agents' logs of job `id`, concatenated.
 fn agent_logs(home: &Home, id: &str) -> String {
-    let dir = home.path().join("jobs").join(id).join("logs");
-    let mut all = String::new();
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        if e.file_name().to_string_lossy().starts_with("agent-") {
-            all.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
-        }
-    }
-    all
+    home.agent_logs(Some(id))
 }
 
 /// A stamp of a job writing shared pages under `model` from several nodes

@@ -6,7 +6,7 @@
 //! pages, with and without locks; system calls read into and write from
 //! shared pages that are missing or read-only on the calling rank's node.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mome_tests::*;
 
@@ -16,23 +16,7 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 /// Runs `mome-run ARGS` to its end (killing it after TIMEOUT), returns
 /// (success, stdout, stderr).
 fn run_job(home: &Home, args: &[&str], what: &str) -> (bool, String, String) {
-    let mut job = home.start(args, "job");
-    let start = Instant::now();
-    let exit = loop {
-        if let Some(s) = job.child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > TIMEOUT {
-            job.kill9(home);
-            panic!(
-                "{what} did not end in {TIMEOUT:?}\nstdout:\n{}\nstderr:\n{}",
-                job.stdout(),
-                job.stderr()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    (exit.success(), job.stdout(), job.stderr())
+    home.run_to_end(args, &[], what, TIMEOUT)
 }
 
 /// `app args`, 4 ranks on 1, 2 and 4 nodes (block placement, and cyclic on

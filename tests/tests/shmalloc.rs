@@ -5,7 +5,7 @@
 //! shared` does the same for plain malloc; wrong frees are reported; a
 //! checkpoint taken while remote frees are queued restarts with them.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mome_tests::*;
 
@@ -14,37 +14,12 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Runs `mome-run ARGS` to its end; (success, stdout, stderr).
 fn run_job(home: &Home, args: &[&str], what: &str) -> (bool, String, String) {
-    let mut job = home.start(args, "job");
-    let start = Instant::now();
-    let exit = loop {
-        if let Some(s) = job.child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > TIMEOUT {
-            job.kill9(home);
-            panic!(
-                "{what} did not end in {TIMEOUT:?}\nstdout:\n{}\nstderr:\n{}",
-                job.stdout(),
-                job.stderr()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    (exit.success(), job.stdout(), job.stderr())
+    home.run_to_end(args, &[], what, TIMEOUT)
 }
 
 /// Every agent log of the home's jobs, concatenated.
 fn agent_logs(home: &Home) -> String {
-    let mut all = String::new();
-    for id in home.jobs() {
-        let dir = home.path().join("jobs").join(id).join("logs");
-        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            if e.file_name().to_string_lossy().starts_with("agent") {
-                all += &std::fs::read_to_string(e.path()).unwrap_or_default();
-            }
-        }
-    }
-    all
+    home.agent_logs(None)
 }
 
 fn shared_malloc_config(home: &Home) -> String {
